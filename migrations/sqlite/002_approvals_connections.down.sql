@@ -1,0 +1,2 @@
+DROP TABLE active_connections;
+DROP TABLE approval_requests;

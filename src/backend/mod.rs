@@ -1,0 +1,133 @@
+//! One connection type over both engines. Everything above this module speaks in
+//! [`Value`]s and SQL text rendered for [`Conn::dialect`].
+
+mod postgres;
+mod sqlite;
+
+use crate::dialect::Dialect;
+use crate::error::Result;
+use crate::schema::ColType;
+use crate::url::{DbUrl, Target};
+use crate::value::Value;
+
+/// The name and type of each column a query returns, so rows decode to the right values
+/// (SQLite stores timestamps and JSON as text) and decode errors name the column.
+pub type Shape<'a> = &'a [(&'a str, ColType)];
+
+pub type Row = Vec<Value>;
+
+enum Inner {
+    Sqlite(rusqlite::Connection),
+    Postgres(postgres::PgConn),
+}
+
+/// An open connection, with whether a transaction is open on it.
+pub struct Conn {
+    inner: Inner,
+    in_transaction: bool,
+}
+
+impl Conn {
+    pub fn open(url: &DbUrl) -> Result<Conn> {
+        let inner = match &url.target {
+            Target::Sqlite {
+                path,
+                busy_timeout,
+                synchronous,
+            } => Inner::Sqlite(sqlite::open(path, *busy_timeout, *synchronous)?),
+            Target::Postgres { conninfo } => {
+                Inner::Postgres(postgres::PgConn::open(conninfo, &url.display)?)
+            }
+        };
+        Ok(Conn {
+            inner,
+            in_transaction: false,
+        })
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        match self.inner {
+            Inner::Sqlite(_) => Dialect::Sqlite,
+            Inner::Postgres(_) => Dialect::Postgres,
+        }
+    }
+
+    pub fn in_transaction(&self) -> bool {
+        self.in_transaction
+    }
+
+    /// Runs one statement; returns the number of rows it changed.
+    pub fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64> {
+        match &mut self.inner {
+            Inner::Sqlite(c) => sqlite::execute(c, sql, params),
+            Inner::Postgres(c) => c.execute(sql, params),
+        }
+    }
+
+    /// Runs one statement once per parameter row, prepared once.
+    pub fn execute_many(&mut self, sql: &str, rows: &[Vec<Value>]) -> Result<u64> {
+        match &mut self.inner {
+            Inner::Sqlite(c) => sqlite::execute_many(c, sql, rows),
+            Inner::Postgres(c) => c.execute_many(sql, rows),
+        }
+    }
+
+    pub fn query(&mut self, sql: &str, params: &[Value], shape: Shape) -> Result<Vec<Row>> {
+        match &mut self.inner {
+            Inner::Sqlite(c) => sqlite::query(c, sql, params, shape),
+            Inner::Postgres(c) => c.query(sql, params, shape),
+        }
+    }
+
+    /// Runs a script of several statements without parameters (migrations).
+    pub fn batch(&mut self, sql: &str) -> Result<()> {
+        match &mut self.inner {
+            Inner::Sqlite(c) => Ok(c.execute_batch(sql)?),
+            Inner::Postgres(c) => c.batch(sql),
+        }
+    }
+
+    pub fn begin_write(&mut self) -> Result<()> {
+        if !self.in_transaction {
+            let sql = self.dialect().begin_write();
+            self.batch(sql)?;
+            self.in_transaction = true;
+        }
+        Ok(())
+    }
+
+    pub fn commit(&mut self) -> Result<()> {
+        if self.in_transaction {
+            self.batch("COMMIT")?;
+            self.in_transaction = false;
+        }
+        Ok(())
+    }
+
+    pub fn rollback(&mut self) -> Result<()> {
+        if self.in_transaction {
+            self.in_transaction = false;
+            // A connection that died took its transaction with it.
+            if !self.is_broken() {
+                self.batch("ROLLBACK")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the server dropped this connection (it must not go back to the pool).
+    pub fn is_broken(&self) -> bool {
+        match &self.inner {
+            Inner::Sqlite(_) => false,
+            Inner::Postgres(c) => c.is_closed(),
+        }
+    }
+
+    /// The server process id of a PostgreSQL connection (for tests that kill it).
+    pub fn backend_pid(&mut self) -> Result<Option<i64>> {
+        match &mut self.inner {
+            Inner::Sqlite(_) => Ok(None),
+            Inner::Postgres(c) => c.backend_pid().map(Some),
+        }
+    }
+}

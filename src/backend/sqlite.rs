@@ -1,0 +1,183 @@
+//! SQLite through rusqlite (bundled, so the wheel does not depend on the system's SQLite).
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{params_from_iter, Connection, OpenFlags, ToSql};
+
+use super::{Row, Shape};
+use crate::error::{Error, Result};
+use crate::schema::ColType;
+use crate::url::{SqlitePath, Synchronous};
+use crate::value::{format_sqlite_timestamp, parse_sqlite_timestamp, Value};
+
+/// Prepared statements kept per connection; a session uses a few dozen distinct shapes.
+const STATEMENT_CACHE: usize = 128;
+
+pub fn open(path: &SqlitePath, busy_timeout: Duration, sync: Synchronous) -> Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let (conn, shown) = match path {
+        SqlitePath::Memory => (Connection::open_in_memory_with_flags(flags), ":memory:".into()),
+        SqlitePath::File(p) => {
+            let shown = p.display().to_string();
+            let parent = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if !parent.is_dir() {
+                return Err(Error::operational(format!(
+                    "cannot open SQLite database {shown}: directory {} does not exist",
+                    parent.display()
+                )));
+            }
+            (Connection::open_with_flags(p, flags), shown)
+        }
+    };
+    let ctx = |e: rusqlite::Error| Error::from(e).context(format!("SQLite database {shown}"));
+    let conn = conn.map_err(ctx)?;
+    conn.busy_timeout(busy_timeout).map_err(ctx)?;
+    // WAL: readers never block the writer, the writer never blocks readers.
+    // foreign_keys: ON DELETE CASCADE / SET NULL and missing parents are enforced.
+    // synchronous: FULL keeps a committed approval through a power cut, as SQLAlchemy's
+    // default does; NORMAL / OFF only when the URL asks for them.
+    conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
+        .map_err(ctx)?;
+    conn.execute_batch(&format!(
+        "PRAGMA foreign_keys=ON; PRAGMA synchronous={};",
+        sync.pragma()
+    ))
+    .map_err(ctx)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(conn)
+}
+
+impl ToSql for Value {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self {
+            Value::Null => ToSqlOutput::Borrowed(ValueRef::Null),
+            Value::Bool(b) => ToSqlOutput::Owned(rusqlite::types::Value::Integer(*b as i64)),
+            Value::Int(i) => ToSqlOutput::Owned(rusqlite::types::Value::Integer(*i)),
+            Value::Text(s) | Value::Json(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+            Value::Timestamp(t) => {
+                ToSqlOutput::Owned(rusqlite::types::Value::Text(format_sqlite_timestamp(t)))
+            }
+        })
+    }
+}
+
+pub fn execute(c: &Connection, sql: &str, params: &[Value]) -> Result<u64> {
+    let mut stmt = c.prepare_cached(sql)?;
+    Ok(stmt.execute(params_from_iter(params))? as u64)
+}
+
+pub fn execute_many(c: &Connection, sql: &str, rows: &[Vec<Value>]) -> Result<u64> {
+    let mut stmt = c.prepare_cached(sql)?;
+    let mut n = 0;
+    for row in rows {
+        n += stmt.execute(params_from_iter(row))? as u64;
+    }
+    Ok(n)
+}
+
+pub fn query(c: &Connection, sql: &str, params: &[Value], shape: Shape) -> Result<Vec<Row>> {
+    let mut stmt = c.prepare_cached(sql)?;
+    let mut rows = stmt.query(params_from_iter(params))?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let mut values = Vec::with_capacity(shape.len());
+        for (i, (name, ty)) in shape.iter().enumerate() {
+            values.push(decode(row.get_ref(i)?, *ty, name)?);
+        }
+        out.push(values);
+    }
+    Ok(out)
+}
+
+fn text(bytes: &[u8], column: &str) -> Result<String> {
+    String::from_utf8(bytes.to_vec())
+        .map_err(|_| Error::data(format!("column {column} holds text that is not valid UTF-8")))
+}
+
+/// SQLite keeps whatever was written; decode it by the column's declared type, accepting
+/// the forms SQLAlchemy and SQLite themselves write.
+fn decode(v: ValueRef<'_>, ty: ColType, column: &str) -> Result<Value> {
+    let bad = |what: &str| Error::data(format!("column {column} holds {what}, not a {ty:?} value"));
+    Ok(match (ty, v) {
+        (_, ValueRef::Null) => Value::Null,
+        (ColType::Str(_) | ColType::Text, ValueRef::Text(b) | ValueRef::Blob(b)) => {
+            Value::Text(text(b, column)?)
+        }
+        (ColType::Str(_) | ColType::Text, ValueRef::Integer(i)) => Value::Text(i.to_string()),
+        (ColType::Str(_) | ColType::Text, ValueRef::Real(f)) => Value::Text(f.to_string()),
+        (ColType::Integer | ColType::BigInt, ValueRef::Integer(i)) => Value::Int(i),
+        (ColType::Boolean, ValueRef::Integer(i)) => Value::Bool(i != 0),
+        (ColType::Timestamp { .. }, ValueRef::Text(b)) => {
+            let s = text(b, column)?;
+            Value::Timestamp(
+                parse_sqlite_timestamp(&s).ok_or_else(|| bad(&format!("the text {s:?}")))?,
+            )
+        }
+        (ColType::Json, ValueRef::Text(b) | ValueRef::Blob(b)) => Value::Json(text(b, column)?),
+        (ColType::Json, ValueRef::Integer(i)) => Value::Json(i.to_string()),
+        (ColType::Json, ValueRef::Real(f)) => Value::Json(f.to_string()),
+        (_, ValueRef::Integer(i)) => return Err(bad(&format!("the integer {i}"))),
+        (_, ValueRef::Real(f)) => return Err(bad(&format!("the number {f}"))),
+        (_, ValueRef::Text(_)) => return Err(bad("text")),
+        (_, ValueRef::Blob(_)) => return Err(bad("a blob")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_round_trip_through_sqlite() {
+        let c = open(&SqlitePath::Memory, Duration::from_secs(1), Synchronous::Full).unwrap();
+        c.execute_batch("CREATE TABLE t(s TEXT, i INTEGER, b BOOLEAN, ts TIMESTAMP, j JSON)")
+            .unwrap();
+        let now = chrono::Utc::now();
+        let row = vec![
+            Value::Text("it's \"quoted\" \\ \u{0}nul".into()),
+            Value::Int(-5),
+            Value::Bool(true),
+            Value::Timestamp(now),
+            Value::Json("{\"a\": [1, 2]}".into()),
+        ];
+        execute(&c, "INSERT INTO t VALUES (?1, ?2, ?3, ?4, ?5)", &row).unwrap();
+        let shape = [
+            ("s", ColType::Text),
+            ("i", ColType::Integer),
+            ("b", ColType::Boolean),
+            ("ts", ColType::Timestamp { tz: true }),
+            ("j", ColType::Json),
+        ];
+        let got = query(&c, "SELECT s, i, b, ts, j FROM t", &[], &shape).unwrap();
+        // Microsecond precision is what SQLAlchemy stores, and what we keep.
+        let mut expected = row;
+        expected[3] = Value::Timestamp(
+            parse_sqlite_timestamp(&format_sqlite_timestamp(&now)).unwrap(),
+        );
+        assert_eq!(got, vec![expected]);
+    }
+
+    #[test]
+    fn undecodable_timestamp_names_the_column() {
+        let c = open(&SqlitePath::Memory, Duration::from_secs(1), Synchronous::Full).unwrap();
+        let e = query(&c, "SELECT 'garbage'", &[], &[("approval_requests.expires_at", ColType::Timestamp { tz: true })])
+            .unwrap_err();
+        assert!(e.message.contains("approval_requests.expires_at"), "{e}");
+    }
+
+    #[test]
+    fn missing_directory_is_named() {
+        let e = open(
+            &SqlitePath::File("/no/such/dir/x.db".into()),
+            Duration::from_secs(1),
+            Synchronous::Full,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, crate::error::ErrorKind::Operational);
+        assert!(e.message.contains("/no/such/dir"), "{e}");
+    }
+}

@@ -1,0 +1,80 @@
+//! One engine per URL per process: its pool, and whether its schema was brought to head.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::backend::Conn;
+use crate::dialect::Dialect;
+use crate::error::Result;
+use crate::migrate;
+use crate::pool::{Pool, Pooled};
+use crate::url::{self, Target};
+
+pub struct Engine {
+    pool: Arc<Pool>,
+    /// Set once the schema was checked (and brought to head) for sessions.
+    ready: Mutex<bool>,
+}
+
+impl Engine {
+    pub fn connect(&self) -> Result<Pooled> {
+        self.pool.get()
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        match self.pool.url().target {
+            Target::Sqlite { .. } => Dialect::Sqlite,
+            Target::Postgres { .. } => Dialect::Postgres,
+        }
+    }
+
+    pub fn display_url(&self) -> &str {
+        &self.pool.url().display
+    }
+
+    /// Before the first session of this engine: bring the database to head, as cmbagent's
+    /// start-up `create_all` does, unless the URL says `auto_migrate=false`.
+    pub fn ensure_ready(&self) -> Result<()> {
+        let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        if !*ready {
+            if self.pool.url().auto_migrate {
+                let mut conn = self.connect()?;
+                migrate::migrate(&mut conn, "head", false)?;
+            }
+            *ready = true;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on a pooled connection.
+    pub fn with_conn<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
+        let mut conn = self.connect()?;
+        f(&mut conn)
+    }
+}
+
+fn registry() -> &'static Mutex<HashMap<String, Arc<Engine>>> {
+    static ENGINES: OnceLock<Mutex<HashMap<String, Arc<Engine>>>> = OnceLock::new();
+    ENGINES.get_or_init(Default::default)
+}
+
+/// The engine for `url`, created on first use.
+pub fn engine(url: &str) -> Result<Arc<Engine>> {
+    let mut engines = registry().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = engines.get(url) {
+        return Ok(e.clone());
+    }
+    let parsed = url::parse(url)?;
+    let e = Arc::new(Engine {
+        pool: Arc::new(Pool::new(parsed)),
+        ready: Mutex::new(false),
+    });
+    engines.insert(url.to_string(), e.clone());
+    Ok(e)
+}
+
+/// Drops every cached engine (their idle connections close); sessions still open keep
+/// theirs until they finish.
+pub fn dispose_all() {
+    registry().lock().unwrap_or_else(|p| p.into_inner()).clear();
+}

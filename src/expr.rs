@@ -1,0 +1,197 @@
+//! Filter expressions: what `Model.column == value`, `and_()`, `in_()`... build, and how
+//! they become a WHERE clause. Column names come only from the schema; values are always
+//! bound as parameters.
+
+use crate::dialect::Dialect;
+use crate::schema::{TableId, TABLES};
+use crate::value::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ColRef {
+    pub table: TableId,
+    pub column: usize,
+}
+
+impl ColRef {
+    pub fn name(self) -> &'static str {
+        TABLES[self.table].columns[self.column].name
+    }
+    /// `table.column`, the form used in error messages.
+    pub fn qualified(self) -> String {
+        format!("{}.{}", TABLES[self.table].name, self.name())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl CmpOp {
+    fn sql(self) -> &'static str {
+        match self {
+            CmpOp::Eq => "=",
+            CmpOp::Ne => "!=",
+            CmpOp::Lt => "<",
+            CmpOp::Le => "<=",
+            CmpOp::Gt => ">",
+            CmpOp::Ge => ">=",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expr {
+    Compare(ColRef, CmpOp, Value),
+    /// `IS NULL`, or `IS NOT NULL` when negated.
+    IsNull(ColRef, bool),
+    /// `IN (...)`, or `NOT IN (...)` when negated.
+    In(ColRef, Vec<Value>, bool),
+    /// `LIKE`; case-insensitive on both backends when the flag is set.
+    Like(ColRef, String, bool),
+    And(Vec<Expr>),
+    Or(Vec<Expr>),
+    Not(Box<Expr>),
+}
+
+/// Collects bound values while SQL is rendered, handing out their placeholders.
+#[derive(Debug)]
+pub struct Params {
+    pub dialect: Dialect,
+    pub values: Vec<Value>,
+}
+
+impl Params {
+    pub fn new(dialect: Dialect) -> Self {
+        Params {
+            dialect,
+            values: Vec::new(),
+        }
+    }
+    pub fn bind(&mut self, v: Value) -> String {
+        self.values.push(v);
+        self.dialect.placeholder(self.values.len())
+    }
+}
+
+impl Expr {
+    /// Every table this expression reads, so a query can refuse columns of another table.
+    pub fn for_each_column(&self, f: &mut impl FnMut(ColRef)) {
+        match self {
+            Expr::Compare(c, ..) | Expr::IsNull(c, _) | Expr::In(c, ..) | Expr::Like(c, ..) => f(*c),
+            Expr::And(xs) | Expr::Or(xs) => xs.iter().for_each(|x| x.for_each_column(f)),
+            Expr::Not(x) => x.for_each_column(f),
+        }
+    }
+
+    pub fn render(&self, sql: &mut String, params: &mut Params) {
+        match self {
+            Expr::Compare(c, op, v) => {
+                let p = params.bind(v.clone());
+                sql.push_str(&format!("{} {} {p}", c.name(), op.sql()));
+            }
+            Expr::IsNull(c, negated) => {
+                sql.push_str(c.name());
+                sql.push_str(if *negated { " IS NOT NULL" } else { " IS NULL" });
+            }
+            Expr::In(c, values, negated) => {
+                if values.is_empty() {
+                    // x IN () is false and x NOT IN () is true, as SQLAlchemy renders them.
+                    sql.push_str(if *negated { "1 = 1" } else { "1 = 0" });
+                    return;
+                }
+                let ps: Vec<String> = values.iter().map(|v| params.bind(v.clone())).collect();
+                sql.push_str(&format!(
+                    "{} {}IN ({})",
+                    c.name(),
+                    if *negated { "NOT " } else { "" },
+                    ps.join(", ")
+                ));
+            }
+            Expr::Like(c, pattern, insensitive) => {
+                let p = params.bind(Value::Text(pattern.clone()));
+                if *insensitive {
+                    sql.push_str(&format!("lower({}) LIKE lower({p})", c.name()));
+                } else {
+                    sql.push_str(&format!("{} LIKE {p}", c.name()));
+                }
+            }
+            Expr::And(xs) | Expr::Or(xs) => {
+                let (joiner, empty) = match self {
+                    Expr::And(_) => (" AND ", "1 = 1"),
+                    _ => (" OR ", "1 = 0"),
+                };
+                if xs.is_empty() {
+                    sql.push_str(empty);
+                    return;
+                }
+                sql.push('(');
+                for (i, x) in xs.iter().enumerate() {
+                    if i > 0 {
+                        sql.push_str(joiner);
+                    }
+                    x.render(sql, params);
+                }
+                sql.push(')');
+            }
+            Expr::Not(x) => {
+                sql.push_str("NOT (");
+                x.render(sql, params);
+                sql.push(')');
+            }
+        }
+    }
+}
+
+/// Renders `WHERE a AND b ...` for a list of criteria (nothing for an empty list).
+pub fn render_where(filters: &[Expr], sql: &mut String, params: &mut Params) {
+    for (i, f) in filters.iter().enumerate() {
+        sql.push_str(if i == 0 { " WHERE " } else { " AND " });
+        f.render(sql, params);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::APPROVAL_REQUESTS;
+
+    fn c(name: &str) -> ColRef {
+        ColRef {
+            table: APPROVAL_REQUESTS,
+            column: TABLES[APPROVAL_REQUESTS].column_index(name).unwrap(),
+        }
+    }
+
+    #[test]
+    fn values_are_bound_never_inlined() {
+        let e = Expr::Or(vec![
+            Expr::Compare(c("status"), CmpOp::Eq, Value::Text("x' OR '1'='1".into())),
+            Expr::In(c("id"), vec![Value::Text("a".into()), Value::Text("b".into())], true),
+            Expr::IsNull(c("resolved_at"), false),
+        ]);
+        let mut sql = String::new();
+        let mut p = Params::new(Dialect::Postgres);
+        e.render(&mut sql, &mut p);
+        assert_eq!(sql, "(status = $1 OR id NOT IN ($2, $3) OR resolved_at IS NULL)");
+        assert_eq!(p.values.len(), 3);
+        assert!(!sql.contains('\''));
+    }
+
+    #[test]
+    fn empty_in_and_empty_or_are_constant() {
+        let mut sql = String::new();
+        let mut p = Params::new(Dialect::Sqlite);
+        render_where(
+            &[Expr::In(c("id"), vec![], false), Expr::Or(vec![])],
+            &mut sql,
+            &mut p,
+        );
+        assert_eq!(sql, " WHERE 1 = 0 AND 1 = 0");
+    }
+}

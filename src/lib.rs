@@ -1,0 +1,19 @@
+//! cmbagent-db: persistence for cmbagent's human-in-the-loop workflows.
+//!
+//! The pure core (everything but `python`) owns the SQL, the dialects, value encoding,
+//! connections and migrations; the `python` module is the PyO3 binding on top of it.
+
+pub mod backend;
+pub mod dialect;
+pub mod engine;
+pub mod error;
+pub mod expr;
+pub mod migrate;
+pub mod pool;
+pub mod query;
+pub mod schema;
+pub mod url;
+pub mod value;
+
+#[cfg(feature = "python")]
+mod python;

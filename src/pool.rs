@@ -1,0 +1,142 @@
+//! A small connection pool per URL.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::backend::Conn;
+use crate::error::{Error, Result};
+use crate::url::{DbUrl, SqlitePath, Target};
+
+/// Idle connections kept for reuse; more are opened on demand and closed when returned.
+const MAX_IDLE: usize = 8;
+
+struct State {
+    idle: Vec<Conn>,
+    open: usize,
+}
+
+pub struct Pool {
+    url: DbUrl,
+    state: Mutex<State>,
+    returned: Condvar,
+    /// `:memory:` is one database per connection, so it has exactly one, shared in turn.
+    max_open: Option<usize>,
+    wait: Duration,
+}
+
+impl Pool {
+    pub fn new(url: DbUrl) -> Pool {
+        let (max_open, wait) = match &url.target {
+            Target::Sqlite {
+                path: SqlitePath::Memory,
+                busy_timeout,
+                ..
+            } => (Some(1), *busy_timeout),
+            Target::Sqlite { busy_timeout, .. } => (None, *busy_timeout),
+            Target::Postgres { .. } => (None, Duration::from_secs(30)),
+        };
+        Pool {
+            url,
+            state: Mutex::new(State {
+                idle: Vec::new(),
+                open: 0,
+            }),
+            returned: Condvar::new(),
+            max_open,
+            wait,
+        }
+    }
+
+    pub fn url(&self) -> &DbUrl {
+        &self.url
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves only plain counters behind: keep going.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(self: &Arc<Self>) -> Result<Pooled> {
+        let deadline = Instant::now() + self.wait;
+        let mut st = self.lock();
+        loop {
+            if let Some(conn) = st.idle.pop() {
+                if conn.is_broken() {
+                    st.open -= 1;
+                    continue;
+                }
+                return Ok(Pooled {
+                    conn: Some(conn),
+                    pool: self.clone(),
+                });
+            }
+            if self.max_open.is_none_or(|m| st.open < m) {
+                st.open += 1;
+                drop(st);
+                return match Conn::open(&self.url) {
+                    Ok(conn) => Ok(Pooled {
+                        conn: Some(conn),
+                        pool: self.clone(),
+                    }),
+                    Err(e) => {
+                        self.lock().open -= 1;
+                        Err(e)
+                    }
+                };
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::operational(format!(
+                    "database is locked: the only connection to {} is in use by another session (commit or close it)",
+                    self.url.display
+                )));
+            }
+            st = self
+                .returned
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn put(&self, mut conn: Conn) {
+        // A connection goes back clean: whatever its holder left open is undone.
+        let clean = conn.rollback().is_ok() && !conn.is_broken();
+        let mut st = self.lock();
+        if clean && (st.idle.len() < MAX_IDLE || self.max_open.is_some()) {
+            st.idle.push(conn);
+        } else {
+            st.open -= 1;
+        }
+        drop(st);
+        self.returned.notify_one();
+    }
+}
+
+/// A connection checked out of a pool; it goes back (rolled back) when dropped.
+pub struct Pooled {
+    conn: Option<Conn>,
+    pool: Arc<Pool>,
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        // Only `drop` takes the connection out.
+        self.conn.as_ref().expect("pooled connection present until drop") // ok: invariant
+    }
+}
+
+impl std::ops::DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut Conn {
+        self.conn.as_mut().expect("pooled connection present until drop") // ok: invariant
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.put(conn);
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! The one description of the five tables: columns, types, lengths, defaults and foreign
+//! keys. Model classes, validation, SQL and `to_dict` are all driven from here.
+
+/// A column's type, named after the SQLAlchemy type the existing rows were written with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColType {
+    /// `String(n)`: at most `n` characters, enforced on every backend.
+    Str(usize),
+    Text,
+    Integer,
+    Boolean,
+    /// `TIMESTAMP`; `tz` is `TIMESTAMP(timezone=True)` (only PostgreSQL stores it differently).
+    Timestamp { tz: bool },
+    Json,
+    /// `count(*)` and similar: not a column type, only a result type.
+    BigInt,
+}
+
+/// What a column holds when the caller gives nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Default {
+    None,
+    /// uuid4 text, set when the object is built.
+    Uuid,
+    /// The current UTC time, set when the row is inserted.
+    Now,
+    Str(&'static str),
+    Int(i64),
+    Bool(bool),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDelete {
+    Cascade,
+    SetNull,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForeignKey {
+    pub table: &'static str,
+    pub on_delete: OnDelete,
+}
+
+/// How `to_dict()` renders a column (Stage 1 replaces some NULLs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NullAs {
+    None,
+    EmptyList,
+    EmptyDict,
+}
+
+#[derive(Debug)]
+pub struct Column {
+    pub name: &'static str,
+    pub ty: ColType,
+    pub nullable: bool,
+    pub default: Default,
+    /// Set to now on every UPDATE that does not set it itself.
+    pub on_update_now: bool,
+    pub foreign_key: Option<ForeignKey>,
+}
+
+#[derive(Debug)]
+pub struct Table {
+    pub name: &'static str,
+    /// The Python class name of the model.
+    pub model: &'static str,
+    pub columns: &'static [Column],
+    /// Columns shown by `repr()` after the id.
+    pub repr: &'static [&'static str],
+    /// `to_dict()` keys in order; `None` means every column.
+    pub to_dict: Option<&'static [(&'static str, NullAs)]>,
+}
+
+/// Index of a table in [`TABLES`]; also its position in foreign-key order.
+pub type TableId = usize;
+
+impl Table {
+    pub fn column_index(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c.name == name)
+    }
+    /// Every table's primary key is its first column, `id`.
+    pub const PK: usize = 0;
+}
+
+const fn col(name: &'static str, ty: ColType, nullable: bool) -> Column {
+    Column {
+        name,
+        ty,
+        nullable,
+        default: Default::None,
+        on_update_now: false,
+        foreign_key: None,
+    }
+}
+
+const fn with_default(mut c: Column, d: Default) -> Column {
+    c.default = d;
+    c
+}
+
+const fn on_update(mut c: Column) -> Column {
+    c.on_update_now = true;
+    c
+}
+
+const fn fk(mut c: Column, table: &'static str, on_delete: OnDelete) -> Column {
+    c.foreign_key = Some(ForeignKey { table, on_delete });
+    c
+}
+
+const ID: Column = with_default(col("id", ColType::Str(36), false), Default::Uuid);
+const TS: ColType = ColType::Timestamp { tz: false };
+const TSTZ: ColType = ColType::Timestamp { tz: true };
+
+/// Default values of the NOT NULL `workflow_runs` columns the seed's test omits.
+pub const DEFAULT_MODE: &str = "one_shot";
+pub const DEFAULT_AGENT: &str = "engineer";
+pub const DEFAULT_MODEL: &str = "gpt-4o";
+
+pub const SESSIONS: TableId = 0;
+pub const WORKFLOW_RUNS: TableId = 1;
+pub const SESSION_STATES: TableId = 2;
+pub const APPROVAL_REQUESTS: TableId = 3;
+pub const ACTIVE_CONNECTIONS: TableId = 4;
+
+/// The tables in foreign-key order: a table only references tables before it (or itself),
+/// so inserts run in this order and deletes in reverse.
+pub static TABLES: [Table; 5] = [
+    Table {
+        name: "sessions",
+        model: "Session",
+        columns: &[
+            ID,
+            col("user_id", ColType::Str(36), true),
+            col("name", ColType::Str(255), false),
+            with_default(col("created_at", TS, false), Default::Now),
+            on_update(with_default(col("last_active_at", TS, false), Default::Now)),
+            with_default(col("status", ColType::Str(50), false), Default::Str("active")),
+            col("meta", ColType::Json, true),
+            col("resource_limits", ColType::Json, true),
+        ],
+        repr: &["name", "status"],
+        to_dict: None,
+    },
+    Table {
+        name: "workflow_runs",
+        model: "WorkflowRun",
+        columns: &[
+            ID,
+            fk(
+                col("session_id", ColType::Str(36), false),
+                "sessions",
+                OnDelete::Cascade,
+            ),
+            col("project_id", ColType::Str(36), true),
+            with_default(col("mode", ColType::Str(50), false), Default::Str(DEFAULT_MODE)),
+            with_default(col("agent", ColType::Str(100), false), Default::Str(DEFAULT_AGENT)),
+            with_default(col("model", ColType::Str(100), false), Default::Str(DEFAULT_MODEL)),
+            with_default(col("status", ColType::Str(50), false), Default::Str("draft")),
+            col("started_at", TS, true),
+            col("completed_at", TS, true),
+            col("last_heartbeat_at", TS, true),
+            with_default(
+                col("checkpoint_frequency_minutes", ColType::Integer, false),
+                Default::Int(10),
+            ),
+            col("task_description", ColType::Text, true),
+            col("meta", ColType::Json, true),
+            fk(
+                col("branch_parent_id", ColType::Str(36), true),
+                "workflow_runs",
+                OnDelete::SetNull,
+            ),
+            with_default(col("is_branch", ColType::Boolean, false), Default::Bool(false)),
+            with_default(col("branch_depth", ColType::Integer, false), Default::Int(0)),
+        ],
+        repr: &["session_id", "status"],
+        to_dict: None,
+    },
+    Table {
+        name: "session_states",
+        model: "SessionState",
+        columns: &[
+            ID,
+            fk(
+                col("session_id", ColType::Str(36), false),
+                "sessions",
+                OnDelete::Cascade,
+            ),
+            col("mode", ColType::Str(50), false),
+            col("conversation_history", ColType::Json, true),
+            col("context_variables", ColType::Json, true),
+            col("plan_data", ColType::Json, true),
+            col("current_phase", ColType::Str(50), true),
+            col("current_step", ColType::Integer, true),
+            with_default(col("status", ColType::Str(20), true), Default::Str("active")),
+            with_default(col("created_at", TSTZ, true), Default::Now),
+            on_update(with_default(col("updated_at", TSTZ, true), Default::Now)),
+            col("expires_at", TSTZ, true),
+            with_default(col("version", ColType::Integer, true), Default::Int(1)),
+        ],
+        repr: &["session_id", "mode", "status"],
+        to_dict: Some(&[
+            ("id", NullAs::None),
+            ("session_id", NullAs::None),
+            ("mode", NullAs::None),
+            ("conversation_history", NullAs::EmptyList),
+            ("context_variables", NullAs::EmptyDict),
+            ("plan_data", NullAs::None),
+            ("current_phase", NullAs::None),
+            ("current_step", NullAs::None),
+            ("status", NullAs::None),
+            ("created_at", NullAs::None),
+            ("updated_at", NullAs::None),
+            ("version", NullAs::None),
+        ]),
+    },
+    Table {
+        name: "approval_requests",
+        model: "ApprovalRequest",
+        columns: &[
+            ID,
+            fk(
+                col("run_id", ColType::Str(36), false),
+                "workflow_runs",
+                OnDelete::Cascade,
+            ),
+            fk(
+                col("session_id", ColType::Str(36), true),
+                "sessions",
+                OnDelete::SetNull,
+            ),
+            col("approval_type", ColType::Str(50), false),
+            col("context", ColType::Json, false),
+            with_default(col("status", ColType::Str(20), true), Default::Str("pending")),
+            col("resolution", ColType::Str(20), true),
+            col("result", ColType::Json, true),
+            with_default(col("created_at", TSTZ, true), Default::Now),
+            col("expires_at", TSTZ, false),
+            col("resolved_at", TSTZ, true),
+        ],
+        repr: &["run_id", "approval_type", "status"],
+        to_dict: Some(&[
+            ("id", NullAs::None),
+            ("run_id", NullAs::None),
+            ("session_id", NullAs::None),
+            ("approval_type", NullAs::None),
+            ("context", NullAs::None),
+            ("status", NullAs::None),
+            ("resolution", NullAs::None),
+            ("result", NullAs::None),
+            ("created_at", NullAs::None),
+            ("expires_at", NullAs::None),
+            ("resolved_at", NullAs::None),
+        ]),
+    },
+    Table {
+        name: "active_connections",
+        model: "ActiveConnection",
+        columns: &[
+            ID,
+            col("task_id", ColType::Str(100), false),
+            fk(
+                col("session_id", ColType::Str(36), true),
+                "sessions",
+                OnDelete::SetNull,
+            ),
+            col("server_instance", ColType::Str(100), true),
+            with_default(col("connected_at", TSTZ, true), Default::Now),
+            with_default(col("last_heartbeat", TSTZ, true), Default::Now),
+        ],
+        repr: &["task_id", "server_instance"],
+        to_dict: Some(&[
+            ("id", NullAs::None),
+            ("task_id", NullAs::None),
+            ("session_id", NullAs::None),
+            ("server_instance", NullAs::None),
+            ("connected_at", NullAs::None),
+            ("last_heartbeat", NullAs::None),
+        ]),
+    },
+];
+
+pub fn table_by_name(name: &str) -> Option<TableId> {
+    TABLES.iter().position(|t| t.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_are_in_foreign_key_order() {
+        for (i, t) in TABLES.iter().enumerate() {
+            for c in t.columns {
+                if let Some(fk) = c.foreign_key {
+                    let parent = table_by_name(fk.table).expect("parent table is declared");
+                    assert!(parent <= i, "{}.{} references a later table", t.name, c.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_table_has_id_first_and_to_dict_names_real_columns() {
+        for t in &TABLES {
+            assert_eq!(t.columns[Table::PK].name, "id");
+            assert!(t.columns.len() <= 64, "dirty tracking keeps one bit per column");
+            for (name, _) in t.to_dict.unwrap_or(&[]) {
+                assert!(t.column_index(name).is_some(), "{}.{name}", t.name);
+            }
+            for name in t.repr {
+                assert!(t.column_index(name).is_some(), "{}.{name}", t.name);
+            }
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! Database URLs: parsing, the default URL cmbagent uses, and redaction of passwords.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synchronous {
+    Full,
+    Normal,
+    Off,
+}
+
+impl Synchronous {
+    pub fn pragma(self) -> &'static str {
+        match self {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Off => "OFF",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SqlitePath {
+    Memory,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    Sqlite {
+        path: SqlitePath,
+        busy_timeout: Duration,
+        synchronous: Synchronous,
+    },
+    Postgres {
+        /// A libpq-style URL the `postgres` crate accepts (scheme normalised).
+        conninfo: String,
+    },
+}
+
+/// A parsed URL, with what applies to every backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DbUrl {
+    pub target: Target,
+    /// Bring the database to head on the first session of this URL in a process.
+    pub auto_migrate: bool,
+    /// The URL with its password masked: the only form that goes into messages.
+    pub display: String,
+}
+
+/// The URL with any password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match (authority.rfind('@'), authority.find(':')) {
+        (Some(at), Some(colon)) if colon < at => format!(
+            "{}{}:***{}",
+            &url[..scheme_end + 3],
+            &authority[..colon],
+            &rest[at..]
+        ),
+        _ => url.to_string(),
+    }
+}
+
+fn parse_bool(name: &str, v: &str) -> Result<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(Error::interface(format!(
+            "URL parameter {name}={v:?} is not a boolean (use true or false)"
+        ))),
+    }
+}
+
+fn split_query(s: &str) -> (&str, Vec<(&str, &str)>) {
+    match s.split_once('?') {
+        Some((base, q)) => (
+            base,
+            q.split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| p.split_once('=').unwrap_or((p, "")))
+                .collect(),
+        ),
+        None => (s, Vec::new()),
+    }
+}
+
+/// Query parameters that the `postgres` crate understands and we pass through.
+const PG_PARAMS: &[&str] = &[
+    "sslmode",
+    "connect_timeout",
+    "application_name",
+    "options",
+    "keepalives",
+    "keepalives_idle",
+    "target_session_attrs",
+    "channel_binding",
+    "host",
+    "port",
+    "user",
+    "password",
+    "dbname",
+];
+
+pub fn parse(url: &str) -> Result<DbUrl> {
+    let display = redact(url);
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(Error::interface(format!(
+            "malformed database URL {display:?}: expected sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB"
+        )));
+    };
+    let (rest, params) = split_query(rest);
+    let mut auto_migrate = true;
+    match scheme.to_ascii_lowercase().as_str() {
+        "sqlite" | "sqlite+pysqlite" => {
+            let mut busy_timeout = Duration::from_secs(5);
+            let mut synchronous = Synchronous::Full;
+            for (k, v) in params {
+                match k {
+                    "timeout" => {
+                        let secs: f64 = v.parse().ok().filter(|s: &f64| s.is_finite() && *s >= 0.0).ok_or_else(|| {
+                            Error::interface(format!(
+                                "URL parameter timeout={v:?} is not a number of seconds"
+                            ))
+                        })?;
+                        busy_timeout = Duration::from_secs_f64(secs);
+                    }
+                    "synchronous" => {
+                        synchronous = match v.to_ascii_uppercase().as_str() {
+                            "FULL" | "2" => Synchronous::Full,
+                            "NORMAL" | "1" => Synchronous::Normal,
+                            "OFF" | "0" => Synchronous::Off,
+                            _ => {
+                                return Err(Error::interface(format!(
+                                    "URL parameter synchronous={v:?}: use FULL, NORMAL or OFF"
+                                )))
+                            }
+                        }
+                    }
+                    "auto_migrate" => auto_migrate = parse_bool(k, v)?,
+                    _ => {
+                        return Err(Error::interface(format!(
+                            "unknown URL parameter {k:?} in {display:?} (SQLite takes timeout, synchronous, auto_migrate)"
+                        )))
+                    }
+                }
+            }
+            // sqlite:///rel.db -> "/rel.db" after the scheme; sqlite:////abs.db -> "//abs.db".
+            let path = match rest {
+                "" | "/" | "/:memory:" => SqlitePath::Memory,
+                p if p.starts_with('/') => SqlitePath::File(PathBuf::from(&p[1..])),
+                _ => {
+                    return Err(Error::interface(format!(
+                        "malformed SQLite URL {display:?}: use sqlite:///relative.db, sqlite:////absolute/path.db or sqlite:///:memory:"
+                    )))
+                }
+            };
+            Ok(DbUrl {
+                target: Target::Sqlite {
+                    path,
+                    busy_timeout,
+                    synchronous,
+                },
+                auto_migrate,
+                display,
+            })
+        }
+        "postgresql" | "postgres" | "postgresql+psycopg2" | "postgresql+psycopg" => {
+            let mut passed = Vec::new();
+            for (k, v) in params {
+                if k == "auto_migrate" {
+                    auto_migrate = parse_bool(k, v)?;
+                } else if PG_PARAMS.contains(&k) {
+                    passed.push(format!("{k}={v}"));
+                } else {
+                    return Err(Error::interface(format!(
+                        "unknown URL parameter {k:?} in {display:?}"
+                    )));
+                }
+            }
+            if rest.is_empty() {
+                return Err(Error::interface(format!(
+                    "malformed PostgreSQL URL {display:?}: no host"
+                )));
+            }
+            let mut conninfo = format!("postgresql://{rest}");
+            if !passed.is_empty() {
+                conninfo.push('?');
+                conninfo.push_str(&passed.join("&"));
+            }
+            Ok(DbUrl {
+                target: Target::Postgres { conninfo },
+                auto_migrate,
+                display,
+            })
+        }
+        other => Err(Error::not_supported(format!(
+            "database URL scheme {other:?} is not supported: use sqlite:// or postgresql://"
+        ))),
+    }
+}
+
+/// cmbagent's default: `CMBAGENT_DATABASE_URL`, else a SQLite file under the work dir
+/// (`CMBAGENT_DEFAULT_WORK_DIR`, default `~/Desktop/cmbdir`), whose `database/` folder is
+/// created if missing.
+pub fn default_url() -> Result<String> {
+    if let Ok(url) = std::env::var("CMBAGENT_DATABASE_URL") {
+        if !url.is_empty() {
+            return Ok(url);
+        }
+    }
+    let work_dir = match std::env::var("CMBAGENT_DEFAULT_WORK_DIR") {
+        Ok(d) if !d.is_empty() => expand_home(&d),
+        _ => home_dir().join("Desktop").join("cmbdir"),
+    };
+    let dir = std::path::absolute(work_dir.join("database")).map_err(|e| {
+        Error::operational(format!("cannot resolve the work directory {work_dir:?}: {e}"))
+    })?;
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        Error::operational(format!("cannot create the database directory {dir:?}: {e}"))
+    })?;
+    Ok(format!("sqlite:///{}", dir.join("cmbagent.db").display()))
+}
+
+fn home_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn expand_home(p: &str) -> PathBuf {
+    match p.strip_prefix("~/") {
+        Some(rest) => home_dir().join(rest),
+        None if p == "~" => home_dir(),
+        None => PathBuf::from(p),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sqlite_path(url: &str) -> SqlitePath {
+        match parse(url).unwrap().target {
+            Target::Sqlite { path, .. } => path,
+            t => panic!("not sqlite: {t:?}"),
+        }
+    }
+
+    #[test]
+    fn sqlite_paths() {
+        assert_eq!(sqlite_path("sqlite:///rel.db"), SqlitePath::File("rel.db".into()));
+        assert_eq!(sqlite_path("sqlite:////abs/x.db"), SqlitePath::File("/abs/x.db".into()));
+        assert_eq!(sqlite_path("sqlite:///:memory:"), SqlitePath::Memory);
+        assert_eq!(sqlite_path("sqlite://"), SqlitePath::Memory);
+    }
+
+    #[test]
+    fn sqlite_options_and_errors() {
+        let u = parse("sqlite:////x.db?timeout=0.5&synchronous=normal&auto_migrate=false").unwrap();
+        assert!(!u.auto_migrate);
+        assert_eq!(
+            u.target,
+            Target::Sqlite {
+                path: SqlitePath::File("/x.db".into()),
+                busy_timeout: Duration::from_millis(500),
+                synchronous: Synchronous::Normal
+            }
+        );
+        assert_eq!(parse("sqlite:////x.db?bogus=1").unwrap_err().kind, crate::error::ErrorKind::Interface);
+        assert_eq!(parse("sqlite:/x").unwrap_err().kind, crate::error::ErrorKind::Interface);
+        assert_eq!(parse("notaurl").unwrap_err().kind, crate::error::ErrorKind::Interface);
+        assert_eq!(parse("mysql://u@h/db").unwrap_err().kind, crate::error::ErrorKind::NotSupported);
+    }
+
+    #[test]
+    fn postgres_spellings_normalise() {
+        for scheme in ["postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg"] {
+            let u = parse(&format!("{scheme}://u:pw@h:5432/db?sslmode=disable")).unwrap();
+            assert_eq!(
+                u.target,
+                Target::Postgres {
+                    conninfo: "postgresql://u:pw@h:5432/db?sslmode=disable".into()
+                }
+            );
+            assert!(!u.display.contains("pw"));
+        }
+    }
+
+    #[test]
+    fn redaction_hides_only_the_password() {
+        assert_eq!(redact("postgresql://u:secret@h:5/db"), "postgresql://u:***@h:5/db");
+        assert_eq!(redact("postgresql://u@h/db"), "postgresql://u@h/db");
+        assert_eq!(redact("postgresql://u:p@ss@h/db"), "postgresql://u:***@h/db");
+        assert_eq!(redact("sqlite:////a:b/x.db"), "sqlite:////a:b/x.db");
+    }
+}

@@ -1,0 +1,111 @@
+//! Values as they cross between the binding and the backends, and the text encodings
+//! SQLAlchemy uses for them on SQLite.
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
+
+/// One column value. Timestamps are always UTC; JSON is kept as its encoded text.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Text(String),
+    Timestamp(DateTime<Utc>),
+    Json(String),
+}
+
+impl Value {
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+}
+
+/// SQLAlchemy's SQLite storage format for `DATETIME` / `TIMESTAMP`: always microseconds,
+/// no offset. Fixed width, so text comparison in SQL orders it as time.
+pub fn format_sqlite_timestamp(t: &DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S%.6f").to_string()
+}
+
+/// Parse the timestamp text found in a SQLite column: SQLAlchemy's format, SQLite's own
+/// `CURRENT_TIMESTAMP` (no fraction), ISO 8601 with `T`, and an optional `Z` / `±HH:MM`
+/// offset (converted to UTC). Text without an offset is UTC.
+pub fn parse_sqlite_timestamp(s: &str) -> Option<DateTime<Utc>> {
+    let s = s.trim();
+    let (body, offset_secs) = split_offset(s)?;
+    let (date, time) = match body.find([' ', 'T']) {
+        Some(i) => (&body[..i], &body[i + 1..]),
+        None => (body, "00:00:00"),
+    };
+    let date = NaiveDate::parse_from_str(date, "%Y-%m-%d").ok()?;
+    let time = NaiveTime::parse_from_str(time, "%H:%M:%S%.f")
+        .or_else(|_| NaiveTime::parse_from_str(time, "%H:%M"))
+        .ok()?;
+    let naive = NaiveDateTime::new(date, time) - chrono::Duration::seconds(offset_secs);
+    Some(naive.and_utc())
+}
+
+fn split_offset(s: &str) -> Option<(&str, i64)> {
+    if let Some(body) = s.strip_suffix('Z') {
+        return Some((body, 0));
+    }
+    // An offset starts with + or - after the time part (the date has '-' too).
+    let time_start = s.find([' ', 'T']).map(|i| i + 1).unwrap_or(s.len());
+    match s[time_start..].rfind(['+', '-']) {
+        Some(rel) => {
+            let i = time_start + rel;
+            let sign = if s.as_bytes()[i] == b'-' { -1 } else { 1 };
+            let off = &s[i + 1..];
+            let (h, m) = match off.split_once(':') {
+                Some((h, m)) => (h, m),
+                None if off.len() == 4 => (&off[..2], &off[2..]),
+                None => (off, "0"),
+            };
+            let secs = h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60;
+            Some((&s[..i], sign * secs))
+        }
+        None => Some((s, 0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn sqlalchemy_format_round_trips() {
+        let t = Utc.with_ymd_and_hms(2026, 2, 11, 9, 5, 7).unwrap()
+            + chrono::Duration::microseconds(42);
+        let s = format_sqlite_timestamp(&t);
+        assert_eq!(s, "2026-02-11 09:05:07.000042");
+        assert_eq!(parse_sqlite_timestamp(&s), Some(t));
+    }
+
+    #[test]
+    fn sqlite_current_timestamp_and_iso_forms_parse() {
+        let t = Utc.with_ymd_and_hms(2026, 2, 11, 9, 5, 7).unwrap();
+        assert_eq!(parse_sqlite_timestamp("2026-02-11 09:05:07"), Some(t));
+        assert_eq!(parse_sqlite_timestamp("2026-02-11T09:05:07Z"), Some(t));
+        assert_eq!(parse_sqlite_timestamp("2026-02-11T11:05:07+02:00"), Some(t));
+        assert_eq!(parse_sqlite_timestamp("2026-02-11 04:05:07.000000-05:00"), Some(t));
+        assert_eq!(parse_sqlite_timestamp("not a time"), None);
+    }
+
+    #[test]
+    fn extreme_years_round_trip() {
+        for t in [
+            Utc.with_ymd_and_hms(1, 1, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap()
+                + chrono::Duration::microseconds(999_999),
+        ] {
+            assert_eq!(parse_sqlite_timestamp(&format_sqlite_timestamp(&t)), Some(t));
+        }
+    }
+
+    #[test]
+    fn fixed_width_text_orders_as_time() {
+        let a = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let b = a + chrono::Duration::microseconds(1);
+        assert!(format_sqlite_timestamp(&a) < format_sqlite_timestamp(&b));
+    }
+}
