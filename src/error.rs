@@ -140,9 +140,8 @@ impl From<rusqlite::Error> for Error {
             rusqlite::Error::SqlInputError { .. } | rusqlite::Error::InvalidParameterCount(..) => {
                 ErrorKind::Programming
             }
-            rusqlite::Error::InvalidColumnType(..) | rusqlite::Error::IntegralValueOutOfRange(..) => {
-                ErrorKind::Data
-            }
+            rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..) => ErrorKind::Data,
             _ => ErrorKind::Internal,
         };
         Error::new(kind, sqlite_message(&e))

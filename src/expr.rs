@@ -83,7 +83,9 @@ impl Expr {
     /// Every table this expression reads, so a query can refuse columns of another table.
     pub fn for_each_column(&self, f: &mut impl FnMut(ColRef)) {
         match self {
-            Expr::Compare(c, ..) | Expr::IsNull(c, _) | Expr::In(c, ..) | Expr::Like(c, ..) => f(*c),
+            Expr::Compare(c, ..) | Expr::IsNull(c, _) | Expr::In(c, ..) | Expr::Like(c, ..) => {
+                f(*c)
+            }
             Expr::And(xs) | Expr::Or(xs) => xs.iter().for_each(|x| x.for_each_column(f)),
             Expr::Not(x) => x.for_each_column(f),
         }
@@ -172,13 +174,20 @@ mod tests {
     fn values_are_bound_never_inlined() {
         let e = Expr::Or(vec![
             Expr::Compare(c("status"), CmpOp::Eq, Value::Text("x' OR '1'='1".into())),
-            Expr::In(c("id"), vec![Value::Text("a".into()), Value::Text("b".into())], true),
+            Expr::In(
+                c("id"),
+                vec![Value::Text("a".into()), Value::Text("b".into())],
+                true,
+            ),
             Expr::IsNull(c("resolved_at"), false),
         ]);
         let mut sql = String::new();
         let mut p = Params::new(Dialect::Postgres);
         e.render(&mut sql, &mut p);
-        assert_eq!(sql, "(status = $1 OR id NOT IN ($2, $3) OR resolved_at IS NULL)");
+        assert_eq!(
+            sql,
+            "(status = $1 OR id NOT IN ($2, $3) OR resolved_at IS NULL)"
+        );
         assert_eq!(p.values.len(), 3);
         assert!(!sql.contains('\''));
     }

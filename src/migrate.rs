@@ -91,7 +91,10 @@ pub fn head() -> &'static str {
 }
 
 pub fn revision(id: &str) -> Result<&'static Revision> {
-    REVISIONS.iter().find(|r| r.id == id).ok_or_else(|| unknown(id))
+    REVISIONS
+        .iter()
+        .find(|r| r.id == id)
+        .ok_or_else(|| unknown(id))
 }
 
 fn unknown(id: &str) -> Error {
@@ -108,7 +111,11 @@ type Pos = usize;
 fn pos_of(id: Option<&str>) -> Result<Pos> {
     match id {
         None => Ok(0),
-        Some(id) => Ok(REVISIONS.iter().position(|r| r.id == id).ok_or_else(|| unknown(id))? + 1),
+        Some(id) => Ok(REVISIONS
+            .iter()
+            .position(|r| r.id == id)
+            .ok_or_else(|| unknown(id))?
+            + 1),
     }
 }
 
@@ -119,9 +126,11 @@ fn id_at(pos: Pos) -> Option<&'static str> {
 /// `head`, `base`, a revision id, or `+N` / `-N` relative to `current`.
 pub fn resolve(target: &str, current: Pos) -> Result<Pos> {
     let relative = |n: &str, sign: i64| -> Result<Pos> {
-        let n: i64 = n
-            .parse()
-            .map_err(|_| Error::migration(format!("malformed relative revision {target:?}: use +N or -N")))?;
+        let n: i64 = n.parse().map_err(|_| {
+            Error::migration(format!(
+                "malformed relative revision {target:?}: use +N or -N"
+            ))
+        })?;
         let to = current as i64 + sign * n;
         if to < 0 || to > REVISIONS.len() as i64 {
             return Err(Error::migration(format!(
@@ -163,7 +172,11 @@ fn table_exists(conn: &mut Conn, name: &str) -> Result<bool> {
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = $1"
         }
     };
-    let rows = conn.query(sql, &[Value::Text(name.into())], &[("count", ColType::BigInt)])?;
+    let rows = conn.query(
+        sql,
+        &[Value::Text(name.into())],
+        &[("count", ColType::BigInt)],
+    )?;
     Ok(matches!(rows.first().and_then(|r| r.first()), Some(Value::Int(n)) if *n > 0))
 }
 
@@ -285,7 +298,10 @@ pub fn check(conn: &mut Conn) -> Result<Vec<String>> {
 fn lock(conn: &mut Conn) -> Result<()> {
     conn.begin_write()?;
     if conn.dialect() == Dialect::Postgres {
-        conn.execute("SELECT pg_advisory_xact_lock($1)", &[Value::Int(ADVISORY_LOCK_KEY)])?;
+        conn.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[Value::Int(ADVISORY_LOCK_KEY)],
+        )?;
     }
     Ok(())
 }
@@ -294,7 +310,10 @@ fn set_version(conn: &mut Conn, from: Option<&str>, to: Option<&str>) -> Result<
     let p = |n| conn.dialect().placeholder(n);
     match (from, to) {
         (None, Some(to)) => conn.execute(
-            &format!("INSERT INTO alembic_version (version_num) VALUES ({})", p(1)),
+            &format!(
+                "INSERT INTO alembic_version (version_num) VALUES ({})",
+                p(1)
+            ),
             &[Value::Text(to.into())],
         )?,
         (Some(from), Some(to)) => conn.execute(
@@ -313,7 +332,10 @@ fn set_version(conn: &mut Conn, from: Option<&str>, to: Option<&str>) -> Result<
 fn record(conn: &mut Conn, rev: &Revision, duration_ms: i64) -> Result<()> {
     let d = conn.dialect();
     conn.execute(
-        &format!("DELETE FROM cmbagent_db_migrations WHERE revision = {}", d.placeholder(1)),
+        &format!(
+            "DELETE FROM cmbagent_db_migrations WHERE revision = {}",
+            d.placeholder(1)
+        ),
         &[Value::Text(rev.id.into())],
     )?;
     conn.execute(
@@ -354,8 +376,13 @@ fn apply_step(conn: &mut Conn, cur: Pos, target: Pos, force: bool) -> Result<Ste
     let started = Instant::now();
     if target > cur {
         let rev = &REVISIONS[cur];
-        conn.batch(rev.up_sql(d))
-            .map_err(|e| e.context(format!("upgrade to {} failed; the database stays at {}", rev.id, id_at(cur).unwrap_or("base"))))?;
+        conn.batch(rev.up_sql(d)).map_err(|e| {
+            e.context(format!(
+                "upgrade to {} failed; the database stays at {}",
+                rev.id,
+                id_at(cur).unwrap_or("base")
+            ))
+        })?;
         set_version(conn, id_at(cur), Some(rev.id))?;
         record(conn, rev, started.elapsed().as_millis() as i64)?;
         Ok((id_at(cur), Some(rev.id)))
@@ -367,7 +394,10 @@ fn apply_step(conn: &mut Conn, cur: Pos, target: Pos, force: bool) -> Result<Ste
                 if table_exists(conn, table)? {
                     let n = count_rows(conn, table)?;
                     if n > 0 {
-                        holding.push(format!("{table} holding {n} row{}", if n == 1 { "" } else { "s" }));
+                        holding.push(format!(
+                            "{table} holding {n} row{}",
+                            if n == 1 { "" } else { "s" }
+                        ));
                     }
                 }
             }
@@ -380,8 +410,12 @@ fn apply_step(conn: &mut Conn, cur: Pos, target: Pos, force: bool) -> Result<Ste
                 )));
             }
         }
-        conn.batch(rev.down_sql(d))
-            .map_err(|e| e.context(format!("downgrade of {} failed; the database stays at {}", rev.id, rev.id)))?;
+        conn.batch(rev.down_sql(d)).map_err(|e| {
+            e.context(format!(
+                "downgrade of {} failed; the database stays at {}",
+                rev.id, rev.id
+            ))
+        })?;
         set_version(conn, Some(rev.id), id_at(cur - 1))?;
         forget(conn, rev)?;
         Ok((Some(rev.id), id_at(cur - 1)))
@@ -592,7 +626,10 @@ mod tests {
         c.batch("UPDATE cmbagent_db_migrations SET checksum = 'x' WHERE revision = '000_base'")
             .unwrap();
         assert_eq!(check(&mut c).unwrap(), vec!["000_base".to_string()]);
-        assert!(migrate(&mut c, "head", false).unwrap_err().message.contains("000_base"));
+        assert!(migrate(&mut c, "head", false)
+            .unwrap_err()
+            .message
+            .contains("000_base"));
         stamp(&mut c, "001_session_states").unwrap();
         assert!(check(&mut c).unwrap().is_empty());
         migrate(&mut c, "head", false).unwrap();
@@ -601,8 +638,10 @@ mod tests {
     #[test]
     fn unknown_stored_revision_is_refused() {
         let mut c = memory();
-        c.batch(&format!("{ALEMBIC_TABLE}; INSERT INTO alembic_version VALUES ('999_future');"))
-            .unwrap();
+        c.batch(&format!(
+            "{ALEMBIC_TABLE}; INSERT INTO alembic_version VALUES ('999_future');"
+        ))
+        .unwrap();
         let e = migrate(&mut c, "head", false).unwrap_err();
         assert!(e.message.contains("999_future"), "{e}");
         assert!(!table_exists(&mut c, "sessions").unwrap());

@@ -123,13 +123,17 @@ impl std::ops::Deref for Pooled {
     type Target = Conn;
     fn deref(&self) -> &Conn {
         // Only `drop` takes the connection out.
-        self.conn.as_ref().expect("pooled connection present until drop") // ok: invariant
+        self.conn
+            .as_ref()
+            .expect("pooled connection present until drop") // ok: invariant
     }
 }
 
 impl std::ops::DerefMut for Pooled {
     fn deref_mut(&mut self) -> &mut Conn {
-        self.conn.as_mut().expect("pooled connection present until drop") // ok: invariant
+        self.conn
+            .as_mut()
+            .expect("pooled connection present until drop") // ok: invariant
     }
 }
 

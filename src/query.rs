@@ -45,7 +45,9 @@ impl Select {
             let parts: Vec<String> = self
                 .order_by
                 .iter()
-                .map(|&(i, desc)| format!("{}{}", t.columns[i].name, if desc { " DESC" } else { "" }))
+                .map(|&(i, desc)| {
+                    format!("{}{}", t.columns[i].name, if desc { " DESC" } else { "" })
+                })
                 .collect();
             sql.push_str(" ORDER BY ");
             sql.push_str(&parts.join(", "));
@@ -81,12 +83,39 @@ impl Select {
 /// `INSERT INTO t (cols) VALUES (...)`, one row.
 pub fn insert(dialect: Dialect, table: TableId, columns: &[usize]) -> String {
     let t = &TABLES[table];
-    let ps: Vec<String> = (1..=columns.len()).map(|n| dialect.placeholder(n)).collect();
+    let ps: Vec<String> = (1..=columns.len())
+        .map(|n| dialect.placeholder(n))
+        .collect();
     format!(
         "INSERT INTO {} ({}) VALUES ({})",
         t.name,
         column_list(t, columns),
         ps.join(", ")
+    )
+}
+
+/// `UPDATE t SET a = ?1, ... WHERE id = ?N`: the unit of work writes only changed columns.
+pub fn update_by_pk(dialect: Dialect, table: TableId, columns: &[usize]) -> String {
+    let t = &TABLES[table];
+    let sets: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(n, &i)| format!("{} = {}", t.columns[i].name, dialect.placeholder(n + 1)))
+        .collect();
+    format!(
+        "UPDATE {} SET {} WHERE id = {}",
+        t.name,
+        sets.join(", "),
+        dialect.placeholder(columns.len() + 1)
+    )
+}
+
+/// `DELETE FROM t WHERE id = ?1`.
+pub fn delete_by_pk(dialect: Dialect, table: TableId) -> String {
+    format!(
+        "DELETE FROM {} WHERE id = {}",
+        TABLES[table].name,
+        dialect.placeholder(1)
     )
 }
 
@@ -135,7 +164,10 @@ mod tests {
         let mut s = Select::all_columns(APPROVAL_REQUESTS);
         s.columns = vec![col("id"), col("status")];
         s.filters.push(Expr::Compare(
-            ColRef { table: APPROVAL_REQUESTS, column: col("status") },
+            ColRef {
+                table: APPROVAL_REQUESTS,
+                column: col("status"),
+            },
             CmpOp::Eq,
             Value::Text("pending".into()),
         ));
@@ -156,8 +188,14 @@ mod tests {
         let mut s = Select::all_columns(APPROVAL_REQUESTS);
         s.columns = vec![0];
         s.offset = Some(5);
-        assert_eq!(s.render(Dialect::Sqlite).0, "SELECT id FROM approval_requests LIMIT -1 OFFSET 5");
-        assert_eq!(s.render(Dialect::Postgres).0, "SELECT id FROM approval_requests OFFSET 5");
+        assert_eq!(
+            s.render(Dialect::Sqlite).0,
+            "SELECT id FROM approval_requests LIMIT -1 OFFSET 5"
+        );
+        assert_eq!(
+            s.render(Dialect::Postgres).0,
+            "SELECT id FROM approval_requests OFFSET 5"
+        );
     }
 
     #[test]
@@ -166,9 +204,18 @@ mod tests {
             Dialect::Postgres,
             APPROVAL_REQUESTS,
             &[(col("status"), Value::Text("expired".into()))],
-            &[Expr::IsNull(ColRef { table: APPROVAL_REQUESTS, column: col("resolved_at") }, false)],
+            &[Expr::IsNull(
+                ColRef {
+                    table: APPROVAL_REQUESTS,
+                    column: col("resolved_at"),
+                },
+                false,
+            )],
         );
-        assert_eq!(sql, "UPDATE approval_requests SET status = $1 WHERE resolved_at IS NULL RETURNING id");
+        assert_eq!(
+            sql,
+            "UPDATE approval_requests SET status = $1 WHERE resolved_at IS NULL RETURNING id"
+        );
         assert_eq!(v.len(), 1);
         assert_eq!(
             delete(Dialect::Sqlite, APPROVAL_REQUESTS, &[]).0,

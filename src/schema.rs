@@ -10,7 +10,9 @@ pub enum ColType {
     Integer,
     Boolean,
     /// `TIMESTAMP`; `tz` is `TIMESTAMP(timezone=True)` (only PostgreSQL stores it differently).
-    Timestamp { tz: bool },
+    Timestamp {
+        tz: bool,
+    },
     Json,
     /// `count(*)` and similar: not a column type, only a result type.
     BigInt,
@@ -136,7 +138,10 @@ pub static TABLES: [Table; 5] = [
             col("name", ColType::Str(255), false),
             with_default(col("created_at", TS, false), Default::Now),
             on_update(with_default(col("last_active_at", TS, false), Default::Now)),
-            with_default(col("status", ColType::Str(50), false), Default::Str("active")),
+            with_default(
+                col("status", ColType::Str(50), false),
+                Default::Str("active"),
+            ),
             col("meta", ColType::Json, true),
             col("resource_limits", ColType::Json, true),
         ],
@@ -154,10 +159,22 @@ pub static TABLES: [Table; 5] = [
                 OnDelete::Cascade,
             ),
             col("project_id", ColType::Str(36), true),
-            with_default(col("mode", ColType::Str(50), false), Default::Str(DEFAULT_MODE)),
-            with_default(col("agent", ColType::Str(100), false), Default::Str(DEFAULT_AGENT)),
-            with_default(col("model", ColType::Str(100), false), Default::Str(DEFAULT_MODEL)),
-            with_default(col("status", ColType::Str(50), false), Default::Str("draft")),
+            with_default(
+                col("mode", ColType::Str(50), false),
+                Default::Str(DEFAULT_MODE),
+            ),
+            with_default(
+                col("agent", ColType::Str(100), false),
+                Default::Str(DEFAULT_AGENT),
+            ),
+            with_default(
+                col("model", ColType::Str(100), false),
+                Default::Str(DEFAULT_MODEL),
+            ),
+            with_default(
+                col("status", ColType::Str(50), false),
+                Default::Str("draft"),
+            ),
             col("started_at", TS, true),
             col("completed_at", TS, true),
             col("last_heartbeat_at", TS, true),
@@ -172,8 +189,14 @@ pub static TABLES: [Table; 5] = [
                 "workflow_runs",
                 OnDelete::SetNull,
             ),
-            with_default(col("is_branch", ColType::Boolean, false), Default::Bool(false)),
-            with_default(col("branch_depth", ColType::Integer, false), Default::Int(0)),
+            with_default(
+                col("is_branch", ColType::Boolean, false),
+                Default::Bool(false),
+            ),
+            with_default(
+                col("branch_depth", ColType::Integer, false),
+                Default::Int(0),
+            ),
         ],
         repr: &["session_id", "status"],
         to_dict: None,
@@ -194,7 +217,10 @@ pub static TABLES: [Table; 5] = [
             col("plan_data", ColType::Json, true),
             col("current_phase", ColType::Str(50), true),
             col("current_step", ColType::Integer, true),
-            with_default(col("status", ColType::Str(20), true), Default::Str("active")),
+            with_default(
+                col("status", ColType::Str(20), true),
+                Default::Str("active"),
+            ),
             with_default(col("created_at", TSTZ, true), Default::Now),
             on_update(with_default(col("updated_at", TSTZ, true), Default::Now)),
             col("expires_at", TSTZ, true),
@@ -233,7 +259,10 @@ pub static TABLES: [Table; 5] = [
             ),
             col("approval_type", ColType::Str(50), false),
             col("context", ColType::Json, false),
-            with_default(col("status", ColType::Str(20), true), Default::Str("pending")),
+            with_default(
+                col("status", ColType::Str(20), true),
+                Default::Str("pending"),
+            ),
             col("resolution", ColType::Str(20), true),
             col("result", ColType::Json, true),
             with_default(col("created_at", TSTZ, true), Default::Now),
@@ -296,7 +325,12 @@ mod tests {
             for c in t.columns {
                 if let Some(fk) = c.foreign_key {
                     let parent = table_by_name(fk.table).expect("parent table is declared");
-                    assert!(parent <= i, "{}.{} references a later table", t.name, c.name);
+                    assert!(
+                        parent <= i,
+                        "{}.{} references a later table",
+                        t.name,
+                        c.name
+                    );
                 }
             }
         }
@@ -306,7 +340,10 @@ mod tests {
     fn every_table_has_id_first_and_to_dict_names_real_columns() {
         for t in &TABLES {
             assert_eq!(t.columns[Table::PK].name, "id");
-            assert!(t.columns.len() <= 64, "dirty tracking keeps one bit per column");
+            assert!(
+                t.columns.len() <= 64,
+                "dirty tracking keeps one bit per column"
+            );
             for (name, _) in t.to_dict.unwrap_or(&[]) {
                 assert!(t.column_index(name).is_some(), "{}.{name}", t.name);
             }

@@ -222,7 +222,9 @@ pub fn default_url() -> Result<String> {
         _ => home_dir().join("Desktop").join("cmbdir"),
     };
     let dir = std::path::absolute(work_dir.join("database")).map_err(|e| {
-        Error::operational(format!("cannot resolve the work directory {work_dir:?}: {e}"))
+        Error::operational(format!(
+            "cannot resolve the work directory {work_dir:?}: {e}"
+        ))
     })?;
     std::fs::create_dir_all(&dir).map_err(|e| {
         Error::operational(format!("cannot create the database directory {dir:?}: {e}"))
@@ -257,8 +259,14 @@ mod tests {
 
     #[test]
     fn sqlite_paths() {
-        assert_eq!(sqlite_path("sqlite:///rel.db"), SqlitePath::File("rel.db".into()));
-        assert_eq!(sqlite_path("sqlite:////abs/x.db"), SqlitePath::File("/abs/x.db".into()));
+        assert_eq!(
+            sqlite_path("sqlite:///rel.db"),
+            SqlitePath::File("rel.db".into())
+        );
+        assert_eq!(
+            sqlite_path("sqlite:////abs/x.db"),
+            SqlitePath::File("/abs/x.db".into())
+        );
         assert_eq!(sqlite_path("sqlite:///:memory:"), SqlitePath::Memory);
         assert_eq!(sqlite_path("sqlite://"), SqlitePath::Memory);
     }
@@ -275,15 +283,32 @@ mod tests {
                 synchronous: Synchronous::Normal
             }
         );
-        assert_eq!(parse("sqlite:////x.db?bogus=1").unwrap_err().kind, crate::error::ErrorKind::Interface);
-        assert_eq!(parse("sqlite:/x").unwrap_err().kind, crate::error::ErrorKind::Interface);
-        assert_eq!(parse("notaurl").unwrap_err().kind, crate::error::ErrorKind::Interface);
-        assert_eq!(parse("mysql://u@h/db").unwrap_err().kind, crate::error::ErrorKind::NotSupported);
+        assert_eq!(
+            parse("sqlite:////x.db?bogus=1").unwrap_err().kind,
+            crate::error::ErrorKind::Interface
+        );
+        assert_eq!(
+            parse("sqlite:/x").unwrap_err().kind,
+            crate::error::ErrorKind::Interface
+        );
+        assert_eq!(
+            parse("notaurl").unwrap_err().kind,
+            crate::error::ErrorKind::Interface
+        );
+        assert_eq!(
+            parse("mysql://u@h/db").unwrap_err().kind,
+            crate::error::ErrorKind::NotSupported
+        );
     }
 
     #[test]
     fn postgres_spellings_normalise() {
-        for scheme in ["postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg"] {
+        for scheme in [
+            "postgresql",
+            "postgres",
+            "postgresql+psycopg2",
+            "postgresql+psycopg",
+        ] {
             let u = parse(&format!("{scheme}://u:pw@h:5432/db?sslmode=disable")).unwrap();
             assert_eq!(
                 u.target,
@@ -297,9 +322,15 @@ mod tests {
 
     #[test]
     fn redaction_hides_only_the_password() {
-        assert_eq!(redact("postgresql://u:secret@h:5/db"), "postgresql://u:***@h:5/db");
+        assert_eq!(
+            redact("postgresql://u:secret@h:5/db"),
+            "postgresql://u:***@h:5/db"
+        );
         assert_eq!(redact("postgresql://u@h/db"), "postgresql://u@h/db");
-        assert_eq!(redact("postgresql://u:p@ss@h/db"), "postgresql://u:***@h/db");
+        assert_eq!(
+            redact("postgresql://u:p@ss@h/db"),
+            "postgresql://u:***@h/db"
+        );
         assert_eq!(redact("sqlite:////a:b/x.db"), "sqlite:////a:b/x.db");
     }
 }

@@ -87,7 +87,10 @@ mod tests {
         assert_eq!(parse_sqlite_timestamp("2026-02-11 09:05:07"), Some(t));
         assert_eq!(parse_sqlite_timestamp("2026-02-11T09:05:07Z"), Some(t));
         assert_eq!(parse_sqlite_timestamp("2026-02-11T11:05:07+02:00"), Some(t));
-        assert_eq!(parse_sqlite_timestamp("2026-02-11 04:05:07.000000-05:00"), Some(t));
+        assert_eq!(
+            parse_sqlite_timestamp("2026-02-11 04:05:07.000000-05:00"),
+            Some(t)
+        );
         assert_eq!(parse_sqlite_timestamp("not a time"), None);
     }
 
@@ -98,7 +101,10 @@ mod tests {
             Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap()
                 + chrono::Duration::microseconds(999_999),
         ] {
-            assert_eq!(parse_sqlite_timestamp(&format_sqlite_timestamp(&t)), Some(t));
+            assert_eq!(
+                parse_sqlite_timestamp(&format_sqlite_timestamp(&t)),
+                Some(t)
+            );
         }
     }
 

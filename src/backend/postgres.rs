@@ -23,9 +23,8 @@ pub struct PgConn {
 
 impl PgConn {
     pub fn open(conninfo: &str, display: &str) -> Result<PgConn> {
-        let config = Config::from_str(conninfo).map_err(|e| {
-            Error::interface(format!("malformed PostgreSQL URL {display}: {e}"))
-        })?;
+        let config = Config::from_str(conninfo)
+            .map_err(|e| Error::interface(format!("malformed PostgreSQL URL {display}: {e}")))?;
         let client = config.connect(NoTls).map_err(|e| {
             Error::from(e).context(format!("cannot connect to PostgreSQL at {display}"))
         })?;

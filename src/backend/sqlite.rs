@@ -20,10 +20,16 @@ pub fn open(path: &SqlitePath, busy_timeout: Duration, sync: Synchronous) -> Res
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let (conn, shown) = match path {
-        SqlitePath::Memory => (Connection::open_in_memory_with_flags(flags), ":memory:".into()),
+        SqlitePath::Memory => (
+            Connection::open_in_memory_with_flags(flags),
+            ":memory:".into(),
+        ),
         SqlitePath::File(p) => {
             let shown = p.display().to_string();
-            let parent = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let parent = p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
             if !parent.is_dir() {
                 return Err(Error::operational(format!(
                     "cannot open SQLite database {shown}: directory {} does not exist",
@@ -94,8 +100,11 @@ pub fn query(c: &Connection, sql: &str, params: &[Value], shape: Shape) -> Resul
 }
 
 fn text(bytes: &[u8], column: &str) -> Result<String> {
-    String::from_utf8(bytes.to_vec())
-        .map_err(|_| Error::data(format!("column {column} holds text that is not valid UTF-8")))
+    String::from_utf8(bytes.to_vec()).map_err(|_| {
+        Error::data(format!(
+            "column {column} holds text that is not valid UTF-8"
+        ))
+    })
 }
 
 /// SQLite keeps whatever was written; decode it by the column's declared type, accepting
@@ -133,7 +142,12 @@ mod tests {
 
     #[test]
     fn values_round_trip_through_sqlite() {
-        let c = open(&SqlitePath::Memory, Duration::from_secs(1), Synchronous::Full).unwrap();
+        let c = open(
+            &SqlitePath::Memory,
+            Duration::from_secs(1),
+            Synchronous::Full,
+        )
+        .unwrap();
         c.execute_batch("CREATE TABLE t(s TEXT, i INTEGER, b BOOLEAN, ts TIMESTAMP, j JSON)")
             .unwrap();
         let now = chrono::Utc::now();
@@ -155,17 +169,29 @@ mod tests {
         let got = query(&c, "SELECT s, i, b, ts, j FROM t", &[], &shape).unwrap();
         // Microsecond precision is what SQLAlchemy stores, and what we keep.
         let mut expected = row;
-        expected[3] = Value::Timestamp(
-            parse_sqlite_timestamp(&format_sqlite_timestamp(&now)).unwrap(),
-        );
+        expected[3] =
+            Value::Timestamp(parse_sqlite_timestamp(&format_sqlite_timestamp(&now)).unwrap());
         assert_eq!(got, vec![expected]);
     }
 
     #[test]
     fn undecodable_timestamp_names_the_column() {
-        let c = open(&SqlitePath::Memory, Duration::from_secs(1), Synchronous::Full).unwrap();
-        let e = query(&c, "SELECT 'garbage'", &[], &[("approval_requests.expires_at", ColType::Timestamp { tz: true })])
-            .unwrap_err();
+        let c = open(
+            &SqlitePath::Memory,
+            Duration::from_secs(1),
+            Synchronous::Full,
+        )
+        .unwrap();
+        let e = query(
+            &c,
+            "SELECT 'garbage'",
+            &[],
+            &[(
+                "approval_requests.expires_at",
+                ColType::Timestamp { tz: true },
+            )],
+        )
+        .unwrap_err();
         assert!(e.message.contains("approval_requests.expires_at"), "{e}");
     }
 

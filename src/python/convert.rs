@@ -1,0 +1,227 @@
+//! Python values <-> [`Value`], checked against the column's declared type. Checks are
+//! explicit and ordered (`bool` before `int`, since `bool` is an `int` in Python).
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, TimeDelta, Utc};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{
+    PyBool, PyDateAccess, PyDateTime, PyDelta, PyDeltaAccess, PyDict, PyInt, PyString,
+    PyTimeAccess, PyTzInfoAccess,
+};
+
+use crate::error::ErrorKind;
+use crate::expr::ColRef;
+use crate::python::errors::raise;
+use crate::schema::{ColType, TABLES};
+use crate::value::Value;
+
+/// `json.dumps` / `json.loads`, looked up once: JSON columns hold exactly what Python's
+/// `json` accepts, encoded as SQLAlchemy encodes it.
+struct Json {
+    dumps: Py<PyAny>,
+    dumps_kwargs: Py<PyDict>,
+    loads: Py<PyAny>,
+}
+
+static JSON: PyOnceLock<Json> = PyOnceLock::new();
+
+fn json(py: Python<'_>) -> PyResult<&Json> {
+    JSON.get_or_try_init(py, || {
+        let m = py.import("json")?;
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("allow_nan", false)?;
+        Ok(Json {
+            dumps: m.getattr("dumps")?.unbind(),
+            dumps_kwargs: kwargs.unbind(),
+            loads: m.getattr("loads")?.unbind(),
+        })
+    })
+}
+
+fn type_name(v: &Bound<'_, PyAny>) -> String {
+    v.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn wrong_type(col: ColRef, expected: &str, v: &Bound<'_, PyAny>) -> PyErr {
+    PyTypeError::new_err(format!(
+        "{} expects {expected}, got {} {}",
+        col.qualified(),
+        type_name(v),
+        v.repr().map(|r| r.to_string()).unwrap_or_default()
+    ))
+}
+
+/// Whether a Python value is checked for the column's declared length.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Written to the database: lengths are enforced.
+    Store,
+    /// Compared in a filter: an over-long value simply matches nothing.
+    Compare,
+}
+
+/// The Python value as a [`Value`] for column `col`, or a TypeError / ValueError /
+/// DataError that names the column.
+pub fn to_value(col: ColRef, v: &Bound<'_, PyAny>, purpose: Purpose) -> PyResult<Value> {
+    if v.is_none() {
+        return Ok(Value::Null);
+    }
+    let column = &TABLES[col.table].columns[col.column];
+    match column.ty {
+        ColType::Str(_) | ColType::Text => {
+            let s = v
+                .cast::<PyString>()
+                .map_err(|_| wrong_type(col, "a str", v))?;
+            if let (ColType::Str(max), Purpose::Store) = (column.ty, purpose) {
+                let len = s.len()?;
+                if len > max {
+                    return Err(raise(
+                        ErrorKind::Data,
+                        format!(
+                            "{} is limited to {max} characters; got {len}",
+                            col.qualified()
+                        ),
+                    ));
+                }
+            }
+            let text = s
+                .to_str()
+                .map_err(|e| PyValueError::new_err(format!("{}: {e}", col.qualified())))?;
+            Ok(Value::Text(text.to_owned()))
+        }
+        ColType::Integer | ColType::BigInt => {
+            if v.is_instance_of::<PyBool>() || !v.is_instance_of::<PyInt>() {
+                return Err(wrong_type(col, "an int", v));
+            }
+            v.extract::<i64>().map(Value::Int).map_err(|_| {
+                raise(
+                    ErrorKind::Data,
+                    format!(
+                        "{} cannot hold {v} (out of the 64-bit range)",
+                        col.qualified()
+                    ),
+                )
+            })
+        }
+        ColType::Boolean => {
+            if let Ok(b) = v.cast::<PyBool>() {
+                return Ok(Value::Bool(b.is_true()));
+            }
+            match (v.is_instance_of::<PyInt>(), v.extract::<i64>()) {
+                (true, Ok(0)) => Ok(Value::Bool(false)),
+                (true, Ok(1)) => Ok(Value::Bool(true)),
+                _ => Err(wrong_type(col, "a bool", v)),
+            }
+        }
+        ColType::Timestamp { .. } => {
+            let dt = v
+                .cast::<PyDateTime>()
+                .map_err(|_| wrong_type(col, "a datetime", v))?;
+            utc_of(dt).map(Value::Timestamp).ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "{}: {v} cannot be expressed in UTC",
+                    col.qualified()
+                ))
+            })
+        }
+        ColType::Json => {
+            let py = v.py();
+            let j = json(py)?;
+            match j.dumps.bind(py).call((v,), Some(j.dumps_kwargs.bind(py))) {
+                Ok(text) => Ok(Value::Json(text.extract::<String>()?)),
+                Err(e) => {
+                    let msg = format!(
+                        "{} takes only what json can encode: {}",
+                        col.qualified(),
+                        e.value(py)
+                    );
+                    if e.is_instance_of::<PyTypeError>(py) {
+                        Err(PyTypeError::new_err(msg))
+                    } else {
+                        Err(PyValueError::new_err(msg))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The UTC instant of a datetime; a naive one is taken as UTC.
+fn utc_of(dt: &Bound<'_, PyDateTime>) -> Option<DateTime<Utc>> {
+    let naive = NaiveDateTime::new(
+        NaiveDate::from_ymd_opt(dt.get_year(), dt.get_month().into(), dt.get_day().into())?,
+        NaiveTime::from_hms_micro_opt(
+            dt.get_hour().into(),
+            dt.get_minute().into(),
+            dt.get_second().into(),
+            dt.get_microsecond(),
+        )?,
+    );
+    let offset = match dt.get_tzinfo() {
+        None => TimeDelta::zero(),
+        Some(_) => {
+            let off = dt.call_method0("utcoffset").ok()?;
+            match off.cast::<PyDelta>() {
+                Ok(d) => {
+                    TimeDelta::days(d.get_days().into())
+                        + TimeDelta::seconds(d.get_seconds().into())
+                        + TimeDelta::microseconds(d.get_microseconds().into())
+                }
+                Err(_) => TimeDelta::zero(),
+            }
+        }
+    };
+    naive.checked_sub_signed(offset).map(|n| n.and_utc())
+}
+
+/// A [`Value`] read from the database as the Python object the column holds.
+pub fn to_py(py: Python<'_>, v: Value, col: ColRef) -> PyResult<Py<PyAny>> {
+    Ok(match v {
+        Value::Null => py.None(),
+        Value::Bool(b) => PyBool::new(py, b).to_owned().into_any().unbind(),
+        Value::Int(i) => i.into_pyobject(py)?.into_any().unbind(),
+        Value::Text(s) => PyString::new(py, &s).into_any().unbind(),
+        Value::Timestamp(t) => t.into_pyobject(py)?.into_any().unbind(),
+        Value::Json(s) => json(py)?
+            .loads
+            .bind(py)
+            .call1((s,))
+            .map_err(|e| {
+                raise(
+                    ErrorKind::Data,
+                    format!(
+                        "{} holds text that is not JSON: {}",
+                        col.qualified(),
+                        e.value(py)
+                    ),
+                )
+            })?
+            .unbind(),
+    })
+}
+
+/// Checks a value for `col` and returns what the attribute then holds: timestamps become
+/// aware UTC datetimes, integers 0/1 for booleans become bools; the rest is kept as given.
+pub fn normalise(col: ColRef, v: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    let value = to_value(col, v, Purpose::Store)?;
+    let py = v.py();
+    Ok(match (&TABLES[col.table].columns[col.column].ty, value) {
+        (ColType::Timestamp { .. } | ColType::Boolean, value) => to_py(py, value, col)?,
+        _ => v.clone().unbind(),
+    })
+}
+
+/// The current time as an aware UTC datetime and as a [`Value`].
+pub fn now(py: Python<'_>) -> PyResult<(Py<PyAny>, Value)> {
+    // Microseconds are what both backends keep.
+    let t = Utc::now();
+    let t = t - TimeDelta::nanoseconds((t.timestamp_subsec_nanos() % 1000).into());
+    Ok((
+        t.into_pyobject(py)?.into_any().unbind(),
+        Value::Timestamp(t),
+    ))
+}

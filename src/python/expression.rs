@@ -1,0 +1,285 @@
+//! What `Model.column` is at class level: a descriptor that reads and writes the attribute
+//! on instances, and builds filter expressions and orderings on the class.
+
+use pyo3::basic::CompareOp;
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+use crate::dialect::Dialect;
+use crate::expr::{CmpOp, ColRef, Expr, Params};
+use crate::python::convert::{normalise, to_value, Purpose};
+use crate::python::model::Model;
+use crate::schema::{ColType, TABLES};
+
+/// A mapped column: `ApprovalRequest.status`.
+#[pyclass(module = "cmbagent_db", name = "Column", frozen)]
+pub struct Column {
+    pub col: ColRef,
+}
+
+/// A filter criterion: `ApprovalRequest.status == "pending"`, `and_(...)`, ...
+#[pyclass(module = "cmbagent_db", name = "Expression", frozen)]
+pub struct Expression {
+    pub expr: Expr,
+}
+
+/// A column with a sort direction: `ApprovalRequest.created_at.desc()`.
+#[pyclass(module = "cmbagent_db", name = "Ordering", frozen)]
+pub struct Ordering {
+    pub col: ColRef,
+    pub descending: bool,
+}
+
+fn expression(expr: Expr) -> Expression {
+    Expression { expr }
+}
+
+impl Column {
+    fn value(&self, v: &Bound<'_, PyAny>) -> PyResult<crate::value::Value> {
+        if v.cast::<Column>().is_ok() {
+            return Err(PyTypeError::new_err(format!(
+                "comparing {} with another column is not supported; compare with a value",
+                self.col.qualified()
+            )));
+        }
+        to_value(self.col, v, Purpose::Compare)
+    }
+
+    fn values(&self, values: &Bound<'_, PyAny>) -> PyResult<Vec<crate::value::Value>> {
+        if values.is_instance_of::<pyo3::types::PyString>() {
+            return Err(PyTypeError::new_err(format!(
+                "{}.in_() takes a list of values, not a str",
+                self.col.qualified()
+            )));
+        }
+        values
+            .try_iter()
+            .map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "{}.in_() takes a list of values",
+                    self.col.qualified()
+                ))
+            })?
+            .map(|v| self.value(&v?))
+            .collect()
+    }
+}
+
+#[pymethods]
+impl Column {
+    fn __get__(
+        slf: &Bound<'_, Self>,
+        instance: &Bound<'_, PyAny>,
+        _owner: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
+        if instance.is_none() {
+            return Ok(slf.clone().into_any().unbind());
+        }
+        let model = instance.cast::<Model>()?.borrow();
+        Ok(model.values[slf.get().col.column].clone_ref(slf.py()))
+    }
+
+    fn __set__(&self, instance: &Bound<'_, PyAny>, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        let stored = normalise(self.col, value)?;
+        let mut model = instance.cast::<Model>()?.borrow_mut();
+        model.values[self.col.column] = stored;
+        model.dirty |= 1 << self.col.column;
+        Ok(())
+    }
+
+    fn __richcmp__(&self, other: &Bound<'_, PyAny>, op: CompareOp) -> PyResult<Expression> {
+        if other.is_none() {
+            return match op {
+                CompareOp::Eq => Ok(expression(Expr::IsNull(self.col, false))),
+                CompareOp::Ne => Ok(expression(Expr::IsNull(self.col, true))),
+                _ => Err(PyTypeError::new_err(format!(
+                    "{} cannot be ordered against None",
+                    self.col.qualified()
+                ))),
+            };
+        }
+        let op = match op {
+            CompareOp::Eq => CmpOp::Eq,
+            CompareOp::Ne => CmpOp::Ne,
+            CompareOp::Lt => CmpOp::Lt,
+            CompareOp::Le => CmpOp::Le,
+            CompareOp::Gt => CmpOp::Gt,
+            CompareOp::Ge => CmpOp::Ge,
+        };
+        Ok(expression(Expr::Compare(self.col, op, self.value(other)?)))
+    }
+
+    fn __hash__(&self) -> u64 {
+        (self.col.table as u64) << 32 | self.col.column as u64
+    }
+
+    fn __repr__(&self) -> String {
+        format!("{}.{}", TABLES[self.col.table].model, self.col.name())
+    }
+
+    /// The column's name.
+    #[getter]
+    fn key(&self) -> &'static str {
+        self.col.name()
+    }
+
+    #[getter]
+    fn name(&self) -> &'static str {
+        self.col.name()
+    }
+
+    fn asc(&self) -> Ordering {
+        Ordering {
+            col: self.col,
+            descending: false,
+        }
+    }
+
+    fn desc(&self) -> Ordering {
+        Ordering {
+            col: self.col,
+            descending: true,
+        }
+    }
+
+    /// `IS NULL` for None; equality for True / False.
+    fn is_(&self, other: &Bound<'_, PyAny>) -> PyResult<Expression> {
+        self.__richcmp__(other, CompareOp::Eq)
+    }
+
+    fn is_not(&self, other: &Bound<'_, PyAny>) -> PyResult<Expression> {
+        self.__richcmp__(other, CompareOp::Ne)
+    }
+
+    fn isnot(&self, other: &Bound<'_, PyAny>) -> PyResult<Expression> {
+        self.__richcmp__(other, CompareOp::Ne)
+    }
+
+    fn in_(&self, values: &Bound<'_, PyAny>) -> PyResult<Expression> {
+        Ok(expression(Expr::In(self.col, self.values(values)?, false)))
+    }
+
+    fn not_in(&self, values: &Bound<'_, PyAny>) -> PyResult<Expression> {
+        Ok(expression(Expr::In(self.col, self.values(values)?, true)))
+    }
+
+    fn notin_(&self, values: &Bound<'_, PyAny>) -> PyResult<Expression> {
+        self.not_in(values)
+    }
+
+    fn like(&self, pattern: String) -> PyResult<Expression> {
+        self.text_only("like")?;
+        Ok(expression(Expr::Like(self.col, pattern, false)))
+    }
+
+    fn ilike(&self, pattern: String) -> PyResult<Expression> {
+        self.text_only("ilike")?;
+        Ok(expression(Expr::Like(self.col, pattern, true)))
+    }
+
+    fn between(&self, low: &Bound<'_, PyAny>, high: &Bound<'_, PyAny>) -> PyResult<Expression> {
+        Ok(expression(Expr::And(vec![
+            Expr::Compare(self.col, CmpOp::Ge, self.value(low)?),
+            Expr::Compare(self.col, CmpOp::Le, self.value(high)?),
+        ])))
+    }
+}
+
+impl Column {
+    fn text_only(&self, what: &str) -> PyResult<()> {
+        match TABLES[self.col.table].columns[self.col.column].ty {
+            ColType::Str(_) | ColType::Text => Ok(()),
+            _ => Err(PyTypeError::new_err(format!(
+                "{what}() needs a text column; {} is not one",
+                self.col.qualified()
+            ))),
+        }
+    }
+}
+
+fn all_criteria(items: &Bound<'_, PyTuple>, what: &str) -> PyResult<Vec<Expr>> {
+    items.iter().map(|item| criterion(&item, what)).collect()
+}
+
+/// A filter criterion from Python, with a clear error for the usual mistake: a plain
+/// bool from comparing something that is not a mapped column.
+pub fn criterion(item: &Bound<'_, PyAny>, what: &str) -> PyResult<Expr> {
+    match item.cast::<Expression>() {
+        Ok(e) => Ok(e.get().expr.clone()),
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "{what} takes column expressions such as ApprovalRequest.status == 'pending'; got {} {}",
+            item.get_type().name()?,
+            item.repr()?
+        ))),
+    }
+}
+
+#[pymethods]
+impl Expression {
+    fn __and__(&self, other: &Bound<'_, PyAny>) -> PyResult<Expression> {
+        Ok(expression(Expr::And(vec![
+            self.expr.clone(),
+            criterion(other, "&")?,
+        ])))
+    }
+
+    fn __or__(&self, other: &Bound<'_, PyAny>) -> PyResult<Expression> {
+        Ok(expression(Expr::Or(vec![
+            self.expr.clone(),
+            criterion(other, "|")?,
+        ])))
+    }
+
+    fn __invert__(&self) -> Expression {
+        expression(Expr::Not(Box::new(self.expr.clone())))
+    }
+
+    fn __bool__(&self) -> PyResult<bool> {
+        Err(PyTypeError::new_err(
+            "the truth value of a filter expression is not defined; use and_() / or_() or & / |",
+        ))
+    }
+
+    /// The SQL this criterion renders to (SQLite placeholders), for debugging.
+    fn __repr__(&self) -> String {
+        let mut sql = String::new();
+        let mut params = Params::new(Dialect::Sqlite);
+        self.expr.render(&mut sql, &mut params);
+        format!("<Expression {sql} {:?}>", params.values)
+    }
+}
+
+#[pymethods]
+impl Ordering {
+    fn __repr__(&self) -> String {
+        format!(
+            "{}.{}.{}()",
+            TABLES[self.col.table].model,
+            self.col.name(),
+            if self.descending { "desc" } else { "asc" }
+        )
+    }
+}
+
+/// Every criterion must hold (SQL `AND`).
+#[pyfunction]
+#[pyo3(signature = (*criteria))]
+pub fn and_(criteria: &Bound<'_, PyTuple>) -> PyResult<Expression> {
+    Ok(expression(Expr::And(all_criteria(criteria, "and_()")?)))
+}
+
+/// At least one criterion must hold (SQL `OR`).
+#[pyfunction]
+#[pyo3(signature = (*criteria))]
+pub fn or_(criteria: &Bound<'_, PyTuple>) -> PyResult<Expression> {
+    Ok(expression(Expr::Or(all_criteria(criteria, "or_()")?)))
+}
+
+/// The criterion must not hold (SQL `NOT`).
+#[pyfunction]
+pub fn not_(clause: &Bound<'_, PyAny>) -> PyResult<Expression> {
+    Ok(expression(Expr::Not(Box::new(criterion(
+        clause, "not_()",
+    )?))))
+}

@@ -1,0 +1,188 @@
+//! The module-level functions: sessions, and the migration commands.
+
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+use crate::engine;
+use crate::migrate::{self as migrations, REVISIONS};
+use crate::python::convert::to_py;
+use crate::python::session::DbSession;
+use crate::url;
+
+fn resolve_url(url: Option<String>) -> PyResult<String> {
+    match url {
+        Some(u) => Ok(u),
+        None => Ok(url::default_url()?),
+    }
+}
+
+fn log_steps(py: Python<'_>, steps: &[migrations::Step]) -> PyResult<()> {
+    if steps.is_empty() {
+        return Ok(());
+    }
+    let logger = py
+        .import("logging")?
+        .call_method1("getLogger", ("cmbagent_db.migrations",))?;
+    let position = |r: Option<&str>| {
+        r.and_then(|r| REVISIONS.iter().position(|x| x.id == r))
+            .map_or(0, |i| i + 1)
+    };
+    for (from, to) in steps {
+        let verb = if position(*to) > position(*from) {
+            "upgrade"
+        } else {
+            "downgrade"
+        };
+        logger.call_method1(
+            "info",
+            (
+                "Running %s %s -> %s",
+                verb,
+                from.unwrap_or(""),
+                to.unwrap_or(""),
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+/// A new session on `url` (default: cmbagent's). The first session of a URL in a process
+/// brings its database to head unless the URL says `auto_migrate=false`.
+#[pyfunction]
+#[pyo3(signature = (url = None))]
+pub fn get_db_session(py: Python<'_>, url: Option<String>) -> PyResult<DbSession> {
+    let url = resolve_url(url)?;
+    let engine = engine::engine(&url)?;
+    py.detach(|| engine.ensure_ready())?;
+    Ok(DbSession::open(engine))
+}
+
+/// Brings the database to `target` (head, base, a revision, +N, -N); returns the revision
+/// now current. A downgrade that would drop tables holding rows needs `force=True`.
+#[pyfunction]
+#[pyo3(signature = (url = None, target = "head", *, force = false))]
+pub fn migrate(
+    py: Python<'_>,
+    url: Option<String>,
+    target: &str,
+    force: bool,
+) -> PyResult<Option<&'static str>> {
+    let url = resolve_url(url)?;
+    let engine = engine::engine(&url)?;
+    let (steps, current) = py.detach(|| {
+        engine.with_conn(|c| {
+            let steps = migrations::migrate(c, target, force)?;
+            Ok((steps, migrations::current(c)?))
+        })
+    })?;
+    log_steps(py, &steps)?;
+    Ok(current)
+}
+
+/// Brings the database to head; returns the head revision.
+#[pyfunction]
+#[pyo3(signature = (url = None))]
+pub fn init_database(py: Python<'_>, url: Option<String>) -> PyResult<Option<&'static str>> {
+    migrate(py, url, "head", false)
+}
+
+/// The database's current revision, or None at base.
+#[pyfunction]
+#[pyo3(signature = (url = None))]
+pub fn current(py: Python<'_>, url: Option<String>) -> PyResult<Option<&'static str>> {
+    let engine = engine::engine(&resolve_url(url)?)?;
+    Ok(py.detach(|| engine.with_conn(migrations::current))?)
+}
+
+/// Revision ids, oldest first.
+#[pyfunction]
+pub fn history() -> Vec<&'static str> {
+    REVISIONS.iter().map(|r| r.id).collect()
+}
+
+/// `{"revision", "down_revision", "description"}` of one revision.
+#[pyfunction]
+pub fn revision_info<'py>(py: Python<'py>, revision: &str) -> PyResult<Bound<'py, PyDict>> {
+    let r = migrations::revision(revision)?;
+    let d = PyDict::new(py);
+    d.set_item("revision", r.id)?;
+    d.set_item("down_revision", r.down_revision())?;
+    d.set_item("description", r.description)?;
+    Ok(d)
+}
+
+/// Records `revision` as current without running its SQL (Alembic's `stamp`).
+#[pyfunction]
+#[pyo3(signature = (url, revision))]
+pub fn stamp(py: Python<'_>, url: Option<String>, revision: &str) -> PyResult<()> {
+    let engine = engine::engine(&resolve_url(url)?)?;
+    Ok(py.detach(|| engine.with_conn(|c| migrations::stamp(c, revision)))?)
+}
+
+/// The SQL a migration would run, without touching the database (Alembic's `--sql`).
+/// The URL only selects the dialect.
+#[pyfunction]
+#[pyo3(signature = (url, target = "head", *, start = None))]
+pub fn migration_sql(url: Option<String>, target: &str, start: Option<&str>) -> PyResult<String> {
+    let parsed = url::parse(&resolve_url(url)?)?;
+    let dialect = match parsed.target {
+        url::Target::Sqlite { .. } => crate::dialect::Dialect::Sqlite,
+        url::Target::Postgres { .. } => crate::dialect::Dialect::Postgres,
+    };
+    Ok(migrations::offline_sql(dialect, target, start)?)
+}
+
+/// The record of applied revisions: revision, checksum, applied_at, duration_ms, matches.
+#[pyfunction]
+#[pyo3(signature = (url = None))]
+pub fn applied<'py>(py: Python<'py>, url: Option<String>) -> PyResult<Bound<'py, PyList>> {
+    let engine = engine::engine(&resolve_url(url)?)?;
+    let records = py.detach(|| engine.with_conn(migrations::applied))?;
+    let out = PyList::empty(py);
+    for a in records {
+        let d = PyDict::new(py);
+        d.set_item("revision", &a.revision)?;
+        d.set_item("checksum", &a.checksum)?;
+        d.set_item(
+            "applied_at",
+            to_py(
+                py,
+                a.applied_at,
+                crate::expr::ColRef {
+                    table: 0,
+                    column: 3,
+                },
+            )?,
+        )?;
+        d.set_item("duration_ms", a.duration_ms)?;
+        d.set_item("matches", a.matches)?;
+        out.append(d)?;
+    }
+    Ok(out)
+}
+
+/// Applied revisions whose SQL differs from this build's (empty when all match).
+#[pyfunction]
+#[pyo3(signature = (url = None))]
+pub fn check(py: Python<'_>, url: Option<String>) -> PyResult<Vec<String>> {
+    let engine = engine::engine(&resolve_url(url)?)?;
+    Ok(py.detach(|| engine.with_conn(migrations::check))?)
+}
+
+/// cmbagent's default database URL.
+#[pyfunction]
+pub fn default_url() -> PyResult<String> {
+    Ok(url::default_url()?)
+}
+
+/// `url` with its password masked.
+#[pyfunction]
+pub fn redact_url(url: &str) -> String {
+    url::redact(url)
+}
+
+/// Closes idle pooled connections of every URL (open sessions keep theirs).
+#[pyfunction]
+pub fn dispose_engines() {
+    engine::dispose_all();
+}

@@ -1,0 +1,322 @@
+//! The model classes: a base `Model` holding one Python value per column plus what the
+//! unit of work needs, and one subclass per table, all driven by `schema::TABLES`.
+
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyType};
+
+use crate::expr::ColRef;
+use crate::python::convert::normalise;
+use crate::python::expression::Column;
+use crate::schema::{self, ColType, Default, NullAs, TableId, TABLES};
+
+/// Where an object stands with respect to a session (SQLAlchemy's object states).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjState {
+    /// Built, never added to a session.
+    Transient,
+    /// Added, not yet inserted.
+    Pending,
+    /// Has a row, and a session tracks it.
+    Persistent,
+    /// Its row was deleted in the session's open transaction.
+    Deleted,
+    /// Has a row; no session tracks it any more.
+    Detached,
+}
+
+#[pyclass(module = "cmbagent_db.models", name = "Model", subclass)]
+pub struct Model {
+    pub table: TableId,
+    /// One value per column of the table, `None` for NULL.
+    pub values: Vec<Py<PyAny>>,
+    /// One bit per column assigned since the object was last written.
+    pub dirty: u64,
+    pub state: ObjState,
+    /// The key of the session tracking the object, 0 for none.
+    pub session: u64,
+}
+
+fn default_value(py: Python<'_>, d: Default) -> PyResult<Py<PyAny>> {
+    Ok(match d {
+        Default::Uuid => PyString::new(py, &uuid::Uuid::new_v4().to_string())
+            .into_any()
+            .unbind(),
+        Default::Str(s) => PyString::new(py, s).into_any().unbind(),
+        Default::Int(i) => i.into_pyobject(py)?.into_any().unbind(),
+        Default::Bool(b) => PyBool::new(py, b).to_owned().into_any().unbind(),
+        Default::Now | Default::None => py.None(),
+    })
+}
+
+impl Model {
+    /// A new object: defaults first, then the keyword arguments, each checked.
+    pub fn build(
+        py: Python<'_>,
+        table: TableId,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Model> {
+        let t = &TABLES[table];
+        let mut values = t
+            .columns
+            .iter()
+            .map(|c| default_value(py, c.default))
+            .collect::<PyResult<Vec<_>>>()?;
+        if let Some(kwargs) = kwargs {
+            for (k, v) in kwargs.iter() {
+                let name = k.cast::<PyString>()?.to_str()?.to_owned();
+                let column = t.column_index(&name).ok_or_else(|| {
+                    PyTypeError::new_err(format!(
+                        "{name:?} is an invalid keyword argument for {}; its columns are {}",
+                        t.model,
+                        t.columns
+                            .iter()
+                            .map(|c| c.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?;
+                values[column] = normalise(ColRef { table, column }, &v)?;
+            }
+        }
+        Ok(Model {
+            table,
+            values,
+            dirty: 0,
+            state: ObjState::Transient,
+            session: 0,
+        })
+    }
+
+    /// An object for a row just read from the database.
+    pub fn loaded(table: TableId, values: Vec<Py<PyAny>>, session: u64) -> Model {
+        Model {
+            table,
+            values,
+            dirty: 0,
+            state: ObjState::Persistent,
+            session,
+        }
+    }
+
+    /// The primary key as text, if it is one.
+    pub fn pk(&self, py: Python<'_>) -> Option<String> {
+        self.values[schema::Table::PK].extract::<String>(py).ok()
+    }
+}
+
+#[pymethods]
+impl Model {
+    /// The object as a dict for API responses: timestamps as ISO strings.
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let t = &TABLES[self.table];
+        let all: Vec<(&str, NullAs)> = match t.to_dict {
+            Some(keys) => keys.to_vec(),
+            None => t.columns.iter().map(|c| (c.name, NullAs::None)).collect(),
+        };
+        let d = PyDict::new(py);
+        for (name, null_as) in all {
+            let i = t.column_index(name).ok_or_else(|| {
+                PyValueError::new_err(format!("{}.{name} is not a column", t.name))
+            })?;
+            let v = self.values[i].bind(py);
+            let out = if v.is_none() {
+                match null_as {
+                    NullAs::None => v.clone(),
+                    NullAs::EmptyList => PyList::empty(py).into_any(),
+                    NullAs::EmptyDict => PyDict::new(py).into_any(),
+                }
+            } else if matches!(t.columns[i].ty, ColType::Timestamp { .. }) {
+                v.call_method0("isoformat")?
+            } else {
+                v.clone()
+            };
+            d.set_item(name, out)?;
+        }
+        Ok(d)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let t = &TABLES[self.table];
+        let mut parts = vec![format!("id={}", self.values[0].bind(py).repr()?)];
+        for name in t.repr {
+            if let Some(i) = t.column_index(name) {
+                parts.push(format!("{name}={}", self.values[i].bind(py).repr()?));
+            }
+        }
+        Ok(format!("<{} {}>", t.model, parts.join(" ")))
+    }
+}
+
+/// `timeout_seconds` of `create_pending`: a positive, finite number of seconds.
+fn timeout_seconds(v: &Bound<'_, PyAny>) -> PyResult<f64> {
+    let number = !v.is_instance_of::<PyBool>()
+        && (v.is_instance_of::<PyInt>() || v.is_instance_of::<PyFloat>());
+    if !number {
+        return Err(PyTypeError::new_err(format!(
+            "timeout_seconds must be a number of seconds, got {} {}",
+            v.get_type().name()?,
+            v.repr()?
+        )));
+    }
+    let secs: f64 = v.extract()?;
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(PyValueError::new_err(format!(
+            "timeout_seconds must be positive and finite, got {secs}"
+        )));
+    }
+    Ok(secs)
+}
+
+macro_rules! model_class {
+    ($rust:ident, $name:literal, $table:expr, { $($extra:tt)* }) => {
+        #[pyclass(extends = Model, module = "cmbagent_db.models", name = $name)]
+        pub struct $rust;
+
+        #[pymethods]
+        impl $rust {
+            #[new]
+            #[pyo3(signature = (**kwargs))]
+            fn new(
+                py: Python<'_>,
+                kwargs: Option<&Bound<'_, PyDict>>,
+            ) -> PyResult<PyClassInitializer<Self>> {
+                Ok(PyClassInitializer::from(Model::build(py, $table, kwargs)?).add_subclass($rust))
+            }
+
+            #[classattr]
+            fn __tablename__() -> &'static str {
+                TABLES[$table].name
+            }
+
+            $($extra)*
+        }
+    };
+}
+
+model_class!(Session, "Session", schema::SESSIONS, {});
+model_class!(WorkflowRun, "WorkflowRun", schema::WORKFLOW_RUNS, {});
+model_class!(SessionState, "SessionState", schema::SESSION_STATES, {
+    /// An unsaved state for a session, as Stage 1 defines it.
+    #[classmethod]
+    #[pyo3(signature = (session_id, mode, **kwargs))]
+    fn create_for_session<'py>(
+        cls: &Bound<'py, PyType>,
+        session_id: &Bound<'py, PyAny>,
+        mode: &Bound<'py, PyAny>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = cls.py();
+        let get = |key: &str| -> PyResult<Option<Bound<'py, PyAny>>> {
+            match kwargs {
+                Some(k) => k.get_item(key),
+                None => Ok(None),
+            }
+        };
+        let args = PyDict::new(py);
+        args.set_item("session_id", session_id)?;
+        args.set_item("mode", mode)?;
+        args.set_item(
+            "conversation_history",
+            get("conversation_history")?.unwrap_or_else(|| PyList::empty(py).into_any()),
+        )?;
+        args.set_item(
+            "context_variables",
+            get("context_variables")?.unwrap_or_else(|| PyDict::new(py).into_any()),
+        )?;
+        args.set_item("plan_data", get("plan_data")?)?;
+        args.set_item(
+            "current_phase",
+            get("current_phase")?.unwrap_or_else(|| PyString::new(py, "init").into_any()),
+        )?;
+        args.set_item("status", "active")?;
+        cls.call((), Some(&args))
+    }
+});
+model_class!(
+    ApprovalRequest,
+    "ApprovalRequest",
+    schema::APPROVAL_REQUESTS,
+    {
+        /// A pending request that expires `timeout_seconds` from now.
+        #[classmethod]
+        #[pyo3(signature = (run_id, approval_type, context, timeout_seconds = None, session_id = None))]
+        fn create_pending<'py>(
+            cls: &Bound<'py, PyType>,
+            run_id: &Bound<'py, PyAny>,
+            approval_type: &Bound<'py, PyAny>,
+            context: &Bound<'py, PyAny>,
+            timeout_seconds: Option<&Bound<'py, PyAny>>,
+            session_id: Option<&Bound<'py, PyAny>>,
+        ) -> PyResult<Bound<'py, PyAny>> {
+            let py = cls.py();
+            let secs = match timeout_seconds {
+                Some(v) => self::timeout_seconds(v)?,
+                None => 300.0,
+            };
+            let delta = chrono::TimeDelta::microseconds((secs * 1e6) as i64);
+            let expires = chrono::Utc::now()
+                .checked_add_signed(delta)
+                .ok_or_else(|| PyValueError::new_err("timeout_seconds is too large"))?;
+            let args = PyDict::new(py);
+            args.set_item("run_id", run_id)?;
+            args.set_item("session_id", session_id)?;
+            args.set_item("approval_type", approval_type)?;
+            args.set_item("context", context)?;
+            args.set_item("status", "pending")?;
+            args.set_item("expires_at", expires)?;
+            cls.call((), Some(&args))
+        }
+    }
+);
+model_class!(
+    ActiveConnection,
+    "ActiveConnection",
+    schema::ACTIVE_CONNECTIONS,
+    {}
+);
+
+/// A Python object of the right model class for a row read from the database.
+pub fn instantiate(py: Python<'_>, model: Model) -> PyResult<Py<PyAny>> {
+    let table = model.table;
+    let init = PyClassInitializer::from(model);
+    Ok(match table {
+        schema::SESSIONS => Py::new(py, init.add_subclass(Session))?.into_any(),
+        schema::WORKFLOW_RUNS => Py::new(py, init.add_subclass(WorkflowRun))?.into_any(),
+        schema::SESSION_STATES => Py::new(py, init.add_subclass(SessionState))?.into_any(),
+        schema::APPROVAL_REQUESTS => Py::new(py, init.add_subclass(ApprovalRequest))?.into_any(),
+        _ => Py::new(py, init.add_subclass(ActiveConnection))?.into_any(),
+    })
+}
+
+/// Registers the model classes and puts a [`Column`] descriptor on each for every column.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Model>()?;
+    m.add_class::<Session>()?;
+    m.add_class::<WorkflowRun>()?;
+    m.add_class::<SessionState>()?;
+    m.add_class::<ApprovalRequest>()?;
+    m.add_class::<ActiveConnection>()?;
+    for (table, t) in TABLES.iter().enumerate() {
+        let cls = m.getattr(t.model)?;
+        for (column, c) in t.columns.iter().enumerate() {
+            cls.setattr(
+                c.name,
+                Column {
+                    col: ColRef { table, column },
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The table of a model class given to `query()` / `get()`.
+pub fn table_of_class(cls: &Bound<'_, PyAny>) -> Option<TableId> {
+    let cls = cls.cast::<PyType>().ok()?;
+    if !cls.is_subclass_of::<Model>().ok()? {
+        return None;
+    }
+    let name = cls.getattr("__tablename__").ok()?;
+    schema::table_by_name(name.extract::<&str>().ok()?)
+}

@@ -1,0 +1,934 @@
+//! `DbSession`: SQLAlchemy's Session semantics (autoflush=False, expire_on_commit=False)
+//! over the Rust core. Objects added or loaded are tracked until the session closes; a
+//! primary key maps to one object; `flush` writes pending inserts, changed columns and
+//! deletes in foreign-key order inside one transaction.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+
+use crate::backend::{Conn, Row};
+use crate::dialect::Dialect;
+use crate::engine::Engine;
+use crate::error::{Error, ErrorKind, Result};
+use crate::expr::{ColRef, Expr};
+use crate::pool::Pooled;
+use crate::python::convert::{normalise, now, to_py, to_value, Purpose};
+use crate::python::errors::raise;
+use crate::python::expression::Column;
+use crate::python::model::{instantiate, table_of_class, Model, ObjState};
+use crate::python::query::Query;
+use crate::query::{self, Select};
+use crate::schema::{ColType, Default, Table, TableId, TABLES};
+use crate::value::Value;
+
+static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
+
+type Identity = (TableId, String);
+
+#[pyclass(module = "cmbagent_db", name = "DbSession")]
+pub struct DbSession {
+    engine: Arc<Engine>,
+    key: u64,
+    /// The connection holding this session's open transaction, if one is open. Reads
+    /// outside a transaction borrow a pooled connection for the one statement.
+    /// (A Mutex only to make the class `Sync`; `&mut self` access uses `get_mut`.)
+    conn: Mutex<Option<Pooled>>,
+    identity: HashMap<Identity, Py<PyAny>>,
+    /// Added, not yet inserted, in the order they were added.
+    pending: Vec<Py<PyAny>>,
+    /// Marked for deletion, not yet deleted.
+    to_delete: Vec<Py<PyAny>>,
+    /// Written in the open transaction, undone on rollback.
+    tx_inserted: Vec<Py<PyAny>>,
+    tx_updated: Vec<Py<PyAny>>,
+    tx_deleted: Vec<Py<PyAny>>,
+    /// Why the open transaction was rolled back, until `rollback()` acknowledges it.
+    failed: Option<String>,
+}
+
+fn model<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, Model>> {
+    obj.cast::<Model>().cloned().map_err(|_| {
+        raise(
+            ErrorKind::InvalidRequest,
+            format!(
+                "{} is not a mapped object (Session, WorkflowRun, SessionState, ApprovalRequest or ActiveConnection)",
+                obj.repr().map(|r| r.to_string()).unwrap_or_default()
+            ),
+        )
+    })
+}
+
+fn shape(table: TableId, columns: &[usize]) -> Vec<(&'static str, ColType)> {
+    columns
+        .iter()
+        .map(|&i| (TABLES[table].columns[i].name, TABLES[table].columns[i].ty))
+        .collect()
+}
+
+fn pk_filter(table: TableId, pks: Vec<String>) -> Expr {
+    Expr::In(
+        ColRef {
+            table,
+            column: Table::PK,
+        },
+        pks.into_iter().map(Value::Text).collect(),
+        false,
+    )
+}
+
+impl DbSession {
+    pub fn open(engine: Arc<Engine>) -> DbSession {
+        DbSession {
+            engine,
+            key: NEXT_KEY.fetch_add(1, AtomicOrdering::Relaxed),
+            conn: Mutex::new(None),
+            identity: HashMap::new(),
+            pending: Vec::new(),
+            to_delete: Vec::new(),
+            tx_inserted: Vec::new(),
+            tx_updated: Vec::new(),
+            tx_deleted: Vec::new(),
+            failed: None,
+        }
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.engine.dialect()
+    }
+
+    fn slot(&mut self) -> &mut Option<Pooled> {
+        self.conn.get_mut().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_usable(&self) -> PyResult<()> {
+        match &self.failed {
+            None => Ok(()),
+            Some(why) => Err(raise(
+                ErrorKind::PendingRollback,
+                format!(
+                    "this session's transaction was rolled back because of an earlier error ({why}); \
+                     call rollback() before using the session again"
+                ),
+            )),
+        }
+    }
+
+    /// Runs `f` with the GIL released, on the open transaction's connection or, when
+    /// none is open, on a pooled connection for this call only.
+    pub fn read<T: Send>(
+        &mut self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Conn) -> Result<T> + Send,
+    ) -> PyResult<T> {
+        self.check_usable()?;
+        let engine = self.engine.clone();
+        let slot = self.slot();
+        py.detach(|| match slot {
+            Some(conn) => f(conn),
+            None => {
+                let mut conn = engine.connect()?;
+                f(&mut conn)
+            }
+        })
+        .map_err(PyErr::from)
+    }
+
+    /// Runs `f` inside this session's write transaction (opened if needed). On error the
+    /// transaction is rolled back and the session needs `rollback()` before reuse.
+    pub fn write<T: Send>(
+        &mut self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Conn) -> Result<T> + Send,
+    ) -> PyResult<T> {
+        self.check_usable()?;
+        let engine = self.engine.clone();
+        let slot = self.slot();
+        let result = py.detach(|| {
+            if slot.is_none() {
+                *slot = Some(engine.connect()?);
+            }
+            let conn = slot
+                .as_mut()
+                .ok_or_else(|| Error::internal("no connection"))?;
+            conn.begin_write()?;
+            f(conn)
+        });
+        result.map_err(|e| self.fail(py, e))
+    }
+
+    fn fail(&mut self, py: Python<'_>, e: Error) -> PyErr {
+        let slot = self.slot();
+        if let Some(mut conn) = slot.take() {
+            // The error is what the caller needs to see; a failed ROLLBACK only means the
+            // connection is gone, and the pool drops broken connections.
+            let _ = py.detach(|| conn.rollback());
+        }
+        self.failed = Some(e.message.clone());
+        e.into()
+    }
+
+    /// Objects for rows of `table` (all columns), reusing the ones already tracked.
+    fn load(&mut self, py: Python<'_>, table: TableId, rows: Vec<Row>) -> PyResult<Vec<Py<PyAny>>> {
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let pk = match &row[Table::PK] {
+                Value::Text(s) => s.clone(),
+                other => format!("{other:?}"),
+            };
+            if let Some(obj) = self.identity.get(&(table, pk.clone())) {
+                out.push(obj.clone_ref(py));
+                continue;
+            }
+            let values = row
+                .into_iter()
+                .enumerate()
+                .map(|(column, v)| to_py(py, v, ColRef { table, column }))
+                .collect::<PyResult<Vec<_>>>()?;
+            let obj = instantiate(py, Model::loaded(table, values, self.key))?;
+            self.identity.insert((table, pk), obj.clone_ref(py));
+            out.push(obj);
+        }
+        Ok(out)
+    }
+
+    /// Rows of `select` as model objects (every column selected) or as tuples.
+    pub fn fetch(
+        &mut self,
+        py: Python<'_>,
+        select: &Select,
+        entity: bool,
+    ) -> PyResult<Vec<Py<PyAny>>> {
+        let (sql, params) = select.render(self.dialect());
+        let table = select.table;
+        let shape = shape(table, &select.columns);
+        let rows = self.read(py, move |c| c.query(&sql, &params, &shape))?;
+        if entity {
+            return self.load(py, table, rows);
+        }
+        rows.into_iter()
+            .map(|row| {
+                let items = row
+                    .into_iter()
+                    .zip(&select.columns)
+                    .map(|(v, &column)| to_py(py, v, ColRef { table, column }))
+                    .collect::<PyResult<Vec<_>>>()?;
+                Ok(PyTuple::new(py, items)?.into_any().unbind())
+            })
+            .collect()
+    }
+
+    pub fn count(&mut self, py: Python<'_>, select: &Select) -> PyResult<i64> {
+        let (sql, params) = select.render_count(self.dialect());
+        let rows = self.read(py, move |c| {
+            c.query(&sql, &params, &[("count", ColType::BigInt)])
+        })?;
+        match rows.first().and_then(|r| r.first()) {
+            Some(Value::Int(n)) => Ok(*n),
+            _ => Ok(0),
+        }
+    }
+
+    /// `query(M).filter(...).update({...})`: one UPDATE; tracked objects it matched take
+    /// the new values. Returns the number of rows matched.
+    pub fn bulk_update(
+        &mut self,
+        py: Python<'_>,
+        table: TableId,
+        filters: &[Expr],
+        values: &Bound<'_, PyDict>,
+    ) -> PyResult<usize> {
+        let t = &TABLES[table];
+        let mut set: Vec<(usize, Value)> = Vec::new();
+        let mut stored: Vec<(usize, Py<PyAny>)> = Vec::new();
+        for (k, v) in values.iter() {
+            let column = match k.cast::<Column>() {
+                Ok(c) if c.get().col.table == table => c.get().col.column,
+                Ok(c) => {
+                    return Err(raise(
+                        ErrorKind::InvalidRequest,
+                        format!(
+                            "update() of {} cannot set {}",
+                            t.name,
+                            c.get().col.qualified()
+                        ),
+                    ))
+                }
+                Err(_) => {
+                    let name: String = k.extract()?;
+                    t.column_index(&name)
+                        .ok_or_else(|| unknown_column(table, &name))?
+                }
+            };
+            let col = ColRef { table, column };
+            set.push((column, to_value(col, &v, Purpose::Store)?));
+            stored.push((column, normalise(col, &v)?));
+        }
+        if set.is_empty() {
+            return Ok(0);
+        }
+        for (column, c) in t.columns.iter().enumerate() {
+            if c.on_update_now && !set.iter().any(|(i, _)| *i == column) {
+                let (obj, value) = now(py)?;
+                set.push((column, value));
+                stored.push((column, obj));
+            }
+        }
+        let (sql, params) = query::update(self.dialect(), table, &set, filters);
+        let shape = shape(table, &[Table::PK]);
+        let rows = self.write(py, move |c| c.query(&sql, &params, &shape))?;
+        for row in &rows {
+            if let Some(Value::Text(pk)) = row.first() {
+                if let Some(obj) = self.identity.get(&(table, pk.clone())) {
+                    let b = obj.bind(py).cast::<Model>()?.clone();
+                    let mut m = b.borrow_mut();
+                    for (column, v) in &stored {
+                        m.values[*column] = v.clone_ref(py);
+                        m.dirty &= !(1 << column);
+                    }
+                    self.tx_updated.push(obj.clone_ref(py));
+                }
+            }
+        }
+        Ok(rows.len())
+    }
+
+    /// `query(M).filter(...).delete()`: one DELETE; tracked objects it matched are
+    /// deleted. Returns the number of rows deleted.
+    pub fn bulk_delete(
+        &mut self,
+        py: Python<'_>,
+        table: TableId,
+        filters: &[Expr],
+    ) -> PyResult<usize> {
+        let (sql, params) = query::delete(self.dialect(), table, filters);
+        let shape = shape(table, &[Table::PK]);
+        let rows = self.write(py, move |c| c.query(&sql, &params, &shape))?;
+        for row in &rows {
+            if let Some(Value::Text(pk)) = row.first() {
+                if let Some(obj) = self.identity.remove(&(table, pk.clone())) {
+                    obj.bind(py).cast::<Model>()?.borrow_mut().state = ObjState::Deleted;
+                    self.tx_deleted.push(obj);
+                }
+            }
+        }
+        Ok(rows.len())
+    }
+
+    /// The object with primary key `pk`, from the identity map or the database.
+    pub fn get_by_pk(
+        &mut self,
+        py: Python<'_>,
+        table: TableId,
+        pk: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        self.check_usable()?;
+        let key = match to_value(
+            ColRef {
+                table,
+                column: Table::PK,
+            },
+            pk,
+            Purpose::Compare,
+        )? {
+            Value::Text(s) => s,
+            _ => return Ok(None),
+        };
+        if let Some(obj) = self.identity.get(&(table, key.clone())) {
+            return Ok(Some(obj.clone_ref(py)));
+        }
+        let mut select = Select::all_columns(table);
+        select.filters.push(pk_filter(table, vec![key]));
+        Ok(self.fetch(py, &select, true)?.into_iter().next())
+    }
+
+    /// Reloads tracked objects from their rows; objects whose row is gone are dropped
+    /// from the session.
+    fn reload(&mut self, py: Python<'_>, objs: Vec<Py<PyAny>>) -> PyResult<()> {
+        let mut by_table: HashMap<TableId, Vec<(String, Py<PyAny>)>> = HashMap::new();
+        for obj in objs {
+            let m = obj.bind(py).cast::<Model>()?.borrow();
+            if let Some(pk) = m.pk(py) {
+                let table = m.table;
+                drop(m);
+                by_table.entry(table).or_default().push((pk, obj));
+            }
+        }
+        for (table, objs) in by_table {
+            let mut select = Select::all_columns(table);
+            select.filters.push(pk_filter(
+                table,
+                objs.iter().map(|(pk, _)| pk.clone()).collect(),
+            ));
+            let (sql, params) = select.render(self.dialect());
+            let shape = shape(table, &select.columns);
+            let rows = self.read(py, move |c| c.query(&sql, &params, &shape))?;
+            let mut found: HashMap<String, Row> = HashMap::new();
+            for row in rows {
+                if let Value::Text(pk) = &row[Table::PK] {
+                    found.insert(pk.clone(), row);
+                }
+            }
+            for (pk, obj) in objs {
+                let b = obj.bind(py).cast::<Model>()?.clone();
+                match found.remove(&pk) {
+                    Some(row) => {
+                        let values = row
+                            .into_iter()
+                            .enumerate()
+                            .map(|(column, v)| to_py(py, v, ColRef { table, column }))
+                            .collect::<PyResult<Vec<_>>>()?;
+                        let mut m = b.borrow_mut();
+                        m.values = values;
+                        m.dirty = 0;
+                    }
+                    None => {
+                        self.identity.remove(&(table, pk));
+                        let mut m = b.borrow_mut();
+                        m.state = ObjState::Transient;
+                        m.session = 0;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, obj: &Bound<'_, PyAny>, state: ObjState) -> PyResult<()> {
+        let mut m = obj.cast::<Model>()?.borrow_mut();
+        m.state = state;
+        m.session = 0;
+        Ok(())
+    }
+
+    fn do_flush(&mut self, py: Python<'_>) -> PyResult<()> {
+        self.check_usable()?;
+        let d = self.dialect();
+        // Inserts, by table in foreign-key order, in the order added within a table.
+        let mut pending: Vec<(TableId, Py<PyAny>)> = Vec::with_capacity(self.pending.len());
+        for obj in &self.pending {
+            let table = obj.bind(py).cast::<Model>()?.borrow().table;
+            pending.push((table, obj.clone_ref(py)));
+        }
+        pending.sort_by_key(|(t, _)| *t);
+        let mut inserts: Vec<(TableId, Vec<Vec<Value>>)> = Vec::new();
+        for (table, obj) in &pending {
+            let b = obj.bind(py).cast::<Model>()?.clone();
+            let mut m = b.borrow_mut();
+            let mut row = Vec::with_capacity(m.values.len());
+            for (column, c) in TABLES[*table].columns.iter().enumerate() {
+                if c.default == Default::Now && m.values[column].is_none(py) {
+                    let (obj, value) = now(py)?;
+                    m.values[column] = obj;
+                    row.push(value);
+                } else {
+                    row.push(to_value(
+                        ColRef {
+                            table: *table,
+                            column,
+                        },
+                        m.values[column].bind(py),
+                        Purpose::Store,
+                    )?);
+                }
+            }
+            match inserts.last_mut() {
+                Some((t, rows)) if t == table => rows.push(row),
+                _ => inserts.push((*table, vec![row])),
+            }
+        }
+        // Updates of changed columns (plus on-update timestamps), keyed by the identity
+        // the row was loaded under.
+        let deleting: HashSet<usize> = self.to_delete.iter().map(|o| o.as_ptr() as usize).collect();
+        let mut updates: Vec<(TableId, Vec<usize>, Vec<Value>, Py<PyAny>)> = Vec::new();
+        for ((table, pk), obj) in &self.identity {
+            if deleting.contains(&(obj.as_ptr() as usize)) {
+                continue;
+            }
+            let b = obj.bind(py).cast::<Model>()?.clone();
+            let mut m = b.borrow_mut();
+            if m.dirty == 0 || m.state != ObjState::Persistent {
+                continue;
+            }
+            let mut columns = Vec::new();
+            let mut values = Vec::new();
+            for (column, c) in TABLES[*table].columns.iter().enumerate() {
+                if m.dirty & (1 << column) != 0 {
+                    columns.push(column);
+                    values.push(to_value(
+                        ColRef {
+                            table: *table,
+                            column,
+                        },
+                        m.values[column].bind(py),
+                        Purpose::Store,
+                    )?);
+                } else if c.on_update_now {
+                    let (obj, value) = now(py)?;
+                    m.values[column] = obj;
+                    columns.push(column);
+                    values.push(value);
+                }
+            }
+            values.push(Value::Text(pk.clone()));
+            updates.push((*table, columns, values, obj.clone_ref(py)));
+        }
+        updates.sort_by_key(|(t, ..)| *t);
+        // Deletes, children before parents.
+        let mut deletes: Vec<(TableId, String, Py<PyAny>)> = Vec::new();
+        for obj in &self.to_delete {
+            let m = obj.bind(py).cast::<Model>()?.borrow();
+            if let Some(pk) = m.pk(py) {
+                deletes.push((m.table, pk, obj.clone_ref(py)));
+            }
+        }
+        deletes.sort_by_key(|(t, ..)| std::cmp::Reverse(*t));
+        if inserts.is_empty() && updates.is_empty() && deletes.is_empty() {
+            return Ok(());
+        }
+
+        let insert_plan: Vec<(String, Vec<Vec<Value>>)> = inserts
+            .into_iter()
+            .map(|(table, rows)| {
+                let all: Vec<usize> = (0..TABLES[table].columns.len()).collect();
+                (query::insert(d, table, &all), rows)
+            })
+            .collect();
+        let update_plan: Vec<(String, Vec<Value>, String)> = updates
+            .iter()
+            .map(|(table, columns, values, _)| {
+                let pk = match values.last() {
+                    Some(Value::Text(pk)) => pk.clone(),
+                    _ => String::new(),
+                };
+                (
+                    query::update_by_pk(d, *table, columns),
+                    values.clone(),
+                    format!("{} id={pk}", TABLES[*table].name),
+                )
+            })
+            .collect();
+        let delete_plan: Vec<(String, Value)> = deletes
+            .iter()
+            .map(|(table, pk, _)| (query::delete_by_pk(d, *table), Value::Text(pk.clone())))
+            .collect();
+        self.write(py, move |c| {
+            for (sql, rows) in &insert_plan {
+                c.execute_many(sql, rows)?;
+            }
+            for (sql, values, what) in &update_plan {
+                if c.execute(sql, values)? == 0 {
+                    return Err(Error::new(
+                        ErrorKind::StaleData,
+                        format!("UPDATE of {what} matched no row: it was deleted (perhaps by ON DELETE CASCADE of its parent) or never written"),
+                    ));
+                }
+            }
+            for (sql, pk) in &delete_plan {
+                c.execute(sql, std::slice::from_ref(pk))?;
+            }
+            Ok(())
+        })?;
+
+        // Written: move the objects to their new states.
+        self.pending.clear();
+        for (table, obj) in pending {
+            let b = obj.bind(py).cast::<Model>()?.clone();
+            let mut m = b.borrow_mut();
+            m.state = ObjState::Persistent;
+            m.dirty = 0;
+            if let Some(pk) = m.pk(py) {
+                self.identity.insert((table, pk), obj.clone_ref(py));
+            }
+            drop(m);
+            self.tx_inserted.push(obj);
+        }
+        for (_, _, _, obj) in updates {
+            obj.bind(py).cast::<Model>()?.borrow_mut().dirty = 0;
+            self.tx_updated.push(obj);
+        }
+        self.to_delete.clear();
+        for (table, pk, obj) in deletes {
+            self.identity.remove(&(table, pk));
+            obj.bind(py).cast::<Model>()?.borrow_mut().state = ObjState::Deleted;
+            self.tx_deleted.push(obj);
+        }
+        Ok(())
+    }
+
+    fn do_rollback(&mut self, py: Python<'_>) -> PyResult<()> {
+        if let Some(mut conn) = self.slot().take() {
+            // Returning the connection to the pool rolls it back; do it here so a
+            // broken connection's error is not lost silently either way.
+            let _ = py.detach(|| conn.rollback());
+        }
+        self.failed = None;
+        let pending = std::mem::take(&mut self.pending);
+        for obj in pending {
+            self.release(obj.bind(py), ObjState::Transient)?;
+        }
+        for obj in std::mem::take(&mut self.tx_inserted) {
+            let pk = obj.bind(py).cast::<Model>()?.borrow().pk(py);
+            let table = obj.bind(py).cast::<Model>()?.borrow().table;
+            if let Some(pk) = pk {
+                self.identity.remove(&(table, pk));
+            }
+            self.release(obj.bind(py), ObjState::Transient)?;
+        }
+        for obj in std::mem::take(&mut self.tx_deleted) {
+            let b = obj.bind(py).cast::<Model>()?.clone();
+            let mut m = b.borrow_mut();
+            m.state = ObjState::Persistent;
+            if let Some(pk) = m.pk(py) {
+                self.identity.insert((m.table, pk), obj.clone_ref(py));
+            }
+        }
+        self.to_delete.clear();
+        // What the rolled-back transaction changed, or was about to, is read again.
+        let mut stale = std::mem::take(&mut self.tx_updated);
+        for obj in self.identity.values() {
+            if obj.bind(py).cast::<Model>()?.borrow().dirty != 0 {
+                stale.push(obj.clone_ref(py));
+            }
+        }
+        let mut seen = HashSet::new();
+        stale.retain(|o| seen.insert(o.as_ptr() as usize));
+        if !stale.is_empty() {
+            self.reload(py, stale)?;
+        }
+        Ok(())
+    }
+
+    fn do_expunge_all(&mut self, py: Python<'_>) -> PyResult<()> {
+        for (_, obj) in std::mem::take(&mut self.identity) {
+            self.release(obj.bind(py), ObjState::Detached)?;
+        }
+        for obj in std::mem::take(&mut self.pending) {
+            self.release(obj.bind(py), ObjState::Transient)?;
+        }
+        self.to_delete.clear();
+        self.tx_inserted.clear();
+        self.tx_updated.clear();
+        self.tx_deleted.clear();
+        Ok(())
+    }
+}
+
+fn unknown_column(table: TableId, name: &str) -> PyErr {
+    let t = &TABLES[table];
+    raise(
+        ErrorKind::InvalidRequest,
+        format!(
+            "{} has no column {name:?}; its columns are {}",
+            t.model,
+            t.columns
+                .iter()
+                .map(|c| c.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
+}
+
+pub fn column_of(table: TableId, name: &str) -> PyResult<usize> {
+    TABLES[table]
+        .column_index(name)
+        .ok_or_else(|| unknown_column(table, name))
+}
+
+#[pymethods]
+impl DbSession {
+    /// Tracks a new object (inserted at the next flush) or re-attaches a detached one.
+    fn add(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+        let py = obj.py();
+        let b = model(obj)?;
+        let mut m = b.borrow_mut();
+        if m.session != 0 && m.session != self.key {
+            return Err(raise(
+                ErrorKind::InvalidRequest,
+                format!(
+                    "{} is already attached to another session; close that one or expunge it first",
+                    TABLES[m.table].model
+                ),
+            ));
+        }
+        match m.state {
+            ObjState::Transient => {
+                m.state = ObjState::Pending;
+                m.session = self.key;
+                self.pending.push(obj.clone().unbind());
+            }
+            ObjState::Detached => {
+                let pk = m.pk(py).unwrap_or_default();
+                if let Some(other) = self.identity.get(&(m.table, pk.clone())) {
+                    if !other.is(obj) {
+                        return Err(raise(
+                            ErrorKind::InvalidRequest,
+                            format!(
+                                "another {} with id {pk:?} is already in this session",
+                                TABLES[m.table].model
+                            ),
+                        ));
+                    }
+                }
+                m.state = ObjState::Persistent;
+                m.session = self.key;
+                self.identity.insert((m.table, pk), obj.clone().unbind());
+            }
+            ObjState::Deleted => {
+                return Err(raise(
+                    ErrorKind::InvalidRequest,
+                    format!(
+                        "{} was deleted in this transaction; commit or roll back first",
+                        TABLES[m.table].model
+                    ),
+                ))
+            }
+            ObjState::Pending | ObjState::Persistent => {
+                self.to_delete.retain(|o| !o.is(obj));
+            }
+        }
+        Ok(())
+    }
+
+    fn add_all(&mut self, objs: &Bound<'_, PyAny>) -> PyResult<()> {
+        for obj in objs.try_iter()? {
+            self.add(&obj?)?;
+        }
+        Ok(())
+    }
+
+    /// Marks a persistent object for deletion at the next flush.
+    fn delete(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+        let b = model(obj)?;
+        let state = b.borrow().state;
+        match state {
+            ObjState::Persistent | ObjState::Detached => {
+                if state == ObjState::Detached {
+                    self.add(obj)?;
+                }
+                if !self.to_delete.iter().any(|o| o.is(obj)) {
+                    self.to_delete.push(obj.clone().unbind());
+                }
+                Ok(())
+            }
+            ObjState::Deleted => Ok(()),
+            ObjState::Transient | ObjState::Pending => Err(raise(
+                ErrorKind::InvalidRequest,
+                format!("{} is not persisted, so it cannot be deleted (expunge a pending object instead)", TABLES[b.borrow().table].model),
+            )),
+        }
+    }
+
+    /// Writes pending changes inside the session's transaction, without committing.
+    fn flush(&mut self, py: Python<'_>) -> PyResult<()> {
+        self.do_flush(py)
+    }
+
+    fn commit(&mut self, py: Python<'_>) -> PyResult<()> {
+        self.do_flush(py)?;
+        if let Some(mut conn) = self.slot().take() {
+            if let Err(e) = py.detach(|| conn.commit()) {
+                *self.slot() = Some(conn);
+                return Err(self.fail(py, e));
+            }
+        }
+        for obj in std::mem::take(&mut self.tx_deleted) {
+            self.release(obj.bind(py), ObjState::Detached)?;
+        }
+        self.tx_inserted.clear();
+        self.tx_updated.clear();
+        Ok(())
+    }
+
+    /// Undoes the open transaction: new objects are dropped from the session, deleted
+    /// ones come back, changed ones are read again.
+    fn rollback(&mut self, py: Python<'_>) -> PyResult<()> {
+        self.do_rollback(py)
+    }
+
+    /// Rolls back what was not committed and stops tracking every object.
+    fn close(&mut self, py: Python<'_>) -> PyResult<()> {
+        let result = self.do_rollback(py);
+        self.do_expunge_all(py)?;
+        result
+    }
+
+    fn expunge(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+        let py = obj.py();
+        let b = model(obj)?;
+        let (table, pk) = {
+            let m = b.borrow();
+            (m.table, m.pk(py))
+        };
+        if let Some(pk) = pk {
+            if self
+                .identity
+                .get(&(table, pk.clone()))
+                .is_some_and(|o| o.is(obj))
+            {
+                self.identity.remove(&(table, pk));
+            }
+        }
+        let was_pending = self.pending.iter().any(|o| o.is(obj));
+        self.pending.retain(|o| !o.is(obj));
+        self.to_delete.retain(|o| !o.is(obj));
+        self.release(
+            obj,
+            if was_pending {
+                ObjState::Transient
+            } else {
+                ObjState::Detached
+            },
+        )
+    }
+
+    fn expunge_all(&mut self, py: Python<'_>) -> PyResult<()> {
+        self.do_expunge_all(py)
+    }
+
+    /// Reads the object's row again, discarding unsaved changes.
+    fn refresh(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+        let py = obj.py();
+        let b = model(obj)?;
+        let (table, pk, tracked) = {
+            let m = b.borrow();
+            (
+                m.table,
+                m.pk(py),
+                m.session == self.key && m.state == ObjState::Persistent,
+            )
+        };
+        if !tracked {
+            return Err(raise(
+                ErrorKind::InvalidRequest,
+                format!("{} is not persistent in this session", TABLES[table].model),
+            ));
+        }
+        self.reload(py, vec![obj.clone().unbind()])?;
+        if b.borrow().session != self.key {
+            return Err(raise(
+                ErrorKind::InvalidRequest,
+                format!(
+                    "could not refresh {}: row {:?} no longer exists",
+                    TABLES[table].model,
+                    pk.unwrap_or_default()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `db.query(Model)` or `db.query(Model.column, ...)`.
+    #[pyo3(signature = (*entities))]
+    fn query(slf: &Bound<'_, Self>, entities: &Bound<'_, PyTuple>) -> PyResult<Query> {
+        Query::new(slf.clone().unbind(), entities)
+    }
+
+    /// The object of `model` with primary key `ident`, or None.
+    fn get(
+        &mut self,
+        py: Python<'_>,
+        model: &Bound<'_, PyAny>,
+        ident: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let table = table_of_class(model).ok_or_else(|| {
+            raise(
+                ErrorKind::InvalidRequest,
+                format!(
+                    "{} is not a model class",
+                    model.repr().map(|r| r.to_string()).unwrap_or_default()
+                ),
+            )
+        })?;
+        self.get_by_pk(py, table, ident)
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(
+        &mut self,
+        py: Python<'_>,
+        _exc_type: &Bound<'_, PyAny>,
+        _exc: &Bound<'_, PyAny>,
+        _tb: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        self.close(py)?;
+        Ok(false)
+    }
+
+    /// Objects added and not yet flushed.
+    #[getter(new)]
+    fn new_objects<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        PyList::new(py, self.pending.iter().map(|o| o.clone_ref(py)))
+    }
+
+    /// Tracked objects with assignments not yet flushed.
+    #[getter]
+    fn dirty<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let mut out = Vec::new();
+        for obj in self.identity.values() {
+            if obj.bind(py).cast::<Model>()?.borrow().dirty != 0 {
+                out.push(obj.clone_ref(py));
+            }
+        }
+        PyList::new(py, out)
+    }
+
+    /// Objects marked for deletion and not yet flushed.
+    #[getter]
+    fn deleted<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        PyList::new(py, self.to_delete.iter().map(|o| o.clone_ref(py)))
+    }
+
+    /// False after a failed flush, until rollback().
+    #[getter]
+    fn is_active(&self) -> bool {
+        self.failed.is_none()
+    }
+
+    fn in_transaction(&mut self) -> bool {
+        self.slot().as_ref().is_some_and(|c| c.in_transaction())
+    }
+
+    fn __contains__(&self, obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let b = model(obj)?;
+        let m = b.borrow();
+        Ok(m.session == self.key && matches!(m.state, ObjState::Pending | ObjState::Persistent))
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<DbSession {} tracking {} objects>",
+            self.engine.display_url(),
+            self.identity.len() + self.pending.len()
+        )
+    }
+}
+
+impl Drop for DbSession {
+    fn drop(&mut self) {
+        // Objects outlive their session: let them be added to another one.
+        Python::attach(|py| {
+            for obj in self.identity.values().chain(&self.pending) {
+                if let Ok(b) = obj.bind(py).cast::<Model>() {
+                    if let Ok(mut m) = b.try_borrow_mut() {
+                        if m.session == self.key {
+                            m.session = 0;
+                            if m.state == ObjState::Persistent {
+                                m.state = ObjState::Detached;
+                            } else if m.state == ObjState::Pending {
+                                m.state = ObjState::Transient;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
