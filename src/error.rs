@@ -137,9 +137,7 @@ impl From<rusqlite::Error> for Error {
                 // raises OperationalError for it too.
                 _ => ErrorKind::Operational,
             },
-            rusqlite::Error::SqlInputError { .. } | rusqlite::Error::InvalidParameterCount(..) => {
-                ErrorKind::Programming
-            }
+            rusqlite::Error::InvalidParameterCount(..) => ErrorKind::Programming,
             rusqlite::Error::InvalidColumnType(..)
             | rusqlite::Error::IntegralValueOutOfRange(..) => ErrorKind::Data,
             _ => ErrorKind::Internal,

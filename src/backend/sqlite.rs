@@ -1,4 +1,6 @@
-//! SQLite through rusqlite (bundled, so the wheel does not depend on the system's SQLite).
+//! SQLite through rusqlite, linked against the system's libsqlite3: the same library Python's
+//! `sqlite3` module (and so SQLAlchemy) loads, so one process holds one copy of SQLite and
+//! the two can share a database file safely (see the `bundled-sqlite` feature).
 
 use std::path::Path;
 use std::time::Duration;
@@ -15,7 +17,16 @@ use crate::value::{format_sqlite_timestamp, parse_sqlite_timestamp, Value};
 /// Prepared statements kept per connection; a session uses a few dozen distinct shapes.
 const STATEMENT_CACHE: usize = 128;
 
+/// RETURNING, which bulk updates and deletes use, arrived in SQLite 3.35.
+const MIN_VERSION: i32 = 3_035_000;
+
 pub fn open(path: &SqlitePath, busy_timeout: Duration, sync: Synchronous) -> Result<Connection> {
+    if rusqlite::version_number() < MIN_VERSION {
+        return Err(Error::not_supported(format!(
+            "SQLite {} is too old: cmbagent-db needs 3.35 or newer (build with the bundled-sqlite feature to carry its own)",
+            rusqlite::version()
+        )));
+    }
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
