@@ -365,6 +365,37 @@ fn forget(conn: &mut Conn, rev: &Revision) -> Result<()> {
     Ok(())
 }
 
+/// Fails when undoing `revisions` would drop tables that hold rows, naming each.
+fn refuse_destruction(conn: &mut Conn, revisions: &[Revision]) -> Result<()> {
+    let mut holding = Vec::new();
+    for rev in revisions.iter().rev() {
+        for table in rev.drops {
+            if table_exists(conn, table)? {
+                let n = count_rows(conn, table)?;
+                if n > 0 {
+                    holding.push(format!(
+                        "{table} holding {n} row{}",
+                        if n == 1 { "" } else { "s" }
+                    ));
+                }
+            }
+        }
+    }
+    if holding.is_empty() {
+        return Ok(());
+    }
+    Err(Error::migration(format!(
+        "downgrade of {} would drop {}; nothing was changed. Pass force=True \
+         (--force on the command line) to drop them",
+        revisions
+            .iter()
+            .map(|r| r.id)
+            .collect::<Vec<_>>()
+            .join(", "),
+        holding.join(" and ")
+    )))
+}
+
 /// A step that was applied: (from, to) revision ids, `None` meaning base.
 pub type Step = (Option<&'static str>, Option<&'static str>);
 
@@ -389,26 +420,8 @@ fn apply_step(conn: &mut Conn, cur: Pos, target: Pos, force: bool) -> Result<Ste
     } else {
         let rev = &REVISIONS[cur - 1];
         if !force {
-            let mut holding = Vec::new();
-            for table in rev.drops {
-                if table_exists(conn, table)? {
-                    let n = count_rows(conn, table)?;
-                    if n > 0 {
-                        holding.push(format!(
-                            "{table} holding {n} row{}",
-                            if n == 1 { "" } else { "s" }
-                        ));
-                    }
-                }
-            }
-            if !holding.is_empty() {
-                return Err(Error::migration(format!(
-                    "downgrade of {} would drop {}; nothing was changed. Pass force=True \
-                     (--force on the command line) to drop them",
-                    rev.id,
-                    holding.join(" and ")
-                )));
-            }
+            // Checked again under the lock: rows may have arrived since the pre-flight.
+            refuse_destruction(conn, std::slice::from_ref(rev))?;
         }
         conn.batch(rev.down_sql(d)).map_err(|e| {
             e.context(format!(
@@ -429,6 +442,10 @@ pub fn migrate(conn: &mut Conn, target: &str, force: bool) -> Result<Vec<Step>> 
     let mut steps = Vec::new();
     if target == start {
         return Ok(steps);
+    }
+    if target < start && !force {
+        // Refuse before the first step, so a refused downgrade changes nothing.
+        refuse_destruction(conn, &REVISIONS[target..start])?;
     }
     if target > start {
         let drifted = check(conn)?;
@@ -601,8 +618,8 @@ mod tests {
             .unwrap();
         let e = migrate(&mut c, "base", false).unwrap_err();
         assert!(e.message.contains("workflow_runs holding 1 row"), "{e}");
-        // The empty revisions above it were undone before the refusal; the rows remain.
-        assert_eq!(current(&mut c).unwrap(), Some("000_base"));
+        // Refused before any step: even the empty tables above it are still there.
+        assert_eq!(current(&mut c).unwrap(), Some(head()));
         assert_eq!(count_rows(&mut c, "sessions").unwrap(), 1);
         migrate(&mut c, "base", true).unwrap();
         assert!(!table_exists(&mut c, "sessions").unwrap());
@@ -654,7 +671,7 @@ mod tests {
         assert!(sql.contains("INSERT INTO alembic_version (version_num) VALUES ('000_base');"));
         assert!(sql.contains("UPDATE alembic_version SET version_num='002_approvals_connections' WHERE alembic_version.version_num = '001_session_states';"));
         let down = offline_sql(Dialect::Sqlite, "base", Some("head")).unwrap();
-        assert!(down.contains("DROP TABLE approval_requests"));
+        assert!(down.contains("DROP TABLE IF EXISTS approval_requests"));
         assert!(down.contains("DELETE FROM alembic_version"));
     }
 }

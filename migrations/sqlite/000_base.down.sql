@@ -1,2 +1,2 @@
-DROP TABLE workflow_runs;
-DROP TABLE sessions;
+DROP TABLE IF EXISTS workflow_runs;
+DROP TABLE IF EXISTS sessions;

@@ -1,1 +1,1 @@
-DROP TABLE session_states;
+DROP TABLE IF EXISTS session_states;

@@ -1,2 +1,2 @@
-DROP TABLE active_connections;
-DROP TABLE approval_requests;
+DROP TABLE IF EXISTS active_connections;
+DROP TABLE IF EXISTS approval_requests;

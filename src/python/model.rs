@@ -148,7 +148,18 @@ impl Model {
     }
 }
 
-/// `timeout_seconds` of `create_pending`: a positive, finite number of seconds.
+/// `timeout_seconds` of `create_pending`: a positive, finite number of seconds. Its own
+/// type, so the default (300 s) is distinguishable from an explicit `None`, which is refused.
+pub struct Timeout(f64);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Timeout {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        timeout_seconds(&obj).map(Timeout)
+    }
+}
+
 fn timeout_seconds(v: &Bound<'_, PyAny>) -> PyResult<f64> {
     let number = !v.is_instance_of::<PyBool>()
         && (v.is_instance_of::<PyInt>() || v.is_instance_of::<PyFloat>());
@@ -240,21 +251,17 @@ model_class!(
     {
         /// A pending request that expires `timeout_seconds` from now.
         #[classmethod]
-        #[pyo3(signature = (run_id, approval_type, context, timeout_seconds = None, session_id = None))]
+        #[pyo3(signature = (run_id, approval_type, context, timeout_seconds = Timeout(300.0), session_id = None))]
         fn create_pending<'py>(
             cls: &Bound<'py, PyType>,
             run_id: &Bound<'py, PyAny>,
             approval_type: &Bound<'py, PyAny>,
             context: &Bound<'py, PyAny>,
-            timeout_seconds: Option<&Bound<'py, PyAny>>,
+            timeout_seconds: Timeout,
             session_id: Option<&Bound<'py, PyAny>>,
         ) -> PyResult<Bound<'py, PyAny>> {
             let py = cls.py();
-            let secs = match timeout_seconds {
-                Some(v) => self::timeout_seconds(v)?,
-                None => 300.0,
-            };
-            let delta = chrono::TimeDelta::microseconds((secs * 1e6) as i64);
+            let delta = chrono::TimeDelta::microseconds((timeout_seconds.0 * 1e6) as i64);
             let expires = chrono::Utc::now()
                 .checked_add_signed(delta)
                 .ok_or_else(|| PyValueError::new_err("timeout_seconds is too large"))?;

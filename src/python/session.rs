@@ -22,7 +22,7 @@ use crate::python::expression::Column;
 use crate::python::model::{instantiate, table_of_class, Model, ObjState};
 use crate::python::query::Query;
 use crate::query::{self, Select};
-use crate::schema::{ColType, Default, Table, TableId, TABLES};
+use crate::schema::{ColType, Default, OnDelete, Table, TableId, TABLES};
 use crate::value::Value;
 
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
@@ -307,15 +307,50 @@ impl DbSession {
         let (sql, params) = query::delete(self.dialect(), table, filters);
         let shape = shape(table, &[Table::PK]);
         let rows = self.write(py, move |c| c.query(&sql, &params, &shape))?;
+        let mut deleted = Vec::with_capacity(rows.len());
         for row in &rows {
             if let Some(Value::Text(pk)) = row.first() {
                 if let Some(obj) = self.identity.remove(&(table, pk.clone())) {
                     obj.bind(py).cast::<Model>()?.borrow_mut().state = ObjState::Deleted;
                     self.tx_deleted.push(obj);
                 }
+                deleted.push((table, pk.clone()));
             }
         }
+        self.follow_deletes(py, deleted)?;
         Ok(rows.len())
+    }
+
+    /// Applies the database's ON DELETE rules to tracked objects once `deleted` rows are
+    /// gone: CASCADE children are deleted too, SET NULL references become None.
+    fn follow_deletes(&mut self, py: Python<'_>, mut deleted: Vec<Identity>) -> PyResult<()> {
+        while let Some((parent, parent_pk)) = deleted.pop() {
+            let mut cascaded = Vec::new();
+            for ((table, pk), obj) in &self.identity {
+                let b = obj.bind(py).cast::<Model>()?.clone();
+                let mut m = b.borrow_mut();
+                for (column, c) in TABLES[*table].columns.iter().enumerate() {
+                    let Some(fk) = c.foreign_key else { continue };
+                    if fk.table != TABLES[parent].name
+                        || m.values[column].extract::<&str>(py).ok() != Some(parent_pk.as_str())
+                    {
+                        continue;
+                    }
+                    match fk.on_delete {
+                        OnDelete::Cascade => cascaded.push((*table, pk.clone())),
+                        OnDelete::SetNull => m.values[column] = py.None(),
+                    }
+                }
+            }
+            for key in cascaded {
+                if let Some(obj) = self.identity.remove(&key) {
+                    obj.bind(py).cast::<Model>()?.borrow_mut().state = ObjState::Deleted;
+                    self.tx_deleted.push(obj);
+                    deleted.push(key);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The object with primary key `pk`, from the identity map or the database.
@@ -551,12 +586,14 @@ impl DbSession {
             self.tx_updated.push(obj);
         }
         self.to_delete.clear();
+        let mut deleted = Vec::with_capacity(deletes.len());
         for (table, pk, obj) in deletes {
-            self.identity.remove(&(table, pk));
+            self.identity.remove(&(table, pk.clone()));
             obj.bind(py).cast::<Model>()?.borrow_mut().state = ObjState::Deleted;
             self.tx_deleted.push(obj);
+            deleted.push((table, pk));
         }
-        Ok(())
+        self.follow_deletes(py, deleted)
     }
 
     fn do_rollback(&mut self, py: Python<'_>) -> PyResult<()> {
