@@ -46,6 +46,11 @@ impl Engine {
         Ok(())
     }
 
+    /// A connection of its own, outside the pool (a waiter holds it for the whole wait).
+    pub fn open_dedicated(&self) -> Result<Conn> {
+        Conn::open(self.pool.url())
+    }
+
     /// Runs `f` on a pooled connection.
     pub fn with_conn<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
         let mut conn = self.connect()?;

@@ -23,6 +23,7 @@ pub enum ErrorKind {
     StaleData,
     ApprovalNotFound,
     ApprovalExpired,
+    ApprovalCancelled,
     ApprovalTimeout,
     /// A Python `TypeError`: a value of the wrong type for a column.
     Type,
@@ -49,6 +50,7 @@ impl ErrorKind {
             ErrorKind::StaleData => "StaleDataError",
             ErrorKind::ApprovalNotFound => "ApprovalNotFound",
             ErrorKind::ApprovalExpired => "ApprovalExpired",
+            ErrorKind::ApprovalCancelled => "ApprovalCancelled",
             ErrorKind::ApprovalTimeout => "ApprovalTimeout",
             ErrorKind::Type => "TypeError",
             ErrorKind::Value => "ValueError",

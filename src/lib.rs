@@ -3,7 +3,9 @@
 //! The pure core (everything but `python`) owns the SQL, the dialects, value encoding,
 //! connections and migrations; the `python` module is the PyO3 binding on top of it.
 
+pub mod approvals;
 pub mod backend;
+pub mod connections;
 pub mod dialect;
 pub mod engine;
 pub mod error;

@@ -7,7 +7,7 @@ statement run by the Rust core (SQLite embedded, PostgreSQL for several server i
     >>> from cmbagent_db.models import ApprovalRequest
 """
 
-from cmbagent_db import models
+from cmbagent_db import approvals, connections, models
 from cmbagent_db._native import (
     Column,
     DbSession,
@@ -33,6 +33,7 @@ from cmbagent_db._native import (
     stamp,
 )
 from cmbagent_db.exceptions import (
+    ApprovalCancelled,
     ApprovalError,
     ApprovalExpired,
     ApprovalNotFound,
@@ -66,6 +67,8 @@ from cmbagent_db.models import (
 __all__ = [
     "__version__",
     "models",
+    "approvals",
+    "connections",
     "get_db_session",
     "init_database",
     "migrate",
@@ -112,5 +115,6 @@ __all__ = [
     "ApprovalError",
     "ApprovalNotFound",
     "ApprovalExpired",
+    "ApprovalCancelled",
     "ApprovalTimeout",
 ]

@@ -66,6 +66,14 @@ def _redact(url: str) -> str:
     return _PARAM_PASSWORD.sub(lambda m: m.group("head") + "***", text)
 
 
+def _mentions(message: str, url: str) -> bool:
+    """Whether ``message`` already names the database of ``url`` (URL or SQLite path)."""
+    if url in message or _redact(url) in _redact(message):
+        return True
+    path = url.split(":///", 1)[1].split("?", 1)[0] if url.startswith("sqlite:///") else ""
+    return bool(path) and path in message
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors never echo a password (e.g. a URL given as the command)."""
 
@@ -458,7 +466,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except cmbagent_db.Error as exc:
         message = str(exc) or type(exc).__name__
         url = getattr(args, "resolved_url", None)
-        if url and isinstance(exc, cmbagent_db.DatabaseError) and url not in message:
+        if url and isinstance(exc, cmbagent_db.DatabaseError) and not _mentions(message, url):
             message = f"{message}\n  database: {url}"
         return _fail(message)
     except KeyboardInterrupt:

@@ -86,6 +86,10 @@ class ApprovalExpired(ApprovalError):
     """The approval request's deadline passed before anyone resolved it."""
 
 
+class ApprovalCancelled(ApprovalError):
+    """The approval request was cancelled before anyone resolved it."""
+
+
 class ApprovalTimeout(ApprovalError, TimeoutError):
     """The caller's wait ended before the request was resolved; the request stays pending."""
 
@@ -110,5 +114,6 @@ __all__ = [
     "ApprovalError",
     "ApprovalNotFound",
     "ApprovalExpired",
+    "ApprovalCancelled",
     "ApprovalTimeout",
 ]

@@ -123,6 +123,24 @@ impl Conn {
         }
     }
 
+    /// SQLite's `PRAGMA data_version`: changes whenever another connection commits to the
+    /// database. `None` on PostgreSQL, which pushes changes with NOTIFY instead.
+    pub fn data_version(&mut self) -> Result<Option<i64>> {
+        match &mut self.inner {
+            Inner::Sqlite(c) => Ok(Some(c.query_row("PRAGMA data_version", [], |r| r.get(0))?)),
+            Inner::Postgres(_) => Ok(None),
+        }
+    }
+
+    /// Blocks up to `timeout` for a NOTIFY on a channel this connection LISTENs to;
+    /// returns the payloads received (empty on timeout, and always on SQLite).
+    pub fn notifications(&mut self, timeout: std::time::Duration) -> Result<Vec<String>> {
+        match &mut self.inner {
+            Inner::Sqlite(_) => Ok(Vec::new()),
+            Inner::Postgres(c) => c.notifications(timeout),
+        }
+    }
+
     /// The server process id of a PostgreSQL connection (for tests that kill it).
     pub fn backend_pid(&mut self) -> Result<Option<i64>> {
         match &mut self.inner {

@@ -81,6 +81,21 @@ impl PgConn {
         Ok(self.client.batch_execute(sql)?)
     }
 
+    pub fn notifications(&mut self, timeout: std::time::Duration) -> Result<Vec<String>> {
+        use postgres::fallible_iterator::FallibleIterator;
+        let mut out = Vec::new();
+        let mut notes = self.client.notifications();
+        if let Some(n) = notes.timeout_iter(timeout).next()? {
+            out.push(n.payload().to_string());
+        }
+        // Whatever else already arrived, without waiting again.
+        let mut rest = notes.iter();
+        while let Some(n) = rest.next()? {
+            out.push(n.payload().to_string());
+        }
+        Ok(out)
+    }
+
     pub fn backend_pid(&mut self) -> Result<i64> {
         let row = self.client.query_one("SELECT pg_backend_pid()", &[])?;
         Ok(row.get::<_, i32>(0) as i64)

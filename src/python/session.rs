@@ -172,7 +172,12 @@ impl DbSession {
     }
 
     /// Objects for rows of `table` (all columns), reusing the ones already tracked.
-    fn load(&mut self, py: Python<'_>, table: TableId, rows: Vec<Row>) -> PyResult<Vec<Py<PyAny>>> {
+    pub fn load(
+        &mut self,
+        py: Python<'_>,
+        table: TableId,
+        rows: Vec<Row>,
+    ) -> PyResult<Vec<Py<PyAny>>> {
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let pk = match &row[Table::PK] {
@@ -436,6 +441,86 @@ impl DbSession {
         let mut m = obj.cast::<Model>()?.borrow_mut();
         m.state = state;
         m.session = 0;
+        Ok(())
+    }
+
+    /// Writes with `f` in this session's transaction, then commits everything pending, as
+    /// the lifecycle services do ("every call that writes commits before returning").
+    pub fn write_and_commit<T: Send>(
+        &mut self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Conn) -> Result<T> + Send,
+    ) -> PyResult<T> {
+        let out = self.write(py, f)?;
+        self.do_commit(py)?;
+        Ok(out)
+    }
+
+    /// The tracked object for a row just written elsewhere, updated to the row's values,
+    /// or a newly tracked one.
+    pub fn merge_row(&mut self, py: Python<'_>, table: TableId, row: Row) -> PyResult<Py<PyAny>> {
+        let pk = match &row[Table::PK] {
+            Value::Text(s) => s.clone(),
+            other => format!("{other:?}"),
+        };
+        match self.identity.get(&(table, pk)) {
+            Some(obj) => {
+                let obj = obj.clone_ref(py);
+                let values = row
+                    .into_iter()
+                    .enumerate()
+                    .map(|(column, v)| to_py(py, v, ColRef { table, column }))
+                    .collect::<PyResult<Vec<_>>>()?;
+                let b = obj.bind(py).cast::<Model>()?.clone();
+                let mut m = b.borrow_mut();
+                m.values = values;
+                m.dirty = 0;
+                Ok(obj.clone_ref(py))
+            }
+            None => Ok(self.load(py, table, vec![row])?.remove(0)),
+        }
+    }
+
+    /// Reads tracked objects of `table` with these ids again (after a service changed
+    /// their rows); untracked ids are ignored.
+    pub fn refresh_ids(&mut self, py: Python<'_>, table: TableId, ids: &[String]) -> PyResult<()> {
+        let objs: Vec<Py<PyAny>> = ids
+            .iter()
+            .filter_map(|id| {
+                self.identity
+                    .get(&(table, id.clone()))
+                    .map(|o| o.clone_ref(py))
+            })
+            .collect();
+        if objs.is_empty() {
+            return Ok(());
+        }
+        self.reload(py, objs)
+    }
+
+    /// Stops tracking objects whose rows a service deleted.
+    pub fn forget_ids(&mut self, py: Python<'_>, table: TableId, ids: &[String]) -> PyResult<()> {
+        for id in ids {
+            if let Some(obj) = self.identity.remove(&(table, id.clone())) {
+                self.release(obj.bind(py), ObjState::Detached)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn do_commit(&mut self, py: Python<'_>) -> PyResult<()> {
+        self.do_flush(py)?;
+        if let Some(mut conn) = self.slot().take() {
+            if let Err(e) = py.detach(|| conn.commit()) {
+                *self.slot() = Some(conn);
+                return Err(self.fail(py, e));
+            }
+        }
+        for obj in std::mem::take(&mut self.tx_deleted) {
+            self.release(obj.bind(py), ObjState::Detached)?;
+        }
+        self.tx_inserted.clear();
+        self.tx_updated.clear();
         Ok(())
     }
 
@@ -766,19 +851,7 @@ impl DbSession {
     }
 
     fn commit(&mut self, py: Python<'_>) -> PyResult<()> {
-        self.do_flush(py)?;
-        if let Some(mut conn) = self.slot().take() {
-            if let Err(e) = py.detach(|| conn.commit()) {
-                *self.slot() = Some(conn);
-                return Err(self.fail(py, e));
-            }
-        }
-        for obj in std::mem::take(&mut self.tx_deleted) {
-            self.release(obj.bind(py), ObjState::Detached)?;
-        }
-        self.tx_inserted.clear();
-        self.tx_updated.clear();
-        Ok(())
+        self.do_commit(py)
     }
 
     /// Undoes the open transaction: new objects are dropped from the session, deleted

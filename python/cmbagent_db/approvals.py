@@ -1,0 +1,111 @@
+"""Durable approvals: a request survives restarts and disconnects, resolves exactly once,
+and expires instead of hanging forever.
+
+    >>> import cmbagent_db
+    >>> from cmbagent_db import approvals
+    >>> # in the workflow:  req = approvals.request(db, run.id, "plan_approval", {"plan": ...})
+    >>> #                   done = approvals.wait(req.id, timeout=600)
+    >>> # in the web handler, on any instance:  approvals.resolve(db, req_id, "approved")
+
+Every call that writes commits the session before returning. State changes are single
+compare-and-set statements, so any number of resolvers in any number of processes produce
+exactly one winner. ``wait`` is woken by the database itself (PostgreSQL LISTEN/NOTIFY
+through a trigger, SQLite's ``PRAGMA data_version``), so a plain SQL ``UPDATE`` from any
+client wakes it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from typing import Any, List, Optional
+
+from cmbagent_db._native import DbSession
+from cmbagent_db._native import approvals as _native
+from cmbagent_db.models import ApprovalRequest
+
+#: The resolution values ``resolve`` accepts.
+RESOLUTIONS = ("approved", "rejected", "modified")
+
+
+def request(
+    db: DbSession,
+    run_id: str,
+    approval_type: str,
+    context: Any,
+    timeout_seconds: float = 300,
+    session_id: Optional[str] = None,
+) -> ApprovalRequest:
+    """Creates and commits a pending request that expires ``timeout_seconds`` from now."""
+    approval = ApprovalRequest.create_pending(
+        run_id, approval_type, context, timeout_seconds=timeout_seconds, session_id=session_id
+    )
+    db.add(approval)
+    db.commit()
+    return approval
+
+
+def resolve(db: DbSession, approval_id: str, resolution: str, result: Any = None) -> bool:
+    """Resolves a pending request with ``resolution`` (approved, rejected, modified) and an
+    optional JSON ``result``. True for the single caller that resolved it; False when it was
+    already resolved, cancelled or expired, or its deadline has passed (it is then marked
+    expired). Raises ApprovalNotFound for an unknown id, ValueError for an unknown
+    resolution, TypeError / ValueError for a result JSON cannot hold."""
+    return _native.resolve(db, approval_id, resolution, result)
+
+
+def cancel(db: DbSession, approval_id: str) -> bool:
+    """Cancels a pending request; True if this call cancelled it."""
+    return _native.cancel(db, approval_id)
+
+
+def expire_overdue(db: DbSession, now: Any = None) -> List[str]:
+    """Marks every pending request past its deadline expired, in one statement whose cost
+    follows the number of overdue rows (it reads the partial pending-expiry index); returns
+    their ids."""
+    return _native.expire_overdue(db, now)
+
+
+def pending(
+    db: DbSession, run_id: Optional[str] = None, session_id: Optional[str] = None
+) -> List[ApprovalRequest]:
+    """Requests still awaiting a human (pending and not past their deadline), oldest first."""
+    return _native.pending(db, run_id, session_id)
+
+
+def wait(
+    approval_id: str, timeout: Optional[float] = None, *, url: Optional[str] = None
+) -> ApprovalRequest:
+    """Blocks until the request is resolved and returns it, without holding the GIL or a
+    transaction. Raises ApprovalExpired when the request's own deadline passes (it is marked
+    expired), ApprovalCancelled when it is cancelled, ApprovalTimeout (a TimeoutError) when
+    only ``timeout`` passes (the request stays pending), ApprovalNotFound for an unknown id.
+    ``url`` defaults to cmbagent's database URL."""
+    return _native.wait(approval_id, timeout, url=url)
+
+
+async def wait_async(
+    approval_id: str, timeout: Optional[float] = None, *, url: Optional[str] = None
+) -> ApprovalRequest:
+    """``wait`` for asyncio code: runs in a worker thread, so the event loop keeps going.
+    Cancelling the awaiting task stops the wait within about 50 ms."""
+    stop = threading.Event()
+    call = functools.partial(_native.wait, approval_id, timeout, url=url, stop=stop)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, call)
+    except asyncio.CancelledError:
+        stop.set()
+        raise
+
+
+__all__ = [
+    "RESOLUTIONS",
+    "request",
+    "resolve",
+    "cancel",
+    "expire_overdue",
+    "pending",
+    "wait",
+    "wait_async",
+]

@@ -1,0 +1,389 @@
+//! The approval lifecycle: resolve exactly once, cancel, expire overdue requests, and
+//! wait for a resolution pushed by any process.
+//!
+//! Every state change is one compare-and-set UPDATE guarded by `status = 'pending'`, so
+//! concurrent resolvers in any number of processes get exactly one winner: SQLite
+//! serialises writers, and PostgreSQL re-checks the WHERE clause of an UPDATE that waited
+//! for another's row lock.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use crate::backend::{Conn, Row};
+use crate::dialect::Dialect;
+use crate::error::{Error, ErrorKind, Result};
+use crate::schema::{ColType, Table, APPROVAL_REQUESTS, TABLES};
+use crate::value::Value;
+
+pub const RESOLUTIONS: [&str; 3] = ["approved", "rejected", "modified"];
+
+/// The PostgreSQL channel a trigger notifies with the id of every approval whose status
+/// changes, whoever changed it.
+pub const CHANNEL: &str = "cmbagent_db_approvals";
+
+/// What became of a compare-and-set on one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// This call made the change.
+    Done,
+    /// The request was pending but past its deadline: it is now expired.
+    Expired,
+    /// The request had already left `pending`; its status.
+    AlreadyFinal(String),
+    NotFound,
+}
+
+fn p(d: Dialect, n: usize) -> String {
+    d.placeholder(n)
+}
+
+fn returned_any(conn: &mut Conn, sql: &str, params: &[Value]) -> Result<bool> {
+    Ok(!conn
+        .query(sql, params, &[("id", ColType::Str(36))])?
+        .is_empty())
+}
+
+/// Marks the request expired if it is pending and past its deadline at `now`.
+fn expire_one(conn: &mut Conn, id: &str, now: DateTime<Utc>) -> Result<bool> {
+    let d = conn.dialect();
+    returned_any(
+        conn,
+        &format!(
+            "UPDATE approval_requests SET status = 'expired' WHERE id = {} AND status = 'pending' AND expires_at <= {} RETURNING id",
+            p(d, 1),
+            p(d, 2)
+        ),
+        &[Value::Text(id.into()), Value::Timestamp(now)],
+    )
+}
+
+fn status_of(conn: &mut Conn, id: &str) -> Result<Option<String>> {
+    let d = conn.dialect();
+    let rows = conn.query(
+        &format!(
+            "SELECT status FROM approval_requests WHERE id = {}",
+            p(d, 1)
+        ),
+        &[Value::Text(id.into())],
+        &[("status", ColType::Str(20))],
+    )?;
+    Ok(rows.into_iter().next().map(|r| match &r[0] {
+        Value::Text(s) => s.clone(),
+        _ => "pending".into(),
+    }))
+}
+
+/// After a compare-and-set matched nothing: why not.
+fn why_not(conn: &mut Conn, id: &str, now: DateTime<Utc>) -> Result<Outcome> {
+    if expire_one(conn, id, now)? {
+        return Ok(Outcome::Expired);
+    }
+    Ok(match status_of(conn, id)? {
+        None => Outcome::NotFound,
+        Some(s) => Outcome::AlreadyFinal(s),
+    })
+}
+
+/// Resolves a pending, unexpired request with `resolution` and `result` (JSON text).
+/// Runs inside the caller's write transaction.
+pub fn resolve(
+    conn: &mut Conn,
+    id: &str,
+    resolution: &str,
+    result: Option<String>,
+    now: DateTime<Utc>,
+) -> Result<Outcome> {
+    if !RESOLUTIONS.contains(&resolution) {
+        return Err(Error::new(
+            ErrorKind::Value,
+            format!(
+                "unknown resolution {resolution:?}: use one of {}",
+                RESOLUTIONS.join(", ")
+            ),
+        ));
+    }
+    let d = conn.dialect();
+    let sql = format!(
+        "UPDATE approval_requests SET status = 'resolved', resolution = {}, result = {}, resolved_at = {} \
+         WHERE id = {} AND status = 'pending' AND expires_at > {} RETURNING id",
+        p(d, 1),
+        p(d, 2),
+        p(d, 3),
+        p(d, 4),
+        p(d, 3)
+    );
+    let params = [
+        Value::Text(resolution.into()),
+        result.map_or(Value::Null, Value::Json),
+        Value::Timestamp(now),
+        Value::Text(id.into()),
+    ];
+    if returned_any(conn, &sql, &params)? {
+        return Ok(Outcome::Done);
+    }
+    why_not(conn, id, now)
+}
+
+/// Cancels a pending request (even an overdue one: nobody will resolve it either way).
+pub fn cancel(conn: &mut Conn, id: &str, now: DateTime<Utc>) -> Result<Outcome> {
+    let d = conn.dialect();
+    let sql = format!(
+        "UPDATE approval_requests SET status = 'cancelled', resolved_at = {} WHERE id = {} AND status = 'pending' RETURNING id",
+        p(d, 1),
+        p(d, 2)
+    );
+    if returned_any(conn, &sql, &[Value::Timestamp(now), Value::Text(id.into())])? {
+        return Ok(Outcome::Done);
+    }
+    why_not(conn, id, now)
+}
+
+/// Marks every pending request whose deadline is before `now` expired, in one statement
+/// that reads only the partial pending-expiry index; returns their ids.
+pub fn expire_overdue(conn: &mut Conn, now: DateTime<Utc>) -> Result<Vec<String>> {
+    let d = conn.dialect();
+    let rows = conn.query(
+        &format!(
+            "UPDATE approval_requests SET status = 'expired' WHERE status = 'pending' AND expires_at < {} RETURNING id",
+            p(d, 1)
+        ),
+        &[Value::Timestamp(now)],
+        &[("id", ColType::Str(36))],
+    )?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| match r.into_iter().next() {
+            Some(Value::Text(s)) => Some(s),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Creates the trigger that NOTIFYs `CHANNEL` on every status change (PostgreSQL only;
+/// idempotent, serialised by an advisory lock). Runs in its own transaction.
+pub fn ensure_notify_trigger(conn: &mut Conn) -> Result<()> {
+    if conn.dialect() != Dialect::Postgres {
+        return Ok(());
+    }
+    let present = conn.query(
+        "SELECT count(*) FROM pg_trigger WHERE tgname = 'cmbagent_db_approval_status' AND tgrelid = to_regclass('approval_requests')",
+        &[],
+        &[("count", ColType::BigInt)],
+    )?;
+    if matches!(present.first().and_then(|r| r.first()), Some(Value::Int(n)) if *n > 0) {
+        return Ok(());
+    }
+    conn.begin_write()?;
+    let result = conn
+        .execute("SELECT pg_advisory_xact_lock(7305)", &[])
+        .and_then(|_| {
+            conn.batch(&format!(
+                "CREATE OR REPLACE FUNCTION cmbagent_db_notify_approval() RETURNS trigger AS $$
+                 BEGIN PERFORM pg_notify('{CHANNEL}', NEW.id); RETURN NEW; END
+                 $$ LANGUAGE plpgsql;
+                 CREATE OR REPLACE TRIGGER cmbagent_db_approval_status
+                 AFTER UPDATE OF status ON approval_requests FOR EACH ROW
+                 WHEN (OLD.status IS DISTINCT FROM NEW.status)
+                 EXECUTE FUNCTION cmbagent_db_notify_approval();"
+            ))
+        });
+    match result {
+        Ok(()) => conn.commit(),
+        Err(e) => {
+            conn.rollback()?;
+            Err(e.context(
+                "cannot install the approval notification trigger (it needs CREATE on the schema)",
+            ))
+        }
+    }
+}
+
+/// How a wait ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WaitEnd {
+    /// The request's row (every column), resolved.
+    Resolved(Row),
+    Expired,
+    Cancelled,
+    NotFound,
+}
+
+/// Waits on one request over a dedicated connection, without holding a transaction.
+/// `poll` blocks for at most the given slice, so the caller can check for interrupts.
+pub struct Waiter {
+    conn: Conn,
+    id: String,
+    seen: Option<i64>,
+    expires_at: Option<DateTime<Utc>>,
+}
+
+/// How often SQLite's change counter is read while nothing changes: a few microseconds of
+/// work per read, well under the wake-up latency cmbagent needs.
+const SQLITE_TICK: Duration = Duration::from_millis(1);
+
+impl Waiter {
+    pub fn new(mut conn: Conn, id: &str) -> Result<Waiter> {
+        if conn.dialect() == Dialect::Postgres {
+            ensure_notify_trigger(&mut conn)?;
+            conn.batch(&format!("LISTEN {CHANNEL}"))?;
+        }
+        Ok(Waiter {
+            conn,
+            id: id.to_string(),
+            seen: None,
+            expires_at: None,
+        })
+    }
+
+    fn read(&mut self) -> Result<Option<WaitEnd>> {
+        let table = &TABLES[APPROVAL_REQUESTS];
+        let columns: Vec<(&str, ColType)> = table.columns.iter().map(|c| (c.name, c.ty)).collect();
+        let names: Vec<&str> = table.columns.iter().map(|c| c.name).collect();
+        let sql = format!(
+            "SELECT {} FROM approval_requests WHERE id = {}",
+            names.join(", "),
+            self.conn.dialect().placeholder(1)
+        );
+        let mut rows = self
+            .conn
+            .query(&sql, &[Value::Text(self.id.clone())], &columns)?;
+        let Some(row) = rows.pop() else {
+            return Ok(Some(WaitEnd::NotFound));
+        };
+        let col = |name: &str| table.column_index(name).unwrap_or(Table::PK);
+        let status = match &row[col("status")] {
+            Value::Text(s) => s.clone(),
+            _ => "pending".into(),
+        };
+        if let Value::Timestamp(t) = row[col("expires_at")] {
+            self.expires_at = Some(t);
+        }
+        Ok(match status.as_str() {
+            "resolved" => Some(WaitEnd::Resolved(row)),
+            "expired" => Some(WaitEnd::Expired),
+            "cancelled" => Some(WaitEnd::Cancelled),
+            _ => None,
+        })
+    }
+
+    /// The request's deadline, once read.
+    pub fn expires_at(&self) -> Option<DateTime<Utc>> {
+        self.expires_at
+    }
+
+    /// Checks the request, then blocks up to `slice` for a change signal. `Some` when the
+    /// wait is over; the request's own deadline passing marks it expired.
+    pub fn poll(&mut self, slice: Duration) -> Result<Option<WaitEnd>> {
+        let version = self.conn.data_version()?;
+        if self.seen.is_none() || version != self.seen || version.is_none() {
+            self.seen = version;
+            if let Some(end) = self.read()? {
+                return Ok(Some(end));
+            }
+        }
+        let now = Utc::now();
+        if let Some(deadline) = self.expires_at {
+            if now >= deadline {
+                self.conn.begin_write()?;
+                let expired = expire_one(&mut self.conn, &self.id, now);
+                match expired {
+                    Ok(_) => self.conn.commit()?,
+                    Err(e) => {
+                        self.conn.rollback()?;
+                        return Err(e);
+                    }
+                }
+                // Whatever the row says now (a resolver may have won the race) decides.
+                self.seen = None;
+                return self.read();
+            }
+        }
+        let until_deadline = self
+            .expires_at
+            .and_then(|d| (d - now).to_std().ok())
+            .unwrap_or(slice);
+        let slice = slice.min(until_deadline);
+        let started = Instant::now();
+        match self.conn.dialect() {
+            Dialect::Postgres => {
+                if !self.conn.notifications(slice)?.is_empty() {
+                    self.seen = None;
+                }
+            }
+            Dialect::Sqlite => {
+                while started.elapsed() < slice {
+                    std::thread::sleep(SQLITE_TICK.min(slice));
+                    if self.conn.data_version()? != self.seen {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migrate;
+    use crate::url;
+    use chrono::TimeDelta;
+
+    fn db_with_request(expires_in: TimeDelta) -> (Conn, DateTime<Utc>) {
+        let mut c = Conn::open(&url::parse("sqlite:///:memory:").unwrap()).unwrap();
+        migrate::migrate(&mut c, "head", false).unwrap();
+        c.batch("INSERT INTO sessions (id, name) VALUES ('s', 'n'); INSERT INTO workflow_runs (id, session_id) VALUES ('r', 's');")
+            .unwrap();
+        let now = Utc::now();
+        c.execute(
+            "INSERT INTO approval_requests (id, run_id, approval_type, context, status, expires_at) VALUES ('a', 'r', 'plan_approval', '{}', 'pending', ?1)",
+            &[Value::Timestamp(now + expires_in)],
+        )
+        .unwrap();
+        (c, now)
+    }
+
+    #[test]
+    fn resolves_exactly_once() {
+        let (mut c, now) = db_with_request(TimeDelta::minutes(5));
+        assert_eq!(
+            resolve(&mut c, "a", "approved", Some("{\"ok\": true}".into()), now).unwrap(),
+            Outcome::Done
+        );
+        assert_eq!(
+            resolve(&mut c, "a", "rejected", None, now).unwrap(),
+            Outcome::AlreadyFinal("resolved".into())
+        );
+        assert_eq!(
+            resolve(&mut c, "zzz", "approved", None, now).unwrap(),
+            Outcome::NotFound
+        );
+        assert_eq!(
+            resolve(&mut c, "a", "maybe", None, now).unwrap_err().kind,
+            ErrorKind::Value
+        );
+    }
+
+    #[test]
+    fn an_overdue_request_expires_instead_of_resolving() {
+        let (mut c, now) = db_with_request(TimeDelta::seconds(-1));
+        assert_eq!(
+            resolve(&mut c, "a", "approved", None, now).unwrap(),
+            Outcome::Expired
+        );
+        assert_eq!(status_of(&mut c, "a").unwrap().as_deref(), Some("expired"));
+        assert!(expire_overdue(&mut c, now).unwrap().is_empty());
+    }
+
+    #[test]
+    fn sweep_returns_overdue_ids() {
+        let (mut c, now) = db_with_request(TimeDelta::seconds(-1));
+        assert_eq!(expire_overdue(&mut c, now).unwrap(), vec!["a".to_string()]);
+        assert_eq!(
+            cancel(&mut c, "a", now).unwrap(),
+            Outcome::AlreadyFinal("expired".into())
+        );
+    }
+}

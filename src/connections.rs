@@ -1,0 +1,189 @@
+//! Connection presence: which server instance holds which task's WebSocket, kept fresh by
+//! heartbeats and forgotten when an instance stops beating.
+
+use chrono::{DateTime, TimeDelta, Utc};
+
+use crate::backend::{Conn, Row};
+use crate::error::{Error, ErrorKind, Result};
+use crate::schema::{ColType, ACTIVE_CONNECTIONS, TABLES};
+use crate::value::Value;
+
+fn all_columns() -> (String, Vec<(&'static str, ColType)>) {
+    let t = &TABLES[ACTIVE_CONNECTIONS];
+    (
+        t.columns
+            .iter()
+            .map(|c| c.name)
+            .collect::<Vec<_>>()
+            .join(", "),
+        t.columns.iter().map(|c| (c.name, c.ty)).collect(),
+    )
+}
+
+/// The oldest heartbeat still live for a TTL.
+pub fn cutoff(ttl_seconds: f64, now: DateTime<Utc>) -> Result<DateTime<Utc>> {
+    if !(ttl_seconds.is_finite() && ttl_seconds >= 0.0) {
+        return Err(Error::new(
+            ErrorKind::Value,
+            format!("ttl_seconds must be a non-negative number of seconds, got {ttl_seconds}"),
+        ));
+    }
+    now.checked_sub_signed(TimeDelta::microseconds((ttl_seconds * 1e6) as i64))
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Value,
+                format!("ttl_seconds {ttl_seconds} is too large"),
+            )
+        })
+}
+
+/// Inserts the task's connection row or refreshes it, in one atomic statement (no
+/// read-then-insert race between instances). Returns the row as stored.
+pub fn heartbeat(
+    conn: &mut Conn,
+    task_id: &str,
+    session_id: Option<&str>,
+    server_instance: &str,
+    now: DateTime<Utc>,
+) -> Result<Row> {
+    let d = conn.dialect();
+    let (columns, shape) = all_columns();
+    let ph: Vec<String> = (1..=6).map(|n| d.placeholder(n)).collect();
+    let sql = format!(
+        "INSERT INTO active_connections (id, task_id, session_id, server_instance, connected_at, last_heartbeat) \
+         VALUES ({}) ON CONFLICT (task_id) DO UPDATE SET last_heartbeat = excluded.last_heartbeat, \
+         server_instance = excluded.server_instance, \
+         session_id = COALESCE(excluded.session_id, active_connections.session_id) RETURNING {columns}",
+        ph.join(", ")
+    );
+    let params = [
+        Value::Text(uuid::Uuid::new_v4().to_string()),
+        Value::Text(task_id.into()),
+        session_id.map_or(Value::Null, |s| Value::Text(s.into())),
+        Value::Text(server_instance.into()),
+        Value::Timestamp(now),
+        Value::Timestamp(now),
+    ];
+    conn.query(&sql, &params, &shape)?
+        .pop()
+        .ok_or_else(|| Error::internal("heartbeat upsert returned no row"))
+}
+
+/// A removed connection: its row id and task id.
+pub type Removed = (String, String);
+
+fn removed(conn: &mut Conn, sql: &str, params: &[Value]) -> Result<Vec<Removed>> {
+    Ok(conn
+        .query(
+            sql,
+            params,
+            &[("id", ColType::Str(36)), ("task_id", ColType::Str(100))],
+        )?
+        .into_iter()
+        .filter_map(|r| match (r.first(), r.get(1)) {
+            (Some(Value::Text(id)), Some(Value::Text(task))) => Some((id.clone(), task.clone())),
+            _ => None,
+        })
+        .collect())
+}
+
+pub fn disconnect(conn: &mut Conn, task_id: &str) -> Result<Vec<Removed>> {
+    let p = conn.dialect().placeholder(1);
+    removed(
+        conn,
+        &format!("DELETE FROM active_connections WHERE task_id = {p} RETURNING id, task_id"),
+        &[Value::Text(task_id.into())],
+    )
+}
+
+/// Forgets every connection of one instance (its clean shutdown).
+pub fn release_instance(conn: &mut Conn, server_instance: &str) -> Result<Vec<Removed>> {
+    let p = conn.dialect().placeholder(1);
+    removed(
+        conn,
+        &format!(
+            "DELETE FROM active_connections WHERE server_instance = {p} RETURNING id, task_id"
+        ),
+        &[Value::Text(server_instance.into())],
+    )
+}
+
+/// Removes connections whose last heartbeat is older than the cutoff.
+pub fn reap_stale(conn: &mut Conn, cutoff: DateTime<Utc>) -> Result<Vec<Removed>> {
+    let p = conn.dialect().placeholder(1);
+    removed(
+        conn,
+        &format!("DELETE FROM active_connections WHERE last_heartbeat < {p} RETURNING id, task_id"),
+        &[Value::Timestamp(cutoff)],
+    )
+}
+
+/// The instance holding `task_id`, if its heartbeat is not older than the cutoff.
+pub fn owner(conn: &mut Conn, task_id: &str, cutoff: DateTime<Utc>) -> Result<Option<String>> {
+    let d = conn.dialect();
+    let rows = conn.query(
+        &format!(
+            "SELECT server_instance FROM active_connections WHERE task_id = {} AND last_heartbeat >= {}",
+            d.placeholder(1),
+            d.placeholder(2)
+        ),
+        &[Value::Text(task_id.into()), Value::Timestamp(cutoff)],
+        &[("server_instance", ColType::Str(100))],
+    )?;
+    Ok(rows
+        .into_iter()
+        .next()
+        .and_then(|r| match r.into_iter().next() {
+            Some(Value::Text(s)) => Some(s),
+            _ => None,
+        }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migrate;
+    use crate::url;
+
+    fn db() -> Conn {
+        let mut c = Conn::open(&url::parse("sqlite:///:memory:").unwrap()).unwrap();
+        migrate::migrate(&mut c, "head", false).unwrap();
+        c
+    }
+
+    #[test]
+    fn heartbeat_upserts_one_row_per_task() {
+        let mut c = db();
+        let t0 = Utc::now();
+        let a = heartbeat(&mut c, "t", None, "w1", t0).unwrap();
+        let b = heartbeat(&mut c, "t", None, "w2", t0 + TimeDelta::seconds(5)).unwrap();
+        assert_eq!(a[0], b[0], "same row id");
+        assert_eq!(b[3], Value::Text("w2".into()));
+        assert_eq!(owner(&mut c, "t", t0).unwrap().as_deref(), Some("w2"));
+        assert_eq!(
+            owner(&mut c, "t", t0 + TimeDelta::seconds(10)).unwrap(),
+            None
+        );
+        assert_eq!(
+            reap_stale(&mut c, t0 + TimeDelta::seconds(10)).unwrap(),
+            vec!["t".to_string()]
+        );
+        assert!(!disconnect(&mut c, "t").unwrap());
+    }
+
+    fn a_id(row: &Row) -> String {
+        match &row[0] {
+            Value::Text(s) => s.clone(),
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn negative_ttl_is_refused() {
+        assert_eq!(cutoff(-1.0, Utc::now()).unwrap_err().kind, ErrorKind::Value);
+        assert_eq!(
+            cutoff(f64::NAN, Utc::now()).unwrap_err().kind,
+            ErrorKind::Value
+        );
+    }
+}

@@ -1,0 +1,379 @@
+//! The approval and connection lifecycle services (`cmbagent_db.approvals` and
+//! `cmbagent_db.connections` wrap these). Every call that writes commits before returning.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDateTime;
+
+use crate::approvals::{self, Outcome, WaitEnd, Waiter};
+use crate::connections;
+use crate::engine;
+use crate::error::ErrorKind;
+use crate::expr::{CmpOp, ColRef, Expr};
+use crate::python::convert::{to_py, to_value, Purpose};
+use crate::python::errors::raise;
+use crate::python::model::{instantiate, Model, ObjState};
+use crate::python::session::DbSession;
+use crate::query::Select;
+use crate::schema::{Table, TableId, ACTIVE_CONNECTIONS, APPROVAL_REQUESTS, TABLES};
+use crate::url;
+use crate::value::Value;
+
+fn column(table: TableId, name: &str) -> ColRef {
+    ColRef {
+        table,
+        column: TABLES[table].column_index(name).unwrap_or(Table::PK),
+    }
+}
+
+fn outcome(outcome: Outcome, id: &str) -> PyResult<bool> {
+    match outcome {
+        Outcome::Done => Ok(true),
+        Outcome::Expired | Outcome::AlreadyFinal(_) => Ok(false),
+        Outcome::NotFound => Err(raise(
+            ErrorKind::ApprovalNotFound,
+            format!("no approval request has id {id:?}"),
+        )),
+    }
+}
+
+/// Resolves a pending request in one compare-and-set statement; True for the one caller
+/// that resolved it, False when it was already final or had expired (it is then marked
+/// expired). Commits.
+#[pyfunction]
+#[pyo3(signature = (db, approval_id, resolution, result = None))]
+pub fn resolve(
+    py: Python<'_>,
+    db: &Bound<'_, DbSession>,
+    approval_id: String,
+    resolution: String,
+    result: Option<&Bound<'_, PyAny>>,
+) -> PyResult<bool> {
+    let result = match result {
+        Some(r) => match to_value(column(APPROVAL_REQUESTS, "result"), r, Purpose::Store)? {
+            Value::Json(s) => Some(s),
+            _ => None,
+        },
+        None => None,
+    };
+    let mut s = db.borrow_mut();
+    let id = approval_id.clone();
+    let done = s.write_and_commit(py, move |c| {
+        approvals::resolve(c, &id, &resolution, result, Utc::now())
+    })?;
+    s.refresh_ids(py, APPROVAL_REQUESTS, std::slice::from_ref(&approval_id))?;
+    outcome(done, &approval_id)
+}
+
+/// Cancels a pending request; True if this call cancelled it. Commits.
+#[pyfunction]
+pub fn cancel(py: Python<'_>, db: &Bound<'_, DbSession>, approval_id: String) -> PyResult<bool> {
+    let mut s = db.borrow_mut();
+    let id = approval_id.clone();
+    let done = s.write_and_commit(py, move |c| approvals::cancel(c, &id, Utc::now()))?;
+    s.refresh_ids(py, APPROVAL_REQUESTS, std::slice::from_ref(&approval_id))?;
+    outcome(done, &approval_id)
+}
+
+/// Marks every pending request past its deadline (at `now`, default the current time)
+/// expired in one statement; returns their ids. Commits.
+#[pyfunction]
+#[pyo3(signature = (db, now = None))]
+pub fn expire_overdue(
+    py: Python<'_>,
+    db: &Bound<'_, DbSession>,
+    now: Option<&Bound<'_, PyDateTime>>,
+) -> PyResult<Vec<String>> {
+    let now = match now {
+        Some(t) => match to_value(
+            column(APPROVAL_REQUESTS, "expires_at"),
+            t.as_any(),
+            Purpose::Compare,
+        )? {
+            Value::Timestamp(t) => t,
+            _ => Utc::now(),
+        },
+        None => Utc::now(),
+    };
+    let mut s = db.borrow_mut();
+    let ids = s.write_and_commit(py, move |c| approvals::expire_overdue(c, now))?;
+    s.refresh_ids(py, APPROVAL_REQUESTS, &ids)?;
+    Ok(ids)
+}
+
+/// Pending requests that can still be resolved (not past their deadline), oldest first,
+/// optionally of one run and/or one session.
+#[pyfunction]
+#[pyo3(signature = (db, run_id = None, session_id = None))]
+pub fn pending(
+    py: Python<'_>,
+    db: &Bound<'_, DbSession>,
+    run_id: Option<String>,
+    session_id: Option<String>,
+) -> PyResult<Vec<Py<PyAny>>> {
+    let t = APPROVAL_REQUESTS;
+    let mut select = Select::all_columns(t);
+    select.filters.push(Expr::Compare(
+        column(t, "status"),
+        CmpOp::Eq,
+        Value::Text("pending".into()),
+    ));
+    select.filters.push(Expr::Compare(
+        column(t, "expires_at"),
+        CmpOp::Gt,
+        Value::Timestamp(Utc::now()),
+    ));
+    if let Some(r) = run_id {
+        select.filters.push(Expr::Compare(
+            column(t, "run_id"),
+            CmpOp::Eq,
+            Value::Text(r),
+        ));
+    }
+    if let Some(sid) = session_id {
+        select.filters.push(Expr::Compare(
+            column(t, "session_id"),
+            CmpOp::Eq,
+            Value::Text(sid),
+        ));
+    }
+    select
+        .order_by
+        .push((column(t, "created_at").column, false));
+    db.borrow_mut().fetch(py, &select, true)
+}
+
+/// Blocks until the request is resolved and returns it (detached from any session),
+/// without holding the GIL or a transaction. See `cmbagent_db.approvals.wait`.
+#[pyfunction]
+#[pyo3(signature = (approval_id, timeout = None, *, url = None, stop = None))]
+pub fn wait(
+    py: Python<'_>,
+    approval_id: String,
+    timeout: Option<f64>,
+    url: Option<String>,
+    stop: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Py<PyAny>> {
+    if let Some(t) = timeout {
+        if !(t.is_finite() && t >= 0.0) {
+            return Err(PyValueError::new_err(format!(
+                "timeout must be a non-negative number of seconds or None, got {t}"
+            )));
+        }
+    }
+    let url = match url {
+        Some(u) => u,
+        None => url::default_url()?,
+    };
+    let engine = engine::engine(&url)?;
+    let id = approval_id.clone();
+    let mut waiter = py.detach(|| {
+        engine.ensure_ready()?;
+        Waiter::new(engine.open_dedicated()?, &id)
+    })?;
+    let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t));
+    // Short slices keep Ctrl-C and asyncio cancellation responsive.
+    let slice = Duration::from_millis(50);
+    loop {
+        let this_slice = match deadline {
+            Some(d) => slice.min(d.saturating_duration_since(Instant::now())),
+            None => slice,
+        };
+        match py.detach(|| waiter.poll(this_slice))? {
+            Some(WaitEnd::Resolved(row)) => {
+                let values = row
+                    .into_iter()
+                    .enumerate()
+                    .map(|(c, v)| {
+                        to_py(
+                            py,
+                            v,
+                            ColRef {
+                                table: APPROVAL_REQUESTS,
+                                column: c,
+                            },
+                        )
+                    })
+                    .collect::<PyResult<Vec<_>>>()?;
+                let mut model = Model::loaded(APPROVAL_REQUESTS, values, 0);
+                model.state = ObjState::Detached;
+                return instantiate(py, model);
+            }
+            Some(WaitEnd::Expired) => {
+                return Err(raise(
+                    ErrorKind::ApprovalExpired,
+                    format!("approval request {approval_id} expired before anyone resolved it"),
+                ))
+            }
+            Some(WaitEnd::Cancelled) => {
+                return Err(raise(
+                    ErrorKind::ApprovalCancelled,
+                    format!("approval request {approval_id} was cancelled"),
+                ))
+            }
+            Some(WaitEnd::NotFound) => {
+                return Err(raise(
+                    ErrorKind::ApprovalNotFound,
+                    format!("no approval request has id {approval_id:?}"),
+                ))
+            }
+            None => {}
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(raise(
+                ErrorKind::ApprovalTimeout,
+                format!(
+                    "approval request {approval_id} is still pending after {}s; it stays pending",
+                    timeout.unwrap_or(0.0)
+                ),
+            ));
+        }
+        if let Some(stop) = stop {
+            if stop.call_method0("is_set")?.is_truthy()? {
+                return Err(raise(ErrorKind::ApprovalTimeout, format!("wait for approval request {approval_id} was cancelled by its caller; the request stays pending")));
+            }
+        }
+        py.check_signals()?;
+    }
+}
+
+fn ttl(ttl_seconds: &Bound<'_, PyAny>) -> PyResult<chrono::DateTime<Utc>> {
+    if ttl_seconds.is_instance_of::<pyo3::types::PyBool>() {
+        return Err(PyTypeError::new_err(
+            "ttl_seconds must be a number of seconds, got bool",
+        ));
+    }
+    let secs: f64 = ttl_seconds.extract().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "ttl_seconds must be a number of seconds, got {}",
+            ttl_seconds
+                .repr()
+                .map(|r| r.to_string())
+                .unwrap_or_default()
+        ))
+    })?;
+    Ok(connections::cutoff(secs, Utc::now())?)
+}
+
+fn text_arg(col: ColRef, v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<String>> {
+    match v {
+        None => Ok(None),
+        Some(v) => match to_value(col, v, Purpose::Store)? {
+            Value::Text(s) => Ok(Some(s)),
+            _ => Ok(None),
+        },
+    }
+}
+
+/// Inserts or refreshes the task's connection row in one atomic statement; returns it.
+/// Commits.
+#[pyfunction]
+#[pyo3(signature = (db, task_id, server_instance, session_id = None))]
+pub fn heartbeat(
+    py: Python<'_>,
+    db: &Bound<'_, DbSession>,
+    task_id: &Bound<'_, PyAny>,
+    server_instance: &Bound<'_, PyAny>,
+    session_id: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Py<PyAny>> {
+    let t = ACTIVE_CONNECTIONS;
+    let task = text_arg(column(t, "task_id"), Some(task_id))?
+        .ok_or_else(|| PyTypeError::new_err("active_connections.task_id cannot be None"))?;
+    let instance =
+        text_arg(column(t, "server_instance"), Some(server_instance))?.unwrap_or_default();
+    let session = text_arg(column(t, "session_id"), session_id)?;
+    let mut s = db.borrow_mut();
+    let row = s.write_and_commit(py, move |c| {
+        connections::heartbeat(c, &task, session.as_deref(), &instance, Utc::now())
+    })?;
+    s.merge_row(py, t, row)
+}
+
+fn forget(py: Python<'_>, s: &mut DbSession, removed: &[connections::Removed]) -> PyResult<()> {
+    let ids: Vec<String> = removed.iter().map(|(id, _)| id.clone()).collect();
+    s.forget_ids(py, ACTIVE_CONNECTIONS, &ids)
+}
+
+/// Forgets a task's connection; True if there was one. Commits.
+#[pyfunction]
+pub fn disconnect(py: Python<'_>, db: &Bound<'_, DbSession>, task_id: String) -> PyResult<bool> {
+    let mut s = db.borrow_mut();
+    let removed = s.write_and_commit(py, move |c| connections::disconnect(c, &task_id))?;
+    forget(py, &mut s, &removed)?;
+    Ok(!removed.is_empty())
+}
+
+/// Forgets every connection of a server instance (its clean shutdown); returns how many.
+/// Commits.
+#[pyfunction]
+pub fn release_instance(
+    py: Python<'_>,
+    db: &Bound<'_, DbSession>,
+    server_instance: String,
+) -> PyResult<usize> {
+    let mut s = db.borrow_mut();
+    let removed = s.write_and_commit(py, move |c| {
+        connections::release_instance(c, &server_instance)
+    })?;
+    forget(py, &mut s, &removed)?;
+    Ok(removed.len())
+}
+
+/// Removes connections whose heartbeat is older than `ttl_seconds`; returns their task
+/// ids. Commits.
+#[pyfunction]
+pub fn reap_stale(
+    py: Python<'_>,
+    db: &Bound<'_, DbSession>,
+    ttl_seconds: &Bound<'_, PyAny>,
+) -> PyResult<Vec<String>> {
+    let cutoff = ttl(ttl_seconds)?;
+    let mut s = db.borrow_mut();
+    let removed = s.write_and_commit(py, move |c| connections::reap_stale(c, cutoff))?;
+    forget(py, &mut s, &removed)?;
+    Ok(removed.into_iter().map(|(_, task)| task).collect())
+}
+
+/// Connections whose heartbeat is within `ttl_seconds`, optionally of one session.
+#[pyfunction]
+#[pyo3(signature = (db, ttl_seconds, session_id = None))]
+pub fn live(
+    py: Python<'_>,
+    db: &Bound<'_, DbSession>,
+    ttl_seconds: &Bound<'_, PyAny>,
+    session_id: Option<String>,
+) -> PyResult<Vec<Py<PyAny>>> {
+    let t = ACTIVE_CONNECTIONS;
+    let mut select = Select::all_columns(t);
+    select.filters.push(Expr::Compare(
+        column(t, "last_heartbeat"),
+        CmpOp::Ge,
+        Value::Timestamp(ttl(ttl_seconds)?),
+    ));
+    if let Some(sid) = session_id {
+        select.filters.push(Expr::Compare(
+            column(t, "session_id"),
+            CmpOp::Eq,
+            Value::Text(sid),
+        ));
+    }
+    select.order_by.push((column(t, "task_id").column, false));
+    db.borrow_mut().fetch(py, &select, true)
+}
+
+/// The server instance holding `task_id`, or None when its heartbeat is older than the TTL.
+#[pyfunction]
+pub fn owner(
+    py: Python<'_>,
+    db: &Bound<'_, DbSession>,
+    task_id: String,
+    ttl_seconds: &Bound<'_, PyAny>,
+) -> PyResult<Option<String>> {
+    let cutoff = ttl(ttl_seconds)?;
+    Ok(db
+        .borrow_mut()
+        .read(py, move |c| connections::owner(c, &task_id, cutoff))?)
+}
