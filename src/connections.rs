@@ -164,11 +164,9 @@ mod tests {
             owner(&mut c, "t", t0 + TimeDelta::seconds(10)).unwrap(),
             None
         );
-        assert_eq!(
-            reap_stale(&mut c, t0 + TimeDelta::seconds(10)).unwrap(),
-            vec!["t".to_string()]
-        );
-        assert!(!disconnect(&mut c, "t").unwrap());
+        let reaped = reap_stale(&mut c, t0 + TimeDelta::seconds(10)).unwrap();
+        assert_eq!(reaped, vec![(a_id(&a), "t".to_string())]);
+        assert!(disconnect(&mut c, "t").unwrap().is_empty());
     }
 
     fn a_id(row: &Row) -> String {

@@ -18,7 +18,8 @@ pub type Row = Vec<Value>;
 
 enum Inner {
     Sqlite(rusqlite::Connection),
-    Postgres(postgres::PgConn),
+    // Boxed: the client is several times larger than a SQLite handle.
+    Postgres(Box<postgres::PgConn>),
 }
 
 /// An open connection, with whether a transaction is open on it.
@@ -36,7 +37,7 @@ impl Conn {
                 synchronous,
             } => Inner::Sqlite(sqlite::open(path, *busy_timeout, *synchronous)?),
             Target::Postgres { conninfo } => {
-                Inner::Postgres(postgres::PgConn::open(conninfo, &url.display)?)
+                Inner::Postgres(Box::new(postgres::PgConn::open(conninfo, &url.display)?))
             }
         };
         Ok(Conn {

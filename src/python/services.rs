@@ -373,7 +373,6 @@ pub fn owner(
     ttl_seconds: &Bound<'_, PyAny>,
 ) -> PyResult<Option<String>> {
     let cutoff = ttl(ttl_seconds)?;
-    Ok(db
-        .borrow_mut()
-        .read(py, move |c| connections::owner(c, &task_id, cutoff))?)
+    db.borrow_mut()
+        .read(py, move |c| connections::owner(c, &task_id, cutoff))
 }

@@ -29,6 +29,9 @@ static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 
 type Identity = (TableId, String);
 
+/// An UPDATE the next flush runs: table, changed columns, their values then the key, object.
+type PendingUpdate = (TableId, Vec<usize>, Vec<Value>, Py<PyAny>);
+
 #[pyclass(module = "cmbagent_db", name = "DbSession")]
 pub struct DbSession {
     engine: Arc<Engine>,
@@ -563,7 +566,7 @@ impl DbSession {
         // Updates of changed columns (plus on-update timestamps), keyed by the identity
         // the row was loaded under.
         let deleting: HashSet<usize> = self.to_delete.iter().map(|o| o.as_ptr() as usize).collect();
-        let mut updates: Vec<(TableId, Vec<usize>, Vec<Value>, Py<PyAny>)> = Vec::new();
+        let mut updates: Vec<PendingUpdate> = Vec::new();
         for ((table, pk), obj) in &self.identity {
             if deleting.contains(&(obj.as_ptr() as usize)) {
                 continue;
