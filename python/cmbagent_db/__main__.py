@@ -2,4 +2,5 @@
 
 from cmbagent_db.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -22,7 +22,7 @@ import threading
 from typing import Any, List, Optional
 
 from cmbagent_db._native import DbSession
-from cmbagent_db._native import approvals as _native
+from cmbagent_db import _native
 from cmbagent_db.models import ApprovalRequest
 
 #: The resolution values ``resolve`` accepts.
@@ -52,26 +52,26 @@ def resolve(db: DbSession, approval_id: str, resolution: str, result: Any = None
     already resolved, cancelled or expired, or its deadline has passed (it is then marked
     expired). Raises ApprovalNotFound for an unknown id, ValueError for an unknown
     resolution, TypeError / ValueError for a result JSON cannot hold."""
-    return _native.resolve(db, approval_id, resolution, result)
+    return _native.approval_resolve(db, approval_id, resolution, result)
 
 
 def cancel(db: DbSession, approval_id: str) -> bool:
     """Cancels a pending request; True if this call cancelled it."""
-    return _native.cancel(db, approval_id)
+    return _native.approval_cancel(db, approval_id)
 
 
 def expire_overdue(db: DbSession, now: Any = None) -> List[str]:
     """Marks every pending request past its deadline expired, in one statement whose cost
     follows the number of overdue rows (it reads the partial pending-expiry index); returns
     their ids."""
-    return _native.expire_overdue(db, now)
+    return _native.approval_expire_overdue(db, now)
 
 
 def pending(
     db: DbSession, run_id: Optional[str] = None, session_id: Optional[str] = None
 ) -> List[ApprovalRequest]:
     """Requests still awaiting a human (pending and not past their deadline), oldest first."""
-    return _native.pending(db, run_id, session_id)
+    return _native.approval_pending(db, run_id, session_id)
 
 
 def wait(
@@ -82,7 +82,7 @@ def wait(
     expired), ApprovalCancelled when it is cancelled, ApprovalTimeout (a TimeoutError) when
     only ``timeout`` passes (the request stays pending), ApprovalNotFound for an unknown id.
     ``url`` defaults to cmbagent's database URL."""
-    return _native.wait(approval_id, timeout, url=url)
+    return _native.approval_wait(approval_id, timeout, url=url)
 
 
 async def wait_async(
@@ -91,7 +91,7 @@ async def wait_async(
     """``wait`` for asyncio code: runs in a worker thread, so the event loop keeps going.
     Cancelling the awaiting task stops the wait within about 50 ms."""
     stop = threading.Event()
-    call = functools.partial(_native.wait, approval_id, timeout, url=url, stop=stop)
+    call = functools.partial(_native.approval_wait, approval_id, timeout, url=url, stop=stop)
     try:
         return await asyncio.get_running_loop().run_in_executor(None, call)
     except asyncio.CancelledError:

@@ -95,7 +95,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     # --url is also accepted after the command; SUPPRESS keeps it from
     # overwriting a value given before the command.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--url", metavar="URL", default=argparse.SUPPRESS, help=url_help)
 
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -236,7 +236,7 @@ def _report_steps(chain: Sequence[str], start: int, end: int) -> None:
 
     for direction, src, dst in _steps(chain, start, end):
         changed = dst if direction == "upgrade" else src
-        description = cmbagent_db.revision_info(changed).get("description") or ""
+        description = (cmbagent_db.revision_info(changed).get("description") or "") if changed else ""
         line = f"Running {direction} {src} -> {dst}"
         print(f"{line}, {description}" if description else line, flush=True)
 

@@ -36,21 +36,17 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(functions::default_url, m)?)?;
     m.add_function(wrap_pyfunction!(functions::redact_url, m)?)?;
     m.add_function(wrap_pyfunction!(functions::dispose_engines, m)?)?;
-    let approvals = PyModule::new(m.py(), "approvals")?;
-    approvals.add_function(wrap_pyfunction!(services::resolve, &approvals)?)?;
-    approvals.add_function(wrap_pyfunction!(services::cancel, &approvals)?)?;
-    approvals.add_function(wrap_pyfunction!(services::expire_overdue, &approvals)?)?;
-    approvals.add_function(wrap_pyfunction!(services::pending, &approvals)?)?;
-    approvals.add_function(wrap_pyfunction!(services::wait, &approvals)?)?;
-    m.add_submodule(&approvals)?;
-    let connections = PyModule::new(m.py(), "connections")?;
-    connections.add_function(wrap_pyfunction!(services::heartbeat, &connections)?)?;
-    connections.add_function(wrap_pyfunction!(services::disconnect, &connections)?)?;
-    connections.add_function(wrap_pyfunction!(services::release_instance, &connections)?)?;
-    connections.add_function(wrap_pyfunction!(services::reap_stale, &connections)?)?;
-    connections.add_function(wrap_pyfunction!(services::live, &connections)?)?;
-    connections.add_function(wrap_pyfunction!(services::owner, &connections)?)?;
-    m.add_submodule(&connections)?;
+    m.add_function(wrap_pyfunction!(services::resolve, m)?)?;
+    m.add_function(wrap_pyfunction!(services::cancel, m)?)?;
+    m.add_function(wrap_pyfunction!(services::expire_overdue, m)?)?;
+    m.add_function(wrap_pyfunction!(services::pending, m)?)?;
+    m.add_function(wrap_pyfunction!(services::wait, m)?)?;
+    m.add_function(wrap_pyfunction!(services::heartbeat, m)?)?;
+    m.add_function(wrap_pyfunction!(services::disconnect, m)?)?;
+    m.add_function(wrap_pyfunction!(services::release_instance, m)?)?;
+    m.add_function(wrap_pyfunction!(services::reap_stale, m)?)?;
+    m.add_function(wrap_pyfunction!(services::live, m)?)?;
+    m.add_function(wrap_pyfunction!(services::owner, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

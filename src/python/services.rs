@@ -44,7 +44,7 @@ fn outcome(outcome: Outcome, id: &str) -> PyResult<bool> {
 /// that resolved it, False when it was already final or had expired (it is then marked
 /// expired). Commits.
 #[pyfunction]
-#[pyo3(signature = (db, approval_id, resolution, result = None))]
+#[pyo3(name = "approval_resolve", signature = (db, approval_id, resolution, result = None))]
 pub fn resolve(
     py: Python<'_>,
     db: &Bound<'_, DbSession>,
@@ -70,6 +70,7 @@ pub fn resolve(
 
 /// Cancels a pending request; True if this call cancelled it. Commits.
 #[pyfunction]
+#[pyo3(name = "approval_cancel")]
 pub fn cancel(py: Python<'_>, db: &Bound<'_, DbSession>, approval_id: String) -> PyResult<bool> {
     let mut s = db.borrow_mut();
     let id = approval_id.clone();
@@ -81,7 +82,7 @@ pub fn cancel(py: Python<'_>, db: &Bound<'_, DbSession>, approval_id: String) ->
 /// Marks every pending request past its deadline (at `now`, default the current time)
 /// expired in one statement; returns their ids. Commits.
 #[pyfunction]
-#[pyo3(signature = (db, now = None))]
+#[pyo3(name = "approval_expire_overdue", signature = (db, now = None))]
 pub fn expire_overdue(
     py: Python<'_>,
     db: &Bound<'_, DbSession>,
@@ -107,7 +108,7 @@ pub fn expire_overdue(
 /// Pending requests that can still be resolved (not past their deadline), oldest first,
 /// optionally of one run and/or one session.
 #[pyfunction]
-#[pyo3(signature = (db, run_id = None, session_id = None))]
+#[pyo3(name = "approval_pending", signature = (db, run_id = None, session_id = None))]
 pub fn pending(
     py: Python<'_>,
     db: &Bound<'_, DbSession>,
@@ -149,7 +150,7 @@ pub fn pending(
 /// Blocks until the request is resolved and returns it (detached from any session),
 /// without holding the GIL or a transaction. See `cmbagent_db.approvals.wait`.
 #[pyfunction]
-#[pyo3(signature = (approval_id, timeout = None, *, url = None, stop = None))]
+#[pyo3(name = "approval_wait", signature = (approval_id, timeout = None, *, url = None, stop = None))]
 pub fn wait(
     py: Python<'_>,
     approval_id: String,
@@ -271,7 +272,7 @@ fn text_arg(col: ColRef, v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<String
 /// Inserts or refreshes the task's connection row in one atomic statement; returns it.
 /// Commits.
 #[pyfunction]
-#[pyo3(signature = (db, task_id, server_instance, session_id = None))]
+#[pyo3(name = "connection_heartbeat", signature = (db, task_id, server_instance, session_id = None))]
 pub fn heartbeat(
     py: Python<'_>,
     db: &Bound<'_, DbSession>,
@@ -299,6 +300,7 @@ fn forget(py: Python<'_>, s: &mut DbSession, removed: &[connections::Removed]) -
 
 /// Forgets a task's connection; True if there was one. Commits.
 #[pyfunction]
+#[pyo3(name = "connection_disconnect")]
 pub fn disconnect(py: Python<'_>, db: &Bound<'_, DbSession>, task_id: String) -> PyResult<bool> {
     let mut s = db.borrow_mut();
     let removed = s.write_and_commit(py, move |c| connections::disconnect(c, &task_id))?;
@@ -309,6 +311,7 @@ pub fn disconnect(py: Python<'_>, db: &Bound<'_, DbSession>, task_id: String) ->
 /// Forgets every connection of a server instance (its clean shutdown); returns how many.
 /// Commits.
 #[pyfunction]
+#[pyo3(name = "connection_release_instance")]
 pub fn release_instance(
     py: Python<'_>,
     db: &Bound<'_, DbSession>,
@@ -325,6 +328,7 @@ pub fn release_instance(
 /// Removes connections whose heartbeat is older than `ttl_seconds`; returns their task
 /// ids. Commits.
 #[pyfunction]
+#[pyo3(name = "connection_reap_stale")]
 pub fn reap_stale(
     py: Python<'_>,
     db: &Bound<'_, DbSession>,
@@ -339,7 +343,7 @@ pub fn reap_stale(
 
 /// Connections whose heartbeat is within `ttl_seconds`, optionally of one session.
 #[pyfunction]
-#[pyo3(signature = (db, ttl_seconds, session_id = None))]
+#[pyo3(name = "connection_live", signature = (db, ttl_seconds, session_id = None))]
 pub fn live(
     py: Python<'_>,
     db: &Bound<'_, DbSession>,
@@ -366,6 +370,7 @@ pub fn live(
 
 /// The server instance holding `task_id`, or None when its heartbeat is older than the TTL.
 #[pyfunction]
+#[pyo3(name = "connection_owner")]
 pub fn owner(
     py: Python<'_>,
     db: &Bound<'_, DbSession>,
