@@ -5,7 +5,7 @@
 #
 # On a fresh Debian/Ubuntu machine, as root or as a normal user. Steps:
 #   1. system packages: PostgreSQL server binaries (initdb, pg_ctl), python3-venv, a C
-#      compiler; installed with apt-get when missing and we are root, else it says how.
+#      compiler, libsqlite3-dev; installed with apt-get when missing and we are root, else it says how.
 #      Rust (cargo >= the rust-version in Cargo.toml) must come from https://rustup.rs.
 #   2. virtualenv .venv (created once, reused), pip install -r requirements-test.txt
 #   3. build and install the package into .venv: maturin develop --release
@@ -82,6 +82,11 @@ elif [ ! -x "$VENV/bin/python" ] && ! "$PYTHON" -c 'import venv, ensurepip' >/de
 fi
 if ! command -v cc >/dev/null 2>&1; then
     apt_pkgs+=(gcc libc6-dev)
+fi
+# The module links the system's SQLite (the library Python's sqlite3 uses: one copy per
+# process), so building it needs the headers and the linker name.
+if [ ! -e /usr/include/sqlite3.h ] && ! pkg-config --exists sqlite3 2>/dev/null; then
+    apt_pkgs+=(libsqlite3-dev)
 fi
 
 if [ "${#apt_pkgs[@]}" -gt 0 ]; then

@@ -21,6 +21,8 @@ pub struct Query {
     select: Select,
     /// Whether rows become model objects (`query(Model)`) or tuples (`query(Model.col)`).
     entity: bool,
+    /// Whether rows overwrite objects the session already tracks (`populate_existing()`).
+    overwrite: bool,
 }
 
 impl Query {
@@ -39,6 +41,7 @@ impl Query {
                 session,
                 select: Select::all_columns(table),
                 entity: true,
+                overwrite: false,
             });
         }
         let mut columns = Vec::new();
@@ -65,6 +68,7 @@ impl Query {
             session,
             select,
             entity: false,
+            overwrite: false,
         })
     }
 
@@ -73,6 +77,7 @@ impl Query {
             session: self.session.clone_ref(py),
             select,
             entity: self.entity,
+            overwrite: self.overwrite,
         }
     }
 
@@ -100,7 +105,7 @@ impl Query {
         self.session
             .bind(py)
             .borrow_mut()
-            .fetch(py, select, self.entity)
+            .fetch(py, select, self.entity, self.overwrite)
     }
 
     fn limited(&self, n: u64) -> Select {
@@ -213,6 +218,14 @@ impl Query {
         let mut select = self.select.clone();
         select.offset = non_negative(offset, "offset")?;
         Ok(self.with(py, select))
+    }
+
+    /// Rows read by this query overwrite the objects the session already tracks (those
+    /// without unsaved changes), instead of the identity map returning them as they were.
+    fn populate_existing(&self, py: Python<'_>) -> Query {
+        let mut q = self.with(py, self.select.clone());
+        q.overwrite = true;
+        q
     }
 
     fn all<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {

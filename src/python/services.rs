@@ -144,7 +144,7 @@ pub fn pending(
     select
         .order_by
         .push((column(t, "created_at").column, false));
-    db.borrow_mut().fetch(py, &select, true)
+    db.borrow_mut().fetch(py, &select, true, false)
 }
 
 /// Blocks until the request is resolved and returns it (detached from any session),
@@ -365,7 +365,7 @@ pub fn live(
         ));
     }
     select.order_by.push((column(t, "task_id").column, false));
-    db.borrow_mut().fetch(py, &select, true)
+    db.borrow_mut().fetch(py, &select, true, false)
 }
 
 /// The server instance holding `task_id`, or None when its heartbeat is older than the TTL.

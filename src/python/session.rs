@@ -174,12 +174,15 @@ impl DbSession {
         e.into()
     }
 
-    /// Objects for rows of `table` (all columns), reusing the ones already tracked.
+    /// Objects for rows of `table` (all columns), reusing the ones already tracked. With
+    /// `overwrite`, tracked objects without unsaved changes take the row's values
+    /// (SQLAlchemy's `populate_existing`).
     pub fn load(
         &mut self,
         py: Python<'_>,
         table: TableId,
         rows: Vec<Row>,
+        overwrite: bool,
     ) -> PyResult<Vec<Py<PyAny>>> {
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
@@ -188,7 +191,19 @@ impl DbSession {
                 other => format!("{other:?}"),
             };
             if let Some(obj) = self.identity.get(&(table, pk.clone())) {
-                out.push(obj.clone_ref(py));
+                let obj = obj.clone_ref(py);
+                if overwrite {
+                    let b = obj.bind(py).cast::<Model>()?.clone();
+                    let mut m = b.borrow_mut();
+                    if m.dirty == 0 {
+                        m.values = row
+                            .into_iter()
+                            .enumerate()
+                            .map(|(column, v)| to_py(py, v, ColRef { table, column }))
+                            .collect::<PyResult<Vec<_>>>()?;
+                    }
+                }
+                out.push(obj);
                 continue;
             }
             let values = row
@@ -209,13 +224,14 @@ impl DbSession {
         py: Python<'_>,
         select: &Select,
         entity: bool,
+        overwrite: bool,
     ) -> PyResult<Vec<Py<PyAny>>> {
         let (sql, params) = select.render(self.dialect());
         let table = select.table;
         let shape = shape(table, &select.columns);
         let rows = self.read(py, move |c| c.query(&sql, &params, &shape))?;
         if entity {
-            return self.load(py, table, rows);
+            return self.load(py, table, rows, overwrite);
         }
         rows.into_iter()
             .map(|row| {
@@ -385,7 +401,7 @@ impl DbSession {
         }
         let mut select = Select::all_columns(table);
         select.filters.push(pk_filter(table, vec![key]));
-        Ok(self.fetch(py, &select, true)?.into_iter().next())
+        Ok(self.fetch(py, &select, true, false)?.into_iter().next())
     }
 
     /// Reloads tracked objects from their rows; objects whose row is gone are dropped
@@ -480,7 +496,7 @@ impl DbSession {
                 m.dirty = 0;
                 Ok(obj.clone_ref(py))
             }
-            None => Ok(self.load(py, table, vec![row])?.remove(0)),
+            None => Ok(self.load(py, table, vec![row], false)?.remove(0)),
         }
     }
 

@@ -1,0 +1,271 @@
+//! Micro-benchmark of the pure Rust core, without Python: the bulk insert of 20,000 pending
+//! approvals in one transaction and lookups by id, done the way the Python session does them
+//! (the same INSERT rendered from the schema and run with `execute_many`; a `Select` with an
+//! `id == x` filter and `LIMIT 1`, rendered and run per lookup). Comparing its numbers with
+//! the Python API's shows what the Python boundary costs. Run on purpose, by bench/run.py:
+//!
+//!     cargo run --release --example core_bench -- <sqlite path or URL>
+//!         [--lookup-db <path or URL>] [--insert-db <path or URL>]... [--rows N]
+//!         [--lookups N] [--reps N] [--run-id ID] [--session-id ID]
+//!
+//! The first argument is a migrated database holding at least one workflow run. With no
+//! `--insert-db`, every repetition inserts into it (deleting the previous repetition's rows
+//! outside the timing); each `--insert-db` is a fresh copy used by one repetition instead.
+//! Lookups pick ids at random from `--lookup-db` (default: the first database). Prints
+//! human-readable lines, then one line `RESULT {json}` for bench/run.py.
+
+use std::time::Instant;
+
+use chrono::{Duration, Utc};
+use cmbagent_db::engine::engine;
+use cmbagent_db::expr::{CmpOp, ColRef, Expr};
+use cmbagent_db::migrate::migrate;
+use cmbagent_db::query::{insert, Select};
+use cmbagent_db::schema::{ColType, Table, APPROVAL_REQUESTS, TABLES, WORKFLOW_RUNS};
+use cmbagent_db::value::Value;
+
+type AnyResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+struct Args {
+    db: String,
+    lookup_db: Option<String>,
+    insert_dbs: Vec<String>,
+    rows: usize,
+    lookups: usize,
+    reps: usize,
+    run_id: Option<String>,
+    session_id: Option<String>,
+}
+
+fn parse_args() -> AnyResult<Args> {
+    let mut it = std::env::args().skip(1);
+    let mut a = Args {
+        db: String::new(),
+        lookup_db: None,
+        insert_dbs: Vec::new(),
+        rows: 20_000,
+        lookups: 20_000,
+        reps: 5,
+        run_id: None,
+        session_id: None,
+    };
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--lookup-db" => a.lookup_db = Some(value()?),
+            "--insert-db" => a.insert_dbs.push(value()?),
+            "--rows" => a.rows = value()?.parse()?,
+            "--lookups" => a.lookups = value()?.parse()?,
+            "--reps" => a.reps = value()?.parse()?,
+            "--run-id" => a.run_id = Some(value()?),
+            "--session-id" => a.session_id = Some(value()?),
+            s if !s.starts_with("--") && a.db.is_empty() => a.db = s.to_string(),
+            s => return Err(format!("unknown argument {s:?}").into()),
+        }
+    }
+    if a.db.is_empty() {
+        return Err("usage: core_bench <sqlite path or URL> [options]".into());
+    }
+    Ok(a)
+}
+
+/// A path becomes a SQLite URL; URLs pass through.
+fn url_of(s: &str) -> String {
+    if s.contains("://") {
+        s.to_string()
+    } else {
+        let abs = std::path::absolute(s).unwrap_or_else(|_| s.into());
+        format!("sqlite:///{}", abs.display())
+    }
+}
+
+fn col(name: &str) -> usize {
+    TABLES[APPROVAL_REQUESTS]
+        .column_index(name)
+        .unwrap_or_else(|| panic!("approval_requests.{name} exists"))
+}
+
+fn shape(table: usize, columns: &[usize]) -> Vec<(&'static str, ColType)> {
+    columns
+        .iter()
+        .map(|&i| (TABLES[table].columns[i].name, TABLES[table].columns[i].ty))
+        .collect()
+}
+
+fn first_text(rows: &[Vec<Value>]) -> Option<String> {
+    match rows.first().and_then(|r| r.first()) {
+        Some(Value::Text(s)) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// What `ApprovalRequest.create_pending(...)` plus the flush put in a row.
+fn pending_row(i: usize, run_id: &str, session_id: &Value) -> Vec<Value> {
+    let now = Utc::now();
+    let t = &TABLES[APPROVAL_REQUESTS];
+    let mut row = vec![Value::Null; t.columns.len()];
+    row[Table::PK] = Value::Text(uuid::Uuid::new_v4().to_string());
+    row[col("run_id")] = Value::Text(run_id.to_string());
+    row[col("session_id")] = session_id.clone();
+    row[col("approval_type")] = Value::Text("plan_approval".into());
+    row[col("context")] = Value::Json(format!(
+        "{{\"plan\": \"Run step {i} of the analysis\", \"step\": {i}, \"options\": [\"approve\", \"reject\", \"modify\"]}}"
+    ));
+    row[col("status")] = Value::Text("pending".into());
+    row[col("created_at")] = Value::Timestamp(now);
+    row[col("expires_at")] = Value::Timestamp(now + Duration::seconds(300));
+    row
+}
+
+/// xorshift64*: reproducible random picks without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n as u64) as usize
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+fn main() -> AnyResult<()> {
+    let args = parse_args()?;
+    let main_url = url_of(&args.db);
+    let main_engine = engine(&main_url)?;
+    let mut conn = main_engine.connect()?;
+    migrate(&mut conn, "head", false)?;
+    let dialect = conn.dialect();
+
+    let run_id = match &args.run_id {
+        Some(id) => id.clone(),
+        None => first_text(&conn.query(
+            "SELECT id FROM workflow_runs LIMIT 1",
+            &[],
+            &shape(WORKFLOW_RUNS, &[Table::PK]),
+        )?)
+        .ok_or("the database holds no workflow run to attach approvals to")?,
+    };
+    let session_id = args
+        .session_id
+        .clone()
+        .map(Value::Text)
+        .unwrap_or(Value::Null);
+    drop(conn);
+
+    // Bulk insert: build the rows (as the flush does from the objects), then one
+    // transaction with the INSERT prepared once.
+    let all: Vec<usize> = (0..TABLES[APPROVAL_REQUESTS].columns.len()).collect();
+    let insert_sql = insert(dialect, APPROVAL_REQUESTS, &all);
+    let mut insert_secs = Vec::new();
+    for rep in 0..args.reps + 1 {
+        let url = match args.insert_dbs.get(rep) {
+            Some(db) => url_of(db),
+            None => main_url.clone(),
+        };
+        let mut conn = engine(&url)?.connect()?;
+        if args.insert_dbs.get(rep).is_none() {
+            conn.begin_write()?;
+            conn.execute("DELETE FROM approval_requests", &[])?;
+            conn.commit()?;
+        }
+        let t0 = Instant::now();
+        let rows: Vec<Vec<Value>> = (0..args.rows)
+            .map(|i| pending_row(i, &run_id, &session_id))
+            .collect();
+        conn.begin_write()?;
+        let n = conn.execute_many(&insert_sql, &rows)?;
+        conn.commit()?;
+        let secs = t0.elapsed().as_secs_f64();
+        assert_eq!(n as usize, args.rows);
+        // The first repetition warms up the page cache and statement cache.
+        if rep > 0 {
+            insert_secs.push(secs);
+        }
+    }
+    let insert_rate = args.rows as f64 / median(insert_secs.clone());
+
+    // Lookups by id, random ids of the lookup database.
+    let lookup_url = args.lookup_db.as_deref().map(url_of).unwrap_or(main_url);
+    let mut conn = engine(&lookup_url)?.connect()?;
+    let ids: Vec<String> = conn
+        .query(
+            "SELECT id FROM approval_requests",
+            &[],
+            &shape(APPROVAL_REQUESTS, &[Table::PK]),
+        )?
+        .into_iter()
+        .filter_map(|r| match r.into_iter().next() {
+            Some(Value::Text(s)) => Some(s),
+            _ => None,
+        })
+        .collect();
+    if ids.is_empty() {
+        return Err("the lookup database holds no approval".into());
+    }
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let id_col = ColRef {
+        table: APPROVAL_REQUESTS,
+        column: Table::PK,
+    };
+    let select_shape = shape(APPROVAL_REQUESTS, &all);
+    let mut lookup_secs = Vec::new();
+    for rep in 0..args.reps + 1 {
+        let picks: Vec<&String> = (0..args.lookups)
+            .map(|_| &ids[rng.below(ids.len())])
+            .collect();
+        let t0 = Instant::now();
+        let mut found = 0usize;
+        for id in picks {
+            let mut select = Select::all_columns(APPROVAL_REQUESTS);
+            select
+                .filters
+                .push(Expr::Compare(id_col, CmpOp::Eq, Value::Text(id.clone())));
+            select.limit = Some(1);
+            let (sql, params) = select.render(dialect);
+            found += conn.query(&sql, &params, &select_shape)?.len();
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        assert_eq!(found, args.lookups);
+        if rep > 0 {
+            lookup_secs.push(secs);
+        }
+    }
+    let lookup_rate = args.lookups as f64 / median(lookup_secs.clone());
+
+    println!(
+        "Rust core, {}: bulk insert {} rows: {:.0} rows/s (median of {}); lookup by id: {:.0} lookups/s (median of {})",
+        dialect.name(),
+        args.rows,
+        insert_rate,
+        insert_secs.len(),
+        lookup_rate,
+        lookup_secs.len()
+    );
+    let list = |xs: &[f64]| {
+        xs.iter()
+            .map(|x| format!("{x:.6}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "RESULT {{\"backend\": \"{}\", \"rows\": {}, \"lookups\": {}, \"bulk_insert_rows_per_s\": {:.1}, \"lookups_per_s\": {:.1}, \"bulk_insert_secs\": [{}], \"lookup_secs\": [{}]}}",
+        dialect.name(),
+        args.rows,
+        args.lookups,
+        insert_rate,
+        lookup_rate,
+        list(&insert_secs),
+        list(&lookup_secs)
+    );
+    Ok(())
+}
