@@ -81,6 +81,14 @@ impl Table {
     pub fn column_index(&self, name: &str) -> Option<usize> {
         self.columns.iter().position(|c| c.name == name)
     }
+    /// The column names, comma-separated, for messages.
+    pub fn column_names(&self) -> String {
+        self.columns
+            .iter()
+            .map(|c| c.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
     /// Every table's primary key is its first column, `id`.
     pub const PK: usize = 0;
 }

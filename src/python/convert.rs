@@ -13,7 +13,7 @@ use pyo3::types::{
 use crate::error::ErrorKind;
 use crate::expr::ColRef;
 use crate::python::errors::raise;
-use crate::schema::{ColType, TABLES};
+use crate::schema::{ColType, TableId, TABLES};
 use crate::value::Value;
 
 /// `json.dumps` / `json.loads`, looked up once: JSON columns hold exactly what Python's
@@ -202,6 +202,14 @@ pub fn to_py(py: Python<'_>, v: Value, col: ColRef) -> PyResult<Py<PyAny>> {
             })?
             .unbind(),
     })
+}
+
+/// A row of every column of `table`, as the Python values its attributes hold.
+pub fn row_to_py(py: Python<'_>, table: TableId, row: Vec<Value>) -> PyResult<Vec<Py<PyAny>>> {
+    row.into_iter()
+        .enumerate()
+        .map(|(column, v)| to_py(py, v, ColRef { table, column }))
+        .collect()
 }
 
 /// Checks a value for `col` and returns what the attribute then holds: timestamps become

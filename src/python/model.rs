@@ -69,11 +69,7 @@ impl Model {
                     PyTypeError::new_err(format!(
                         "{name:?} is an invalid keyword argument for {}; its columns are {}",
                         t.model,
-                        t.columns
-                            .iter()
-                            .map(|c| c.name)
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        t.column_names()
                     ))
                 })?;
                 values[column] = normalise(ColRef { table, column }, &v)?;

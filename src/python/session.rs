@@ -16,7 +16,7 @@ use crate::engine::Engine;
 use crate::error::{Error, ErrorKind, Result};
 use crate::expr::{ColRef, Expr};
 use crate::pool::Pooled;
-use crate::python::convert::{normalise, now, to_py, to_value, Purpose};
+use crate::python::convert::{normalise, now, row_to_py, to_py, to_value, Purpose};
 use crate::python::errors::raise;
 use crate::python::expression::Column;
 use crate::python::model::{instantiate, table_of_class, Model, ObjState};
@@ -196,21 +196,13 @@ impl DbSession {
                     let b = obj.bind(py).cast::<Model>()?.clone();
                     let mut m = b.borrow_mut();
                     if m.dirty == 0 {
-                        m.values = row
-                            .into_iter()
-                            .enumerate()
-                            .map(|(column, v)| to_py(py, v, ColRef { table, column }))
-                            .collect::<PyResult<Vec<_>>>()?;
+                        m.values = row_to_py(py, table, row)?;
                     }
                 }
                 out.push(obj);
                 continue;
             }
-            let values = row
-                .into_iter()
-                .enumerate()
-                .map(|(column, v)| to_py(py, v, ColRef { table, column }))
-                .collect::<PyResult<Vec<_>>>()?;
+            let values = row_to_py(py, table, row)?;
             let obj = instantiate(py, Model::loaded(table, values, self.key))?;
             self.identity.insert((table, pk), obj.clone_ref(py));
             out.push(obj);
@@ -435,11 +427,7 @@ impl DbSession {
                 let b = obj.bind(py).cast::<Model>()?.clone();
                 match found.remove(&pk) {
                     Some(row) => {
-                        let values = row
-                            .into_iter()
-                            .enumerate()
-                            .map(|(column, v)| to_py(py, v, ColRef { table, column }))
-                            .collect::<PyResult<Vec<_>>>()?;
+                        let values = row_to_py(py, table, row)?;
                         let mut m = b.borrow_mut();
                         m.values = values;
                         m.dirty = 0;
@@ -485,11 +473,7 @@ impl DbSession {
         match self.identity.get(&(table, pk)) {
             Some(obj) => {
                 let obj = obj.clone_ref(py);
-                let values = row
-                    .into_iter()
-                    .enumerate()
-                    .map(|(column, v)| to_py(py, v, ColRef { table, column }))
-                    .collect::<PyResult<Vec<_>>>()?;
+                let values = row_to_py(py, table, row)?;
                 let b = obj.bind(py).cast::<Model>()?.clone();
                 let mut m = b.borrow_mut();
                 m.values = values;
@@ -765,11 +749,7 @@ fn unknown_column(table: TableId, name: &str) -> PyErr {
         format!(
             "{} has no column {name:?}; its columns are {}",
             t.model,
-            t.columns
-                .iter()
-                .map(|c| c.name)
-                .collect::<Vec<_>>()
-                .join(", ")
+            t.column_names()
         ),
     )
 }
