@@ -14,6 +14,7 @@ pub mod migrate;
 pub mod pool;
 pub mod query;
 pub mod schema;
+pub mod trace;
 pub mod url;
 pub mod value;
 

@@ -47,6 +47,8 @@ pub struct DbUrl {
     pub target: Target,
     /// Bring the database to head on the first session of this URL in a process.
     pub auto_migrate: bool,
+    /// Log every statement with its parameters (SQLAlchemy's `echo`).
+    pub echo: bool,
     /// The URL with its password masked: the only form that goes into messages.
     pub display: String,
 }
@@ -119,6 +121,7 @@ pub fn parse(url: &str) -> Result<DbUrl> {
     };
     let (rest, params) = split_query(rest);
     let mut auto_migrate = true;
+    let mut echo = false;
     match scheme.to_ascii_lowercase().as_str() {
         "sqlite" | "sqlite+pysqlite" => {
             let mut busy_timeout = Duration::from_secs(5);
@@ -146,9 +149,10 @@ pub fn parse(url: &str) -> Result<DbUrl> {
                         }
                     }
                     "auto_migrate" => auto_migrate = parse_bool(k, v)?,
+                    "echo" => echo = parse_bool(k, v)?,
                     _ => {
                         return Err(Error::interface(format!(
-                            "unknown URL parameter {k:?} in {display:?} (SQLite takes timeout, synchronous, auto_migrate)"
+                            "unknown URL parameter {k:?} in {display:?} (SQLite takes timeout, synchronous, auto_migrate, echo)"
                         )))
                     }
                 }
@@ -170,6 +174,7 @@ pub fn parse(url: &str) -> Result<DbUrl> {
                     synchronous,
                 },
                 auto_migrate,
+                echo,
                 display,
             })
         }
@@ -178,6 +183,8 @@ pub fn parse(url: &str) -> Result<DbUrl> {
             for (k, v) in params {
                 if k == "auto_migrate" {
                     auto_migrate = parse_bool(k, v)?;
+                } else if k == "echo" {
+                    echo = parse_bool(k, v)?;
                 } else if PG_PARAMS.contains(&k) {
                     passed.push(format!("{k}={v}"));
                 } else {
@@ -199,6 +206,7 @@ pub fn parse(url: &str) -> Result<DbUrl> {
             Ok(DbUrl {
                 target: Target::Postgres { conninfo },
                 auto_migrate,
+                echo,
                 display,
             })
         }

@@ -137,11 +137,12 @@ def expected_to_dict(ref_cls, values):
 def python_sqlite_turn():
     """Close cmbagent_db's idle connections before Python's sqlite3 touches the file.
 
-    SQLAlchemy and tests/helpers.py go through Python's sqlite3, a second copy of SQLite
-    in this process: its POSIX locks do not see ours, so closing its last connection
-    deletes the WAL under our open ones (sqlite.org/howtocorrupt.html, 2.2.1).  The value
-    tests here take turns so that they test values; living together with open
-    connections is test_sqlalchemy_in_the_same_process_loses_no_commit's subject.
+    SQLAlchemy and tests/helpers.py go through Python's sqlite3.  Should cmbagent_db carry
+    its own copy of SQLite (a bundled build), the two copies would not see each other's
+    POSIX locks, and closing Python's last connection would delete the WAL under our open
+    ones (sqlite.org/howtocorrupt.html, 2.2.1).  The value tests take turns so that they
+    test values only; living together with open connections is the subject of
+    test_sqlalchemy_in_the_same_process_loses_no_commit.
     """
     cmbagent_db.dispose_engines()
 

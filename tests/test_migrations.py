@@ -29,7 +29,6 @@ from helpers import (
     fetch_all,
     index_info,
     index_names,
-    is_postgresql,
     is_sqlite,
     raw_connect,
     row_count,
@@ -708,6 +707,24 @@ def test_applied_records_and_checksum_drift(migrated_url):
     by_rev = {r["revision"]: r for r in cmbagent_db.applied(migrated_url)}
     assert by_rev["001_session_states"]["matches"] is False
     assert by_rev["000_base"]["matches"] is True and by_rev[HEAD]["matches"] is True
+
+
+def test_checksum_drift_blocks_upgrade_until_accepted(db_url):
+    cmbagent_db.migrate(db_url, "001_session_states")
+    fetch_all(
+        db_url,
+        "UPDATE cmbagent_db_migrations SET checksum = ? WHERE revision = ?",
+        ("0" * 64, "000_base"),
+    )
+    before = snapshot(db_url)
+    with pytest.raises(cmbagent_db.MigrationError, match="000_base"):
+        cmbagent_db.migrate(db_url, "head")
+    assert snapshot(db_url) == before
+    # stamp accepts the database as it is (re-records this build's checksums).
+    cmbagent_db.stamp(db_url, "001_session_states")
+    assert cmbagent_db.check(db_url) == []
+    assert cmbagent_db.migrate(db_url, "head") == HEAD
+    assert_schema_at(db_url, HEAD)
 
 
 def test_checksums_recorded_again_after_downgrade_and_upgrade(migrated_url):

@@ -466,7 +466,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except cmbagent_db.Error as exc:
         message = str(exc) or type(exc).__name__
         url = getattr(args, "resolved_url", None)
-        if url and isinstance(exc, cmbagent_db.DatabaseError) and not _mentions(message, url):
+        if url and isinstance(exc, cmbagent_db.OperationalError) and not _mentions(message, url):
             message = f"{message}\n  database: {url}"
         return _fail(message)
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ mod sqlite;
 use crate::dialect::Dialect;
 use crate::error::Result;
 use crate::schema::ColType;
+use crate::trace::traced;
 use crate::url::{DbUrl, Target};
 use crate::value::Value;
 
@@ -26,6 +27,7 @@ enum Inner {
 pub struct Conn {
     inner: Inner,
     in_transaction: bool,
+    echo: bool,
 }
 
 impl Conn {
@@ -43,6 +45,7 @@ impl Conn {
         Ok(Conn {
             inner,
             in_transaction: false,
+            echo: url.echo,
         })
     }
 
@@ -59,33 +62,39 @@ impl Conn {
 
     /// Runs one statement; returns the number of rows it changed.
     pub fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64> {
-        match &mut self.inner {
+        let inner = &mut self.inner;
+        traced(self.echo, sql, params, || match inner {
             Inner::Sqlite(c) => sqlite::execute(c, sql, params),
             Inner::Postgres(c) => c.execute(sql, params),
-        }
+        })
     }
 
     /// Runs one statement once per parameter row, prepared once.
     pub fn execute_many(&mut self, sql: &str, rows: &[Vec<Value>]) -> Result<u64> {
-        match &mut self.inner {
+        let inner = &mut self.inner;
+        // The first row stands for the batch in the log.
+        let first = rows.first().map_or(&[][..], |r| &r[..]);
+        traced(self.echo, sql, first, || match inner {
             Inner::Sqlite(c) => sqlite::execute_many(c, sql, rows),
             Inner::Postgres(c) => c.execute_many(sql, rows),
-        }
+        })
     }
 
     pub fn query(&mut self, sql: &str, params: &[Value], shape: Shape) -> Result<Vec<Row>> {
-        match &mut self.inner {
+        let inner = &mut self.inner;
+        traced(self.echo, sql, params, || match inner {
             Inner::Sqlite(c) => sqlite::query(c, sql, params, shape),
             Inner::Postgres(c) => c.query(sql, params, shape),
-        }
+        })
     }
 
     /// Runs a script of several statements without parameters (migrations).
     pub fn batch(&mut self, sql: &str) -> Result<()> {
-        match &mut self.inner {
+        let inner = &mut self.inner;
+        traced(self.echo, sql, &[], || match inner {
             Inner::Sqlite(c) => Ok(c.execute_batch(sql)?),
             Inner::Postgres(c) => c.batch(sql),
-        }
+        })
     }
 
     pub fn begin_write(&mut self) -> Result<()> {

@@ -57,8 +57,7 @@ pub fn open(path: &SqlitePath, busy_timeout: Duration, sync: Synchronous) -> Res
     // foreign_keys: ON DELETE CASCADE / SET NULL and missing parents are enforced.
     // synchronous: FULL keeps a committed approval through a power cut, as SQLAlchemy's
     // default does; NORMAL / OFF only when the URL asks for them.
-    conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
-        .map_err(ctx)?;
+    set_wal(&conn, busy_timeout).map_err(ctx)?;
     conn.execute_batch(&format!(
         "PRAGMA foreign_keys=ON; PRAGMA synchronous={};",
         sync.pragma()
@@ -66,6 +65,29 @@ pub fn open(path: &SqlitePath, busy_timeout: Duration, sync: Synchronous) -> Res
     .map_err(ctx)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
+}
+
+/// Switches the file to WAL (a lasting property of the file) unless it is already in it.
+/// The switch needs a moment of exclusive access and, unlike other statements, does not
+/// wait through the busy handler: when several processes open a new file at once, retry
+/// it until the busy timeout runs out.
+fn set_wal(conn: &Connection, busy_timeout: Duration) -> rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + busy_timeout;
+    loop {
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+        if mode.eq_ignore_ascii_case("wal") || mode.eq_ignore_ascii_case("memory") {
+            return Ok(());
+        }
+        match conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(())) {
+            Err(rusqlite::Error::SqliteFailure(f, _))
+                if f.code == rusqlite::ffi::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
 }
 
 impl ToSql for Value {

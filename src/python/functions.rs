@@ -6,6 +6,7 @@ use pyo3::types::{PyDict, PyList};
 use crate::engine;
 use crate::migrate::{self as migrations, REVISIONS};
 use crate::python::convert::to_py;
+use crate::python::log;
 use crate::python::session::DbSession;
 use crate::url;
 
@@ -69,12 +70,14 @@ pub fn migrate(
 ) -> PyResult<Option<&'static str>> {
     let url = resolve_url(url)?;
     let engine = engine::engine(&url)?;
-    let (steps, current) = py.detach(|| {
+    let result = py.detach(|| {
         engine.with_conn(|c| {
             let steps = migrations::migrate(c, target, force)?;
             Ok((steps, migrations::current(c)?))
         })
-    })?;
+    });
+    log::flush(py);
+    let (steps, current) = result?;
     log_steps(py, &steps)?;
     Ok(current)
 }

@@ -19,6 +19,7 @@ use crate::pool::Pooled;
 use crate::python::convert::{normalise, now, row_to_py, to_py, to_value, Purpose};
 use crate::python::errors::raise;
 use crate::python::expression::Column;
+use crate::python::log;
 use crate::python::model::{instantiate, table_of_class, Model, ObjState};
 use crate::python::query::Query;
 use crate::query::{self, Select};
@@ -130,14 +131,15 @@ impl DbSession {
         self.check_usable()?;
         let engine = self.engine.clone();
         let slot = self.slot();
-        py.detach(|| match slot {
+        let result = py.detach(|| match slot {
             Some(conn) => f(conn),
             None => {
                 let mut conn = engine.connect()?;
                 f(&mut conn)
             }
-        })
-        .map_err(PyErr::from)
+        });
+        log::flush(py);
+        result.map_err(PyErr::from)
     }
 
     /// Runs `f` inside this session's write transaction (opened if needed). On error the
@@ -160,6 +162,7 @@ impl DbSession {
             conn.begin_write()?;
             f(conn)
         });
+        log::flush(py);
         result.map_err(|e| self.fail(py, e))
     }
 
@@ -514,7 +517,9 @@ impl DbSession {
     fn do_commit(&mut self, py: Python<'_>) -> PyResult<()> {
         self.do_flush(py)?;
         if let Some(mut conn) = self.slot().take() {
-            if let Err(e) = py.detach(|| conn.commit()) {
+            let committed = py.detach(|| conn.commit());
+            log::flush(py);
+            if let Err(e) = committed {
                 *self.slot() = Some(conn);
                 return Err(self.fail(py, e));
             }
