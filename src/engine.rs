@@ -33,17 +33,24 @@ impl Engine {
     }
 
     /// Before the first session of this engine: bring the database to head, as cmbagent's
-    /// start-up `create_all` does, unless the URL says `auto_migrate=false`.
-    pub fn ensure_ready(&self) -> Result<()> {
+    /// start-up `create_all` does, unless the URL says `auto_migrate=false`. Returns, that
+    /// first time only, the applied revisions whose SQL differs from this build's, for the
+    /// binding to warn about.
+    pub fn ensure_ready(&self) -> Result<Vec<String>> {
         let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
-        if !*ready {
-            if self.pool.url().auto_migrate {
-                let mut conn = self.connect()?;
-                migrate::migrate(&mut conn, "head", false)?;
-            }
-            *ready = true;
+        if *ready {
+            return Ok(Vec::new());
         }
-        Ok(())
+        let drifted = if self.pool.url().auto_migrate {
+            self.with_conn(|c| {
+                migrate::migrate(c, "head", false)?;
+                migrate::check(c)
+            })?
+        } else {
+            Vec::new()
+        };
+        *ready = true;
+        Ok(drifted)
     }
 
     /// A connection of its own, outside the pool (a waiter holds it for the whole wait).
@@ -51,10 +58,37 @@ impl Engine {
         Conn::open(self.pool.url())
     }
 
-    /// Runs `f` on a pooled connection.
-    pub fn with_conn<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
+    /// Runs `f` on a pooled connection. `f` must be safe to run again: when it fails
+    /// because the server had closed the connection the pool handed out, the idle
+    /// connections are dropped and `f` runs once more on a new one.
+    pub fn with_conn<T>(&self, mut f: impl FnMut(&mut Conn) -> Result<T>) -> Result<T> {
         let mut conn = self.connect()?;
-        f(&mut conn)
+        match f(&mut conn) {
+            Err(_) if conn.is_broken() => {
+                drop(conn);
+                self.pool.purge_idle();
+                let mut fresh = self.connect()?;
+                f(&mut fresh)
+            }
+            other => other,
+        }
+    }
+
+    /// A pooled connection with a write transaction begun on it, replacing a connection
+    /// the server had closed while it sat in the pool.
+    pub fn begin_write(&self) -> Result<Pooled> {
+        let mut conn = self.connect()?;
+        match conn.begin_write() {
+            Err(_) if conn.is_broken() => {
+                drop(conn);
+                self.pool.purge_idle();
+                let mut conn = self.connect()?;
+                conn.begin_write()?;
+                Ok(conn)
+            }
+            Err(e) => Err(e),
+            Ok(()) => Ok(conn),
+        }
     }
 }
 

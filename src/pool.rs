@@ -99,6 +99,15 @@ impl Pool {
         }
     }
 
+    /// Closes every idle connection: when the server dropped one, it most likely dropped
+    /// them all (a restart, a failover), as SQLAlchemy's pool assumes too.
+    pub fn purge_idle(&self) {
+        let mut st = self.lock();
+        let n = st.idle.len();
+        st.idle.clear();
+        st.open -= n;
+    }
+
     fn put(&self, mut conn: Conn) {
         // A connection goes back clean: whatever its holder left open is undone.
         let clean = conn.rollback().is_ok() && !conn.is_broken();

@@ -53,23 +53,41 @@ pub struct DbUrl {
     pub display: String,
 }
 
-/// The URL with any password replaced by `***`.
+/// The URL with any password replaced by `***`: the userinfo's and a `password=` query
+/// parameter's. The userinfo ends at the last `@`, so a password with an unencoded `/`,
+/// `?` or `@` is masked whole (masking too much of a malformed URL is safe; showing a
+/// password is not).
 pub fn redact(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
+        return redact_password_params(url);
     };
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match (authority.rfind('@'), authority.find(':')) {
-        (Some(at), Some(colon)) if colon < at => format!(
-            "{}{}:***{}",
-            &url[..scheme_end + 3],
-            &authority[..colon],
-            &rest[at..]
-        ),
-        _ => url.to_string(),
-    }
+    let rest = match rest.rfind('@') {
+        Some(at) => match rest[..at].find(':') {
+            Some(colon) => format!("{}:***{}", &rest[..colon], &rest[at..]),
+            None => rest.to_string(),
+        },
+        None => rest.to_string(),
+    };
+    format!(
+        "{}{}",
+        &url[..scheme_end + 3],
+        redact_password_params(&rest)
+    )
+}
+
+fn redact_password_params(s: &str) -> String {
+    let Some(q) = s.find('?') else {
+        return s.to_string();
+    };
+    let params: Vec<String> = s[q + 1..]
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => p.to_string(),
+        })
+        .collect();
+    format!("{}?{}", &s[..q], params.join("&"))
 }
 
 fn parse_bool(name: &str, v: &str) -> Result<bool> {
@@ -83,7 +101,12 @@ fn parse_bool(name: &str, v: &str) -> Result<bool> {
 }
 
 fn split_query(s: &str) -> (&str, Vec<(&str, &str)>) {
-    match s.split_once('?') {
+    // A '?' inside the userinfo (an unencoded one in a password) does not start the query.
+    let from = s.rfind('@').map_or(0, |at| at + 1);
+    match s[from..]
+        .find('?')
+        .map(|q| (&s[..from + q], &s[from + q + 1..]))
+    {
         Some((base, q)) => (
             base,
             q.split('&')
@@ -340,5 +363,19 @@ mod tests {
             "postgresql://u:***@h/db"
         );
         assert_eq!(redact("sqlite:////a:b/x.db"), "sqlite:////a:b/x.db");
+        assert_eq!(
+            redact("postgresql://u:ab/cd@h/db"),
+            "postgresql://u:***@h/db"
+        );
+        assert_eq!(
+            redact("postgresql://u:ab?cd@h/db"),
+            "postgresql://u:***@h/db"
+        );
+        assert_eq!(
+            redact("postgresql://u@h/db?sslmode=disable&password=SECRET"),
+            "postgresql://u@h/db?sslmode=disable&password=***"
+        );
+        let e = parse("postgresql://u:ab?cd@h/db?bogus=1").unwrap_err();
+        assert!(!e.message.contains("cd"), "{e}");
     }
 }

@@ -8,9 +8,13 @@ string longer than its column allows.
 
 from __future__ import annotations
 
+import builtins
 
-class Warning(Exception):  # noqa: A001 - the PEP 249 name
-    """Important warnings (PEP 249)."""
+
+class Warning(builtins.Warning):  # noqa: A001 - the PEP 249 name
+    """Important warnings (PEP 249; an Exception, and a warnings category). Issued with
+    ``warnings.warn`` when a session opens a database whose applied revision SQL differs
+    from this build's (see ``cmbagent-db check``)."""
 
 
 class Error(Exception):

@@ -25,8 +25,13 @@ impl PgConn {
     pub fn open(conninfo: &str, display: &str) -> Result<PgConn> {
         let config = Config::from_str(conninfo)
             .map_err(|e| Error::interface(format!("malformed PostgreSQL URL {display}: {e}")))?;
+        // Whatever the server answers (a missing database is SQLSTATE 3D000, which would
+        // otherwise read as a ProgrammingError), failing to connect is operational.
         let client = config.connect(NoTls).map_err(|e| {
-            Error::from(e).context(format!("cannot connect to PostgreSQL at {display}"))
+            let mut e =
+                Error::from(e).context(format!("cannot connect to PostgreSQL at {display}"));
+            e.kind = crate::error::ErrorKind::Operational;
+            e
         })?;
         Ok(PgConn {
             client,

@@ -96,7 +96,14 @@ impl ToSql for Value {
             Value::Null => ToSqlOutput::Borrowed(ValueRef::Null),
             Value::Bool(b) => ToSqlOutput::Owned(rusqlite::types::Value::Integer(*b as i64)),
             Value::Int(i) => ToSqlOutput::Owned(rusqlite::types::Value::Integer(*i)),
-            Value::Text(s) | Value::Json(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+            Value::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+            // A column declared JSON has NUMERIC affinity: SQLite would turn the text of a
+            // bare number into an INTEGER or REAL (1.0 -> 1, 2**63 -> 9.2e18). A BLOB is
+            // never converted; everything else stays text, as SQLAlchemy writes it.
+            Value::Json(s) if s.starts_with(|c: char| c == '-' || c.is_ascii_digit()) => {
+                ToSqlOutput::Borrowed(ValueRef::Blob(s.as_bytes()))
+            }
+            Value::Json(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
             Value::Timestamp(t) => {
                 ToSqlOutput::Owned(rusqlite::types::Value::Text(format_sqlite_timestamp(t)))
             }
@@ -205,6 +212,25 @@ mod tests {
         expected[3] =
             Value::Timestamp(parse_sqlite_timestamp(&format_sqlite_timestamp(&now)).unwrap());
         assert_eq!(got, vec![expected]);
+    }
+
+    #[test]
+    fn bare_json_numbers_keep_their_text_in_a_json_column() {
+        let c = open(
+            &SqlitePath::Memory,
+            Duration::from_secs(1),
+            Synchronous::Full,
+        )
+        .unwrap();
+        c.execute_batch("CREATE TABLE t(j JSON)").unwrap();
+        let texts = ["1.0", "-0.0", "9223372036854775808", "1e16", "{\"a\": 1}"];
+        for t in texts {
+            execute(&c, "INSERT INTO t VALUES (?1)", &[Value::Json(t.into())]).unwrap();
+        }
+        let got = query(&c, "SELECT j FROM t", &[], &[("j", ColType::Json)]).unwrap();
+        let got: Vec<Value> = got.into_iter().map(|mut r| r.remove(0)).collect();
+        let want: Vec<Value> = texts.iter().map(|t| Value::Json(t.to_string())).collect();
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -47,6 +47,20 @@ fn log_steps(py: Python<'_>, steps: &[migrations::Step]) -> PyResult<()> {
     Ok(())
 }
 
+/// Warns (`cmbagent_db.Warning`) that applied revisions differ from this build's SQL: the
+/// database works, but its schema is not the one this build would make.
+fn warn_drift(py: Python<'_>, url: &str, drifted: &[String]) -> PyResult<()> {
+    let category = py.import("cmbagent_db.exceptions")?.getattr("Warning")?;
+    let message = format!(
+        "the applied SQL of revision(s) {} in {url} differs from this build's; \
+         inspect with `cmbagent-db check` and accept with `cmbagent-db stamp`",
+        drifted.join(", ")
+    );
+    let message = std::ffi::CString::new(message.replace('\0', " "))
+        .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+    PyErr::warn(py, &category, &message, 1)
+}
+
 /// A new session on `url` (default: cmbagent's). The first session of a URL in a process
 /// brings its database to head unless the URL says `auto_migrate=false`.
 #[pyfunction]
@@ -54,7 +68,10 @@ fn log_steps(py: Python<'_>, steps: &[migrations::Step]) -> PyResult<()> {
 pub fn get_db_session(py: Python<'_>, url: Option<String>) -> PyResult<DbSession> {
     let url = resolve_url(url)?;
     let engine = engine::engine(&url)?;
-    py.detach(|| engine.ensure_ready())?;
+    let drifted = py.detach(|| engine.ensure_ready())?;
+    if !drifted.is_empty() {
+        warn_drift(py, engine.display_url(), &drifted)?;
+    }
     Ok(DbSession::open(engine))
 }
 

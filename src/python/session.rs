@@ -126,17 +126,14 @@ impl DbSession {
     pub fn read<T: Send>(
         &mut self,
         py: Python<'_>,
-        f: impl FnOnce(&mut Conn) -> Result<T> + Send,
+        mut f: impl FnMut(&mut Conn) -> Result<T> + Send,
     ) -> PyResult<T> {
         self.check_usable()?;
         let engine = self.engine.clone();
         let slot = self.slot();
         let result = py.detach(|| match slot {
             Some(conn) => f(conn),
-            None => {
-                let mut conn = engine.connect()?;
-                f(&mut conn)
-            }
+            None => engine.with_conn(f),
         });
         log::flush(py);
         result.map_err(PyErr::from)
@@ -154,7 +151,7 @@ impl DbSession {
         let slot = self.slot();
         let result = py.detach(|| {
             if slot.is_none() {
-                *slot = Some(engine.connect()?);
+                *slot = Some(engine.begin_write()?);
             }
             let conn = slot
                 .as_mut()

@@ -1,0 +1,455 @@
+"""PostgreSQL-specific behaviour (issue 4), against the throwaway server of conftest.py.
+
+- a session whose server backend is killed (``pg_terminate_backend``) mid-transaction gets an
+  OperationalError, can be rolled back and used again, and the pool never hands out a dead
+  connection;
+- connection errors are OperationalError naming host and database, never the password;
+- every URL spelling cmbagent users have works, with libpq query parameters;
+- the catalogue shows the partial index, timestamptz / timestamp and json as SCHEMA.md says;
+- several processes running ``migrate(url, "head")`` at the same moment all succeed and the
+  database is migrated exactly once.
+
+Everything checked here is read back through psycopg2 (tests/helpers.py), not cmbagent_db.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+import cmbagent_db
+from cmbagent_db import OperationalError, get_db_session
+from cmbagent_db.models import Session, WorkflowRun
+
+from helpers import fetch_all, pg_dsn, row_count
+
+HEAD = "002_approvals_connections"
+REVS = ["000_base", "001_session_states", HEAD]
+PG_PASSWORD = "s3cret-pw"  # conftest's role password
+TESTS_DIR = str(Path(__file__).resolve().parent)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def dbname_of(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
+def admin_conn(pg_server):
+    """An autocommit psycopg2 connection to the server's ``postgres`` database."""
+    import psycopg2
+
+    conn = psycopg2.connect(pg_dsn(pg_server.admin_url), connect_timeout=10)
+    conn.autocommit = True
+    return conn
+
+
+def other_backends(admin, dbname):
+    cur = admin.cursor()
+    cur.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+        (dbname,),
+    )
+    return [r[0] for r in cur.fetchall()]
+
+
+def terminate_all_backends(admin, dbname, wait=10.0):
+    """pg_terminate_backend every backend of ``dbname`` but the admin's; wait until gone.
+
+    Returns the number of backends terminated.
+    """
+    cur = admin.cursor()
+    cur.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = %s AND pid <> pg_backend_pid()",
+        (dbname,),
+    )
+    n = sum(1 for (ok,) in cur.fetchall() if ok)
+    deadline = time.monotonic() + wait
+    while other_backends(admin, dbname):
+        assert time.monotonic() < deadline, "terminated backends did not go away"
+        time.sleep(0.05)
+    return n
+
+
+def with_scheme(url: str, scheme: str) -> str:
+    return scheme + "://" + url.split("://", 1)[1]
+
+
+def with_query(url: str, query: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(query=query))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def error_texts(exc: BaseException):
+    """Every text a user might see for an exception (and its chain)."""
+    import traceback
+
+    out = []
+    seen = set()
+    e = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        out += [str(e), repr(e), *[str(a) for a in e.args]]
+        e = e.__cause__ or e.__context__
+    out.append("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    return out
+
+
+# --------------------------------------------------------------------------- lost backend
+
+
+def test_terminated_backend_gives_operational_error_then_recovers(pg_url, pg_server):
+    """The session's own connection is killed while it holds a transaction after flush."""
+    cmbagent_db.init_database(pg_url)
+    dbname = dbname_of(pg_url)
+    cmbagent_db.dispose_engines()  # no idle pooled connections: only the session's own
+
+    db = get_db_session(pg_url)
+    doomed = Session(name="uncommitted-when-killed")
+    db.add(doomed)
+    db.flush()  # the session now holds an open transaction on its own connection
+
+    admin = admin_conn(pg_server)
+    try:
+        before = other_backends(admin, dbname)
+        assert len(before) >= 1, "the session's connection is not visible in pg_stat_activity"
+        assert terminate_all_backends(admin, dbname) == len(before)
+
+        # The session's next statement fails with OperationalError, not a hang or a panic.
+        with pytest.raises(OperationalError) as info:
+            db.query(Session).count()
+        assert "terminat" in str(info.value).lower() or "connection" in str(info.value).lower()
+
+        # rollback() on the dead connection works (it must not raise).
+        db.rollback()
+
+        # The same session works again, on a fresh connection.
+        kept = Session(name="after-rollback-same-session")
+        db.add(kept)
+        db.commit()
+        assert db.query(Session).filter(Session.name == kept.name).one() is kept
+
+        # A new session in this process works (no restart of Python).
+        other = get_db_session(pg_url)
+        other.add(Session(name="new-session"))
+        other.commit()
+        assert other.query(Session).count() == 2
+        other.close()
+
+        # What the server holds: the killed transaction's row is gone, the others are there.
+        names = sorted(r[0] for r in fetch_all(pg_url, "SELECT name FROM sessions"))
+        assert names == ["after-rollback-same-session", "new-session"]
+    finally:
+        admin.close()
+        db.close()
+
+
+def test_pool_does_not_hand_out_dead_connections(pg_url, pg_server):
+    """Idle pooled connections whose backends were terminated are never given to a caller."""
+    cmbagent_db.init_database(pg_url)
+    dbname = dbname_of(pg_url)
+    # Fill the pool with idle connections: three sessions each holding a transaction at the
+    # same time (so three connections), then given back.
+    warm = [get_db_session(pg_url) for _ in range(3)]
+    for i, w in enumerate(warm):
+        w.add(Session(name=f"warm-{i}"))
+        w.flush()
+    for w in warm:
+        w.rollback()
+        w.close()
+    assert row_count(pg_url, "sessions") == 0
+
+    admin = admin_conn(pg_server)
+    try:
+        assert terminate_all_backends(admin, dbname) >= 3
+        failures = []
+        for i in range(5):
+            db = get_db_session(pg_url)
+            try:
+                db.query(Session).count()
+                db.add(Session(name=f"fresh-{i}"))
+                db.commit()
+            except OperationalError as e:
+                failures.append(f"attempt {i}: {e}")
+                db.rollback()
+            finally:
+                db.close()
+        assert failures == [], (
+            "the pool handed out connections whose server backend was already gone: "
+            + "; ".join(failures)
+        )
+        assert row_count(pg_url, "sessions") == 5
+    finally:
+        admin.close()
+
+
+def test_terminated_backend_during_commit_rolls_back_whole_transaction(pg_url, pg_server):
+    """The kill between flush and commit: commit raises, nothing of the transaction stays."""
+    cmbagent_db.init_database(pg_url)
+    db = get_db_session(pg_url)
+    s = Session(name="parent")
+    db.add(s)
+    db.flush()
+    db.add_all([WorkflowRun(session_id=s.id) for _ in range(10)])
+    db.flush()
+    admin = admin_conn(pg_server)
+    try:
+        terminate_all_backends(admin, dbname_of(pg_url))
+    finally:
+        admin.close()
+    with pytest.raises(OperationalError):
+        db.commit()
+    db.rollback()
+    assert row_count(pg_url, "sessions") == 0
+    assert row_count(pg_url, "workflow_runs") == 0
+    db.close()
+
+
+# --------------------------------------------------------------------------- connection errors
+
+
+def _connect_and_use(url):
+    """get_db_session + a query; returns the session if get_db_session itself succeeded."""
+    box = {}
+
+    def run():
+        box["db"] = get_db_session(url)
+        box["db"].query(Session).count()
+
+    with pytest.raises(OperationalError) as info:
+        run()
+    return info.value, box.get("db")
+
+
+@pytest.mark.parametrize("auto_migrate", ["true", "false"])
+def test_wrong_password_is_operational_error_without_the_password(pg_url, auto_migrate):
+    parts = urlsplit(pg_url)
+    dbname = dbname_of(pg_url)
+    secret = "WrongPassword-" + uuid.uuid4().hex
+    url = urlunsplit(
+        parts._replace(
+            netloc=f"{parts.username}:{secret}@{parts.hostname}:{parts.port}",
+            query=f"connect_timeout=5&auto_migrate={auto_migrate}",
+        )
+    )
+    exc, db = _connect_and_use(url)
+    msg = str(exc)
+    assert parts.hostname in msg, msg
+    assert dbname in msg, msg
+    for text in error_texts(exc):
+        assert secret not in text
+    if db is not None:
+        assert secret not in repr(db)
+        assert parts.hostname in repr(db)
+    # The server's real password must not appear either.
+    for text in error_texts(exc):
+        assert PG_PASSWORD not in text
+
+
+@pytest.mark.parametrize("auto_migrate", ["true", "false"])
+def test_closed_port_is_operational_error_without_the_password(auto_migrate):
+    port = free_port()
+    secret = "ClosedPortPw-" + uuid.uuid4().hex
+    dbname = "db_" + uuid.uuid4().hex[:8]
+    url = (
+        f"postgresql://someone:{secret}@127.0.0.1:{port}/{dbname}"
+        f"?connect_timeout=5&auto_migrate={auto_migrate}"
+    )
+    t0 = time.monotonic()
+    exc, db = _connect_and_use(url)
+    assert time.monotonic() - t0 < 30
+    msg = str(exc)
+    assert "127.0.0.1" in msg and dbname in msg, msg
+    for text in error_texts(exc):
+        assert secret not in text
+    if db is not None:
+        assert secret not in repr(db)
+
+
+def test_missing_database_is_operational_error(pg_server):
+    """Connecting to a database that does not exist is a connection failure (issue 4:
+    connection failures are OperationalError; psycopg2 and SQLAlchemy say the same)."""
+    dbname = "no_such_db_" + uuid.uuid4().hex[:8]
+    url = with_query(pg_server.url_for(dbname), "connect_timeout=5")
+    with pytest.raises(cmbagent_db.Error) as info:
+        get_db_session(url).query(Session).count()
+    for text in error_texts(info.value):
+        assert PG_PASSWORD not in text
+    assert dbname in str(info.value) and "127.0.0.1" in str(info.value)
+    assert isinstance(info.value, OperationalError), f"{type(info.value).__name__}: {info.value}"
+
+
+def test_repr_of_working_session_hides_password(pg_url):
+    cmbagent_db.init_database(pg_url)
+    db = get_db_session(pg_url)
+    assert PG_PASSWORD not in repr(db)
+    assert PG_PASSWORD not in str(db)
+    assert dbname_of(pg_url) in repr(db)
+    db.close()
+
+
+# --------------------------------------------------------------------------- URL spellings
+
+
+@pytest.mark.parametrize(
+    "scheme", ["postgresql", "postgresql+psycopg2", "postgresql+psycopg", "postgres"]
+)
+def test_url_spellings_with_libpq_parameters(pg_url, scheme):
+    url = with_query(with_scheme(pg_url, scheme), "sslmode=disable&connect_timeout=5")
+    assert cmbagent_db.init_database(url) == HEAD
+    assert cmbagent_db.current(url) == HEAD
+    db = get_db_session(url)
+    s = Session(name=f"via-{scheme}")
+    db.add(s)
+    db.commit()
+    db.close()
+    other = get_db_session(url)
+    assert other.get(Session, s.id).name == f"via-{scheme}"
+    other.close()
+    assert fetch_all(pg_url, "SELECT name FROM sessions") == [(f"via-{scheme}",)]
+    assert fetch_all(pg_url, "SELECT version_num FROM alembic_version") == [(HEAD,)]
+
+
+# --------------------------------------------------------------------------- catalogue
+
+
+def test_partial_pending_expiry_index_in_pg_indexes(migrated_pg_url):
+    rows = fetch_all(
+        migrated_pg_url,
+        "SELECT indexname, indexdef FROM pg_indexes "
+        "WHERE schemaname = current_schema() AND tablename = 'approval_requests'",
+    )
+    partial = [(n, d) for n, d in rows if " WHERE " in d.upper()]
+    assert len(partial) == 1, rows
+    name, definition = partial[0]
+    assert name.startswith("idx_approval_"), name
+    assert "expires_at" in definition
+    assert "status" in definition and "'pending'" in definition, definition
+    # No column indexed twice (SCHEMA.md): every non-partial index has a distinct column list.
+    cols = [d.split("(", 1)[1].split(")", 1)[0] for n, d in rows if " WHERE " not in d.upper()]
+    assert len(cols) == len(set(cols)), rows
+
+
+@pytest.fixture
+def migrated_pg_url(pg_url):
+    cmbagent_db.init_database(pg_url)
+    return pg_url
+
+
+TS = "timestamp without time zone"
+TSTZ = "timestamp with time zone"
+
+EXPECTED_TYPES = {
+    ("sessions", "created_at"): TS,
+    ("sessions", "last_active_at"): TS,
+    ("sessions", "meta"): "json",
+    ("sessions", "resource_limits"): "json",
+    ("workflow_runs", "started_at"): TS,
+    ("workflow_runs", "completed_at"): TS,
+    ("workflow_runs", "last_heartbeat_at"): TS,
+    ("workflow_runs", "meta"): "json",
+    ("workflow_runs", "task_description"): "text",
+    ("workflow_runs", "is_branch"): "boolean",
+    ("workflow_runs", "branch_depth"): "integer",
+    ("session_states", "created_at"): TSTZ,
+    ("session_states", "updated_at"): TSTZ,
+    ("session_states", "expires_at"): TSTZ,
+    ("session_states", "conversation_history"): "json",
+    ("session_states", "context_variables"): "json",
+    ("session_states", "plan_data"): "json",
+    ("approval_requests", "created_at"): TSTZ,
+    ("approval_requests", "expires_at"): TSTZ,
+    ("approval_requests", "resolved_at"): TSTZ,
+    ("approval_requests", "context"): "json",
+    ("approval_requests", "result"): "json",
+    ("active_connections", "connected_at"): TSTZ,
+    ("active_connections", "last_heartbeat"): TSTZ,
+    ("sessions", "name"): "character varying",
+}
+
+
+def test_column_types_in_information_schema(migrated_pg_url):
+    rows = fetch_all(
+        migrated_pg_url,
+        "SELECT table_name, column_name, data_type, character_maximum_length "
+        "FROM information_schema.columns WHERE table_schema = current_schema()",
+    )
+    types = {(t, c): d for t, c, d, _ in rows}
+    lengths = {(t, c): n for t, c, _, n in rows}
+    wrong = {k: (types.get(k), v) for k, v in EXPECTED_TYPES.items() if types.get(k) != v}
+    assert not wrong, f"(got, expected): {wrong}"
+    assert lengths[("sessions", "name")] == 255
+    assert lengths[("active_connections", "task_id")] == 100
+    # No jsonb anywhere, no timestamptz where SCHEMA.md says plain TIMESTAMP.
+    assert "jsonb" not in set(types.values())
+
+
+# --------------------------------------------------------------------------- concurrent migrate
+
+
+MIGRATE_WORKER = textwrap.dedent(
+    """
+    import json, sys, time
+    sys.path.insert(0, {tests!r})
+    import cmbagent_db
+    url, start_at = sys.argv[1], float(sys.argv[2])
+    while time.time() < start_at:
+        time.sleep(0.001)
+    t0 = time.time()
+    try:
+        rev = cmbagent_db.migrate(url, "head")
+        print(json.dumps({{"ok": True, "rev": rev, "t0": t0, "t1": time.time()}}))
+    except Exception as e:
+        print(json.dumps({{"ok": False, "error": type(e).__name__ + ": " + str(e)}}))
+        sys.exit(1)
+    """
+).format(tests=TESTS_DIR)
+
+
+def test_six_processes_migrate_at_the_same_moment(pg_url, tmp_path):
+    n = 6
+    script = tmp_path / "migrate_worker.py"
+    script.write_text(MIGRATE_WORKER)
+    start_at = time.time() + 2.0  # every process is up and imported by then
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), pg_url, str(start_at)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, f"exit {p.returncode}: {out} {err}"
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert all(r["ok"] and r["rev"] == HEAD for r in results), results
+    # They really overlapped: every one started before the first one finished.
+    first_end = min(r["t1"] for r in results)
+    assert sum(1 for r in results if r["t0"] <= first_end) >= 2, results
+
+    assert fetch_all(pg_url, "SELECT version_num FROM alembic_version") == [(HEAD,)]
+    applied = cmbagent_db.applied(pg_url)
+    assert [a["revision"] for a in applied] == REVS, applied
+    assert all(a["matches"] for a in applied)
+    assert row_count(pg_url, "cmbagent_db_migrations") == 3
+    assert cmbagent_db.check(pg_url) == []
+    assert cmbagent_db.current(pg_url) == HEAD
