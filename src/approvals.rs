@@ -85,6 +85,20 @@ fn why_not(conn: &mut Conn, id: &str, now: DateTime<Utc>) -> Result<Outcome> {
     })
 }
 
+/// Refuses a resolution value other than approved, rejected, modified.
+pub fn check_resolution(resolution: &str) -> Result<()> {
+    if RESOLUTIONS.contains(&resolution) {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Value,
+        format!(
+            "unknown resolution {resolution:?}: use one of {}",
+            RESOLUTIONS.join(", ")
+        ),
+    ))
+}
+
 /// Resolves a pending, unexpired request with `resolution` and `result` (JSON text).
 /// Runs inside the caller's write transaction.
 pub fn resolve(
@@ -94,15 +108,7 @@ pub fn resolve(
     result: Option<String>,
     now: DateTime<Utc>,
 ) -> Result<Outcome> {
-    if !RESOLUTIONS.contains(&resolution) {
-        return Err(Error::new(
-            ErrorKind::Value,
-            format!(
-                "unknown resolution {resolution:?}: use one of {}",
-                RESOLUTIONS.join(", ")
-            ),
-        ));
-    }
+    check_resolution(resolution)?;
     let d = conn.dialect();
     let sql = format!(
         "UPDATE approval_requests SET status = 'resolved', resolution = {}, result = {}, resolved_at = {} \
@@ -160,8 +166,12 @@ pub fn expire_overdue(conn: &mut Conn, now: DateTime<Utc>) -> Result<Vec<String>
         .collect())
 }
 
-/// Creates the trigger that NOTIFYs `CHANNEL` on every status change (PostgreSQL only;
-/// idempotent, serialised by an advisory lock). Runs in its own transaction.
+/// The PostgreSQL function and trigger behind `CHANNEL`; revision 002 creates them too.
+const NOTIFY_TRIGGER: &str = include_str!("../migrations/postgresql/approval_notify.sql");
+
+/// Creates the trigger that NOTIFYs `CHANNEL` on every status change, for a database that
+/// reached revision 002 without it (Alembic's own 002). PostgreSQL only; idempotent,
+/// serialised by an advisory lock; runs in its own transaction.
 pub fn ensure_notify_trigger(conn: &mut Conn) -> Result<()> {
     if conn.dialect() != Dialect::Postgres {
         return Ok(());
@@ -177,17 +187,7 @@ pub fn ensure_notify_trigger(conn: &mut Conn) -> Result<()> {
     conn.begin_write()?;
     let result = conn
         .execute("SELECT pg_advisory_xact_lock(7305)", &[])
-        .and_then(|_| {
-            conn.batch(&format!(
-                "CREATE OR REPLACE FUNCTION cmbagent_db_notify_approval() RETURNS trigger AS $$
-                 BEGIN PERFORM pg_notify('{CHANNEL}', NEW.id); RETURN NEW; END
-                 $$ LANGUAGE plpgsql;
-                 CREATE OR REPLACE TRIGGER cmbagent_db_approval_status
-                 AFTER UPDATE OF status ON approval_requests FOR EACH ROW
-                 WHEN (OLD.status IS DISTINCT FROM NEW.status)
-                 EXECUTE FUNCTION cmbagent_db_notify_approval();"
-            ))
-        });
+        .and_then(|_| conn.batch(NOTIFY_TRIGGER));
     match result {
         Ok(()) => conn.commit(),
         Err(e) => {
@@ -222,12 +222,18 @@ pub struct Waiter {
 /// work per read, well under the wake-up latency cmbagent needs.
 const SQLITE_TICK: Duration = Duration::from_millis(1);
 
+/// How long a waiter's own write waits for a lock before it looks again.
+const LOCK_WAIT: Duration = Duration::from_millis(100);
+
 impl Waiter {
     pub fn new(mut conn: Conn, id: &str) -> Result<Waiter> {
         if conn.dialect() == Dialect::Postgres {
             ensure_notify_trigger(&mut conn)?;
             conn.batch(&format!("LISTEN {CHANNEL}"))?;
         }
+        // Marking the request expired must not block the waiter behind a client that holds
+        // the row: its caller's timeout and cancellation stay in force.
+        conn.set_lock_timeout(LOCK_WAIT)?;
         Ok(Waiter {
             conn,
             id: id.to_string(),
@@ -285,14 +291,18 @@ impl Waiter {
         let now = Utc::now();
         if let Some(deadline) = self.expires_at {
             if now >= deadline {
-                self.conn.begin_write()?;
-                let expired = expire_one(&mut self.conn, &self.id, now);
-                match expired {
-                    Ok(_) => self.conn.commit()?,
-                    Err(e) => {
-                        self.conn.rollback()?;
-                        return Err(e);
+                let expired = self.conn.begin_write().and_then(|()| {
+                    expire_one(&mut self.conn, &self.id, now)?;
+                    self.conn.commit()
+                });
+                if let Err(e) = expired {
+                    self.conn.rollback()?;
+                    // Another client holds the row (or the write lock): it decides the
+                    // row's fate when it finishes; look again on the next poll.
+                    if e.kind == ErrorKind::Operational && !self.conn.is_broken() {
+                        return Ok(None);
                     }
+                    return Err(e);
                 }
                 // Whatever the row says now (a resolver may have won the race) decides.
                 self.seen = None;
@@ -343,6 +353,13 @@ mod tests {
         )
         .unwrap();
         (c, now)
+    }
+
+    #[test]
+    fn the_trigger_notifies_the_channel_waiters_listen_on() {
+        assert!(NOTIFY_TRIGGER.contains(&format!("pg_notify('{CHANNEL}'")));
+        let migration = crate::migrate::revision("002_approvals_connections").unwrap();
+        assert!(migration.up_sql(Dialect::Postgres).contains(NOTIFY_TRIGGER));
     }
 
     #[test]

@@ -33,6 +33,17 @@ macro_rules! scripts {
             include_str!(concat!("../migrations/", $dialect, "/", $id, ".down.sql")),
         ]
     };
+    // An upgrade followed by a shared script (also run by the code that needs it).
+    ($dialect:literal, $id:literal, then $extra:literal) => {
+        [
+            concat!(
+                include_str!(concat!("../migrations/", $dialect, "/", $id, ".up.sql")),
+                "\n",
+                include_str!(concat!("../migrations/", $dialect, "/", $extra))
+            ),
+            include_str!(concat!("../migrations/", $dialect, "/", $id, ".down.sql")),
+        ]
+    };
 }
 
 /// Oldest first; each revision's `down_revision` is the one before it.
@@ -55,7 +66,7 @@ pub static REVISIONS: [Revision; 3] = [
         id: "002_approvals_connections",
         description: "approval_requests and active_connections (Stage 2)",
         sqlite: scripts!("sqlite", "002_approvals_connections"),
-        postgres: scripts!("postgresql", "002_approvals_connections"),
+        postgres: scripts!("postgresql", "002_approvals_connections", then "approval_notify.sql"),
         drops: &["active_connections", "approval_requests"],
     },
 ];

@@ -133,6 +133,17 @@ impl Conn {
         }
     }
 
+    /// How long a statement waits for a lock held by another connection before failing
+    /// (SQLite's busy timeout, PostgreSQL's `lock_timeout`).
+    pub fn set_lock_timeout(&mut self, wait: std::time::Duration) -> Result<()> {
+        match &mut self.inner {
+            Inner::Sqlite(c) => Ok(c.busy_timeout(wait)?),
+            Inner::Postgres(c) => {
+                c.batch(&format!("SET lock_timeout = {}", wait.as_millis().max(1)))
+            }
+        }
+    }
+
     /// SQLite's `PRAGMA data_version`: changes whenever another connection commits to the
     /// database. `None` on PostgreSQL, which pushes changes with NOTIFY instead.
     pub fn data_version(&mut self) -> Result<Option<i64>> {

@@ -59,6 +59,8 @@ pub fn resolve(
         },
         None => None,
     };
+    // Refused before the transaction begins, so a bad value costs the session nothing.
+    approvals::check_resolution(&resolution)?;
     let mut s = db.borrow_mut();
     let id = approval_id.clone();
     let done = s.write_and_commit(py, move |c| {
