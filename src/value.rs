@@ -20,6 +20,12 @@ impl Value {
     }
 }
 
+/// The current UTC time, truncated to the microseconds both backends keep.
+pub fn now_micros() -> DateTime<Utc> {
+    let t = Utc::now();
+    t - chrono::TimeDelta::nanoseconds((t.timestamp_subsec_nanos() % 1000).into())
+}
+
 /// SQLAlchemy's SQLite storage format for `DATETIME` / `TIMESTAMP`: always microseconds,
 /// no offset. Fixed width, so text comparison in SQL orders it as time.
 pub fn format_sqlite_timestamp(t: &DateTime<Utc>) -> String {

@@ -13,7 +13,7 @@ use pyo3::types::{
 use crate::error::ErrorKind;
 use crate::expr::ColRef;
 use crate::python::errors::raise;
-use crate::schema::{ColType, TableId, TABLES};
+use crate::schema::{ColType, TABLES};
 use crate::value::Value;
 
 /// `json.dumps` / `json.loads`, looked up once: JSON columns hold exactly what Python's
@@ -179,12 +179,12 @@ fn utc_of(dt: &Bound<'_, PyDateTime>) -> Option<DateTime<Utc>> {
 }
 
 /// A [`Value`] read from the database as the Python object the column holds.
-pub fn to_py(py: Python<'_>, v: Value, col: ColRef) -> PyResult<Py<PyAny>> {
+pub fn to_py(py: Python<'_>, v: &Value, col: ColRef) -> PyResult<Py<PyAny>> {
     Ok(match v {
         Value::Null => py.None(),
-        Value::Bool(b) => PyBool::new(py, b).to_owned().into_any().unbind(),
+        Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any().unbind(),
         Value::Int(i) => i.into_pyobject(py)?.into_any().unbind(),
-        Value::Text(s) => PyString::new(py, &s).into_any().unbind(),
+        Value::Text(s) => PyString::new(py, s).into_any().unbind(),
         Value::Timestamp(t) => t.into_pyobject(py)?.into_any().unbind(),
         Value::Json(s) => json(py)?
             .loads
@@ -204,32 +204,13 @@ pub fn to_py(py: Python<'_>, v: Value, col: ColRef) -> PyResult<Py<PyAny>> {
     })
 }
 
-/// A row of every column of `table`, as the Python values its attributes hold.
-pub fn row_to_py(py: Python<'_>, table: TableId, row: Vec<Value>) -> PyResult<Vec<Py<PyAny>>> {
-    row.into_iter()
-        .enumerate()
-        .map(|(column, v)| to_py(py, v, ColRef { table, column }))
-        .collect()
-}
-
 /// Checks a value for `col` and returns what the attribute then holds: timestamps become
 /// aware UTC datetimes, integers 0/1 for booleans become bools; the rest is kept as given.
 pub fn normalise(col: ColRef, v: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
     let value = to_value(col, v, Purpose::Store)?;
     let py = v.py();
     Ok(match (&TABLES[col.table].columns[col.column].ty, value) {
-        (ColType::Timestamp { .. } | ColType::Boolean, value) => to_py(py, value, col)?,
+        (ColType::Timestamp { .. } | ColType::Boolean, value) => to_py(py, &value, col)?,
         _ => v.clone().unbind(),
     })
-}
-
-/// The current time as an aware UTC datetime and as a [`Value`].
-pub fn now(py: Python<'_>) -> PyResult<(Py<PyAny>, Value)> {
-    // Microseconds are what both backends keep.
-    let t = Utc::now();
-    let t = t - TimeDelta::nanoseconds((t.timestamp_subsec_nanos() % 1000).into());
-    Ok((
-        t.into_pyobject(py)?.into_any().unbind(),
-        Value::Timestamp(t),
-    ))
 }

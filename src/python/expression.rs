@@ -9,7 +9,7 @@ use pyo3::types::PyTuple;
 use crate::dialect::Dialect;
 use crate::expr::{CmpOp, ColRef, Expr, Params};
 use crate::python::convert::{normalise, to_value, Purpose};
-use crate::python::model::Model;
+use crate::python::model::{Model, Slot};
 use crate::schema::{ColType, TABLES};
 
 /// A mapped column: `ApprovalRequest.status`.
@@ -76,14 +76,14 @@ impl Column {
         if instance.is_none() {
             return Ok(slf.clone().into_any().unbind());
         }
-        let model = instance.cast::<Model>()?.borrow();
-        Ok(model.values[slf.get().col.column].clone_ref(slf.py()))
+        let mut model = instance.cast::<Model>()?.borrow_mut();
+        model.get(slf.py(), slf.get().col.column)
     }
 
     fn __set__(&self, instance: &Bound<'_, PyAny>, value: &Bound<'_, PyAny>) -> PyResult<()> {
         let stored = normalise(self.col, value)?;
         let mut model = instance.cast::<Model>()?.borrow_mut();
-        model.values[self.col.column] = stored;
+        model.values[self.col.column] = Slot::Py(stored);
         model.dirty |= 1 << self.col.column;
         Ok(())
     }

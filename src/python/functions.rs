@@ -167,7 +167,7 @@ pub fn applied<'py>(py: Python<'py>, url: Option<String>) -> PyResult<Bound<'py,
             "applied_at",
             to_py(
                 py,
-                a.applied_at,
+                &a.applied_at,
                 crate::expr::ColRef {
                     table: 0,
                     column: 3,

@@ -6,9 +6,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyType};
 
 use crate::expr::ColRef;
-use crate::python::convert::normalise;
+use crate::python::convert::{normalise, to_py, to_value, Purpose};
 use crate::python::expression::Column;
 use crate::schema::{self, ColType, Default, NullAs, TableId, TABLES};
+use crate::value::Value;
 
 /// Where an object stands with respect to a session (SQLAlchemy's object states).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,11 +26,20 @@ pub enum ObjState {
     Detached,
 }
 
+/// One column's value on an object: as read from the database (or defaulted) until Python
+/// first asks for it, then converted once and kept; or as Python assigned it. Rows that are
+/// loaded but never looked at cost no Python objects, and flushes write raw values as they
+/// are.
+pub enum Slot {
+    Raw(Value),
+    Py(Py<PyAny>),
+}
+
 #[pyclass(module = "cmbagent_db.models", name = "Model", subclass)]
 pub struct Model {
     pub table: TableId,
-    /// One value per column of the table, `None` for NULL.
-    pub values: Vec<Py<PyAny>>,
+    /// One slot per column of the table.
+    pub values: Vec<Slot>,
     /// One bit per column assigned since the object was last written.
     pub dirty: u64,
     pub state: ObjState,
@@ -37,31 +47,26 @@ pub struct Model {
     pub session: u64,
 }
 
-fn default_value(py: Python<'_>, d: Default) -> PyResult<Py<PyAny>> {
-    Ok(match d {
-        Default::Uuid => PyString::new(py, &uuid::Uuid::new_v4().to_string())
-            .into_any()
-            .unbind(),
-        Default::Str(s) => PyString::new(py, s).into_any().unbind(),
-        Default::Int(i) => i.into_pyobject(py)?.into_any().unbind(),
-        Default::Bool(b) => PyBool::new(py, b).to_owned().into_any().unbind(),
-        Default::Now | Default::None => py.None(),
-    })
+fn default_value(d: Default) -> Value {
+    match d {
+        Default::Uuid => Value::Text(uuid::Uuid::new_v4().to_string()),
+        Default::Str(s) => Value::Text(s.to_string()),
+        Default::Int(i) => Value::Int(i),
+        Default::Bool(b) => Value::Bool(b),
+        // Time defaults are filled when the row is inserted.
+        Default::Now | Default::None => Value::Null,
+    }
 }
 
 impl Model {
     /// A new object: defaults first, then the keyword arguments, each checked.
-    pub fn build(
-        py: Python<'_>,
-        table: TableId,
-        kwargs: Option<&Bound<'_, PyDict>>,
-    ) -> PyResult<Model> {
+    pub fn build(table: TableId, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Model> {
         let t = &TABLES[table];
-        let mut values = t
+        let mut values: Vec<Slot> = t
             .columns
             .iter()
-            .map(|c| default_value(py, c.default))
-            .collect::<PyResult<Vec<_>>>()?;
+            .map(|c| Slot::Raw(default_value(c.default)))
+            .collect();
         if let Some(kwargs) = kwargs {
             for (k, v) in kwargs.iter() {
                 let name = k.cast::<PyString>()?.to_str()?.to_owned();
@@ -72,7 +77,7 @@ impl Model {
                         t.column_names()
                     ))
                 })?;
-                values[column] = normalise(ColRef { table, column }, &v)?;
+                values[column] = Slot::Py(normalise(ColRef { table, column }, &v)?);
             }
         }
         Ok(Model {
@@ -85,10 +90,10 @@ impl Model {
     }
 
     /// An object for a row just read from the database.
-    pub fn loaded(table: TableId, values: Vec<Py<PyAny>>, session: u64) -> Model {
+    pub fn loaded(table: TableId, row: Vec<Value>, session: u64) -> Model {
         Model {
             table,
-            values,
+            values: row.into_iter().map(Slot::Raw).collect(),
             dirty: 0,
             state: ObjState::Persistent,
             session,
@@ -97,14 +102,64 @@ impl Model {
 
     /// The primary key as text, if it is one.
     pub fn pk(&self, py: Python<'_>) -> Option<String> {
-        self.values[schema::Table::PK].extract::<String>(py).ok()
+        self.text(py, schema::Table::PK)
+    }
+
+    /// A text column's value, without making a Python object for it.
+    pub fn text(&self, py: Python<'_>, column: usize) -> Option<String> {
+        match &self.values[column] {
+            Slot::Raw(Value::Text(s)) => Some(s.clone()),
+            Slot::Raw(_) => None,
+            Slot::Py(o) => o.extract::<String>(py).ok(),
+        }
+    }
+
+    pub fn is_null(&self, py: Python<'_>, column: usize) -> bool {
+        match &self.values[column] {
+            Slot::Raw(v) => v.is_null(),
+            Slot::Py(o) => o.is_none(py),
+        }
+    }
+
+    /// The column's value for SQL: a raw one as it is, an assigned one checked and converted.
+    pub fn value(&self, py: Python<'_>, column: usize) -> PyResult<Value> {
+        match &self.values[column] {
+            Slot::Raw(v) => Ok(v.clone()),
+            Slot::Py(o) => to_value(
+                ColRef {
+                    table: self.table,
+                    column,
+                },
+                o.bind(py),
+                Purpose::Store,
+            ),
+        }
+    }
+
+    /// The attribute's Python value, converted from the raw one on first access and kept, so
+    /// a JSON value read once is the same (mutable) object afterwards.
+    pub fn get(&mut self, py: Python<'_>, column: usize) -> PyResult<Py<PyAny>> {
+        let obj = match &self.values[column] {
+            Slot::Py(o) => return Ok(o.clone_ref(py)),
+            Slot::Raw(v) => to_py(
+                py,
+                v,
+                ColRef {
+                    table: self.table,
+                    column,
+                },
+            )?,
+        };
+        self.values[column] = Slot::Py(obj.clone_ref(py));
+        Ok(obj)
     }
 }
 
 #[pymethods]
 impl Model {
     /// The object as a dict for API responses: timestamps as ISO strings.
-    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    #[pyo3(name = "to_dict")]
+    fn dict<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let t = &TABLES[self.table];
         let all: Vec<(&str, NullAs)> = match t.to_dict {
             Some(keys) => keys.to_vec(),
@@ -115,7 +170,7 @@ impl Model {
             let i = t.column_index(name).ok_or_else(|| {
                 PyValueError::new_err(format!("{}.{name} is not a column", t.name))
             })?;
-            let v = self.values[i].bind(py);
+            let v = self.get(py, i)?.into_bound(py);
             let out = if v.is_none() {
                 match null_as {
                     NullAs::None => v.clone(),
@@ -132,12 +187,12 @@ impl Model {
         Ok(d)
     }
 
-    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+    fn __repr__(&mut self, py: Python<'_>) -> PyResult<String> {
         let t = &TABLES[self.table];
-        let mut parts = vec![format!("id={}", self.values[0].bind(py).repr()?)];
+        let mut parts = vec![format!("id={}", self.get(py, 0)?.bind(py).repr()?)];
         for name in t.repr {
             if let Some(i) = t.column_index(name) {
-                parts.push(format!("{name}={}", self.values[i].bind(py).repr()?));
+                parts.push(format!("{name}={}", self.get(py, i)?.bind(py).repr()?));
             }
         }
         Ok(format!("<{} {}>", t.model, parts.join(" ")))
@@ -184,11 +239,8 @@ macro_rules! model_class {
         impl $rust {
             #[new]
             #[pyo3(signature = (**kwargs))]
-            fn new(
-                py: Python<'_>,
-                kwargs: Option<&Bound<'_, PyDict>>,
-            ) -> PyResult<PyClassInitializer<Self>> {
-                Ok(PyClassInitializer::from(Model::build(py, $table, kwargs)?).add_subclass($rust))
+            fn new(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<PyClassInitializer<Self>> {
+                Ok(PyClassInitializer::from(Model::build($table, kwargs)?).add_subclass($rust))
             }
 
             #[classattr]

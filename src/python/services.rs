@@ -13,7 +13,7 @@ use crate::connections;
 use crate::engine;
 use crate::error::ErrorKind;
 use crate::expr::{CmpOp, ColRef, Expr};
-use crate::python::convert::{row_to_py, to_value, Purpose};
+use crate::python::convert::{to_value, Purpose};
 use crate::python::errors::raise;
 use crate::python::model::{instantiate, Model, ObjState};
 use crate::python::session::DbSession;
@@ -187,8 +187,7 @@ pub fn wait(
         };
         match py.detach(|| waiter.poll(this_slice))? {
             Some(WaitEnd::Resolved(row)) => {
-                let values = row_to_py(py, APPROVAL_REQUESTS, row)?;
-                let mut model = Model::loaded(APPROVAL_REQUESTS, values, 0);
+                let mut model = Model::loaded(APPROVAL_REQUESTS, row, 0);
                 model.state = ObjState::Detached;
                 return instantiate(py, model);
             }

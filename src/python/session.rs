@@ -16,15 +16,15 @@ use crate::engine::Engine;
 use crate::error::{Error, ErrorKind, Result};
 use crate::expr::{ColRef, Expr};
 use crate::pool::Pooled;
-use crate::python::convert::{normalise, now, row_to_py, to_py, to_value, Purpose};
+use crate::python::convert::{to_py, to_value, Purpose};
 use crate::python::errors::raise;
 use crate::python::expression::Column;
 use crate::python::log;
-use crate::python::model::{instantiate, table_of_class, Model, ObjState};
+use crate::python::model::{instantiate, table_of_class, Model, ObjState, Slot};
 use crate::python::query::Query;
 use crate::query::{self, Select};
 use crate::schema::{ColType, Default, OnDelete, Table, TableId, TABLES};
-use crate::value::Value;
+use crate::value::{now_micros, Value};
 
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 
@@ -196,14 +196,13 @@ impl DbSession {
                     let b = obj.bind(py).cast::<Model>()?.clone();
                     let mut m = b.borrow_mut();
                     if m.dirty == 0 {
-                        m.values = row_to_py(py, table, row)?;
+                        m.values = row.into_iter().map(Slot::Raw).collect();
                     }
                 }
                 out.push(obj);
                 continue;
             }
-            let values = row_to_py(py, table, row)?;
-            let obj = instantiate(py, Model::loaded(table, values, self.key))?;
+            let obj = instantiate(py, Model::loaded(table, row, self.key))?;
             self.identity.insert((table, pk), obj.clone_ref(py));
             out.push(obj);
         }
@@ -230,7 +229,7 @@ impl DbSession {
                 let items = row
                     .into_iter()
                     .zip(&select.columns)
-                    .map(|(v, &column)| to_py(py, v, ColRef { table, column }))
+                    .map(|(v, &column)| to_py(py, &v, ColRef { table, column }))
                     .collect::<PyResult<Vec<_>>>()?;
                 Ok(PyTuple::new(py, items)?.into_any().unbind())
             })
@@ -259,7 +258,6 @@ impl DbSession {
     ) -> PyResult<usize> {
         let t = &TABLES[table];
         let mut set: Vec<(usize, Value)> = Vec::new();
-        let mut stored: Vec<(usize, Py<PyAny>)> = Vec::new();
         for (k, v) in values.iter() {
             let column = match k.cast::<Column>() {
                 Ok(c) if c.get().col.table == table => c.get().col.column,
@@ -281,16 +279,13 @@ impl DbSession {
             };
             let col = ColRef { table, column };
             set.push((column, to_value(col, &v, Purpose::Store)?));
-            stored.push((column, normalise(col, &v)?));
         }
         if set.is_empty() {
             return Ok(0);
         }
         for (column, c) in t.columns.iter().enumerate() {
             if c.on_update_now && !set.iter().any(|(i, _)| *i == column) {
-                let (obj, value) = now(py)?;
-                set.push((column, value));
-                stored.push((column, obj));
+                set.push((column, Value::Timestamp(now_micros())));
             }
         }
         let (sql, params) = query::update(self.dialect(), table, &set, filters);
@@ -301,8 +296,8 @@ impl DbSession {
                 if let Some(obj) = self.identity.get(&(table, pk.clone())) {
                     let b = obj.bind(py).cast::<Model>()?.clone();
                     let mut m = b.borrow_mut();
-                    for (column, v) in &stored {
-                        m.values[*column] = v.clone_ref(py);
+                    for (column, v) in &set {
+                        m.values[*column] = Slot::Raw(v.clone());
                         m.dirty &= !(1 << column);
                     }
                     self.tx_updated.push(obj.clone_ref(py));
@@ -348,13 +343,13 @@ impl DbSession {
                 for (column, c) in TABLES[*table].columns.iter().enumerate() {
                     let Some(fk) = c.foreign_key else { continue };
                     if fk.table != TABLES[parent].name
-                        || m.values[column].extract::<&str>(py).ok() != Some(parent_pk.as_str())
+                        || m.text(py, column).as_deref() != Some(parent_pk.as_str())
                     {
                         continue;
                     }
                     match fk.on_delete {
                         OnDelete::Cascade => cascaded.push((*table, pk.clone())),
-                        OnDelete::SetNull => m.values[column] = py.None(),
+                        OnDelete::SetNull => m.values[column] = Slot::Raw(Value::Null),
                     }
                 }
             }
@@ -427,7 +422,7 @@ impl DbSession {
                 let b = obj.bind(py).cast::<Model>()?.clone();
                 match found.remove(&pk) {
                     Some(row) => {
-                        let values = row_to_py(py, table, row)?;
+                        let values = row.into_iter().map(Slot::Raw).collect();
                         let mut m = b.borrow_mut();
                         m.values = values;
                         m.dirty = 0;
@@ -473,7 +468,7 @@ impl DbSession {
         match self.identity.get(&(table, pk)) {
             Some(obj) => {
                 let obj = obj.clone_ref(py);
-                let values = row_to_py(py, table, row)?;
+                let values = row.into_iter().map(Slot::Raw).collect();
                 let b = obj.bind(py).cast::<Model>()?.clone();
                 let mut m = b.borrow_mut();
                 m.values = values;
@@ -545,19 +540,12 @@ impl DbSession {
             let mut m = b.borrow_mut();
             let mut row = Vec::with_capacity(m.values.len());
             for (column, c) in TABLES[*table].columns.iter().enumerate() {
-                if c.default == Default::Now && m.values[column].is_none(py) {
-                    let (obj, value) = now(py)?;
-                    m.values[column] = obj;
-                    row.push(value);
+                if c.default == Default::Now && m.is_null(py, column) {
+                    let now = Value::Timestamp(now_micros());
+                    m.values[column] = Slot::Raw(now.clone());
+                    row.push(now);
                 } else {
-                    row.push(to_value(
-                        ColRef {
-                            table: *table,
-                            column,
-                        },
-                        m.values[column].bind(py),
-                        Purpose::Store,
-                    )?);
+                    row.push(m.value(py, column)?);
                 }
             }
             match inserts.last_mut() {
@@ -583,19 +571,12 @@ impl DbSession {
             for (column, c) in TABLES[*table].columns.iter().enumerate() {
                 if m.dirty & (1 << column) != 0 {
                     columns.push(column);
-                    values.push(to_value(
-                        ColRef {
-                            table: *table,
-                            column,
-                        },
-                        m.values[column].bind(py),
-                        Purpose::Store,
-                    )?);
+                    values.push(m.value(py, column)?);
                 } else if c.on_update_now {
-                    let (obj, value) = now(py)?;
-                    m.values[column] = obj;
+                    let now = Value::Timestamp(now_micros());
+                    m.values[column] = Slot::Raw(now.clone());
                     columns.push(column);
-                    values.push(value);
+                    values.push(now);
                 }
             }
             values.push(Value::Text(pk.clone()));
