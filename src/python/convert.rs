@@ -6,8 +6,8 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{
-    PyBool, PyDateAccess, PyDateTime, PyDelta, PyDeltaAccess, PyDict, PyInt, PyString,
-    PyTimeAccess, PyTzInfoAccess,
+    PyBool, PyDateAccess, PyDateTime, PyDelta, PyDeltaAccess, PyDict, PyFloat, PyInt, PyList,
+    PyString, PyTimeAccess, PyTuple, PyTzInfoAccess,
 };
 
 use crate::error::ErrorKind;
@@ -204,9 +204,88 @@ pub fn to_py(py: Python<'_>, v: &Value, col: ColRef) -> PyResult<Py<PyAny>> {
     })
 }
 
+/// How deep a JSON value may nest: deeper is refused (as is a value that contains itself).
+const MAX_JSON_DEPTH: usize = 512;
+
+/// Refuses what `json.dumps(v, allow_nan=False)` would refuse, without encoding: a column
+/// assignment is checked at once, and the value is encoded once, when it is written.
+/// `Err((true, why))` is a type problem (TypeError), `Err((false, why))` a value problem.
+fn check_json(v: &Bound<'_, PyAny>, depth: usize) -> Result<(), (bool, String)> {
+    if depth > MAX_JSON_DEPTH {
+        return Err((
+            false,
+            format!("nested more than {MAX_JSON_DEPTH} levels deep, or circular"),
+        ));
+    }
+    let finite = |f: f64| {
+        if f.is_finite() {
+            Ok(())
+        } else {
+            Err((
+                false,
+                format!("Out of range float values are not JSON compliant: {f}"),
+            ))
+        }
+    };
+    if v.is_none()
+        || v.is_instance_of::<PyBool>()
+        || v.is_instance_of::<PyInt>()
+        || v.is_instance_of::<PyString>()
+    {
+        return Ok(());
+    }
+    if let Ok(f) = v.cast::<PyFloat>() {
+        return finite(f.value());
+    }
+    if let Ok(d) = v.cast::<PyDict>() {
+        for (k, item) in d.iter() {
+            if let Ok(f) = k.cast::<PyFloat>() {
+                finite(f.value())?;
+            } else if !(k.is_none()
+                || k.is_instance_of::<PyBool>()
+                || k.is_instance_of::<PyInt>()
+                || k.is_instance_of::<PyString>())
+            {
+                return Err((
+                    true,
+                    format!(
+                        "keys must be str, int, float, bool or None, not {}",
+                        type_name(&k)
+                    ),
+                ));
+            }
+            check_json(&item, depth + 1)?;
+        }
+        return Ok(());
+    }
+    if v.is_instance_of::<PyList>() || v.is_instance_of::<PyTuple>() {
+        for item in v.try_iter().map_err(|e| (true, e.to_string()))? {
+            check_json(&item.map_err(|e| (true, e.to_string()))?, depth + 1)?;
+        }
+        return Ok(());
+    }
+    Err((
+        true,
+        format!("Object of type {} is not JSON serializable", type_name(v)),
+    ))
+}
+
 /// Checks a value for `col` and returns what the attribute then holds: timestamps become
 /// aware UTC datetimes, integers 0/1 for booleans become bools; the rest is kept as given.
 pub fn normalise(col: ColRef, v: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    if TABLES[col.table].columns[col.column].ty == ColType::Json {
+        return match check_json(v, 0) {
+            Ok(()) => Ok(v.clone().unbind()),
+            Err((is_type, why)) => {
+                let msg = format!("{} takes only what json can encode: {why}", col.qualified());
+                Err(if is_type {
+                    PyTypeError::new_err(msg)
+                } else {
+                    PyValueError::new_err(msg)
+                })
+            }
+        };
+    }
     let value = to_value(col, v, Purpose::Store)?;
     let py = v.py();
     Ok(match (&TABLES[col.table].columns[col.column].ty, value) {

@@ -100,6 +100,24 @@ impl Model {
         }
     }
 
+    /// Assigns a checked Python value to the named column (as the constructor does).
+    fn assign(&mut self, name: &str, v: &Bound<'_, PyAny>) -> PyResult<()> {
+        let column = TABLES[self.table].column_index(name).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "{}.{name} is not a column",
+                TABLES[self.table].name
+            ))
+        })?;
+        self.values[column] = Slot::Py(normalise(
+            ColRef {
+                table: self.table,
+                column,
+            },
+            v,
+        )?);
+        Ok(())
+    }
+
     /// The primary key as text, if it is one.
     pub fn pk(&self, py: Python<'_>) -> Option<String> {
         self.text(py, schema::Table::PK)
@@ -310,9 +328,29 @@ model_class!(
         ) -> PyResult<Bound<'py, PyAny>> {
             let py = cls.py();
             let delta = chrono::TimeDelta::microseconds((timeout_seconds.0 * 1e6) as i64);
-            let expires = chrono::Utc::now()
+            let expires = crate::value::now_micros()
                 .checked_add_signed(delta)
                 .ok_or_else(|| PyValueError::new_err("timeout_seconds is too large"))?;
+            if cls.is(py.get_type::<ApprovalRequest>()) {
+                // The class itself (not a Python subclass): build the object directly, with
+                // the deadline kept raw until someone reads it.
+                let mut m = Model::build(schema::APPROVAL_REQUESTS, None)?;
+                m.assign("run_id", run_id)?;
+                m.assign("approval_type", approval_type)?;
+                m.assign("context", context)?;
+                if let Some(sid) = session_id {
+                    m.assign("session_id", sid)?;
+                }
+                let column = TABLES[schema::APPROVAL_REQUESTS]
+                    .column_index("expires_at")
+                    .unwrap_or(0);
+                m.values[column] = Slot::Raw(Value::Timestamp(expires));
+                let obj = Py::new(
+                    py,
+                    PyClassInitializer::from(m).add_subclass(ApprovalRequest),
+                )?;
+                return Ok(obj.into_bound(py).into_any());
+            }
             let args = PyDict::new(py);
             args.set_item("run_id", run_id)?;
             args.set_item("session_id", session_id)?;
