@@ -36,6 +36,32 @@ pub fn format_sqlite_timestamp(t: &DateTime<Utc>) -> String {
 /// `CURRENT_TIMESTAMP` (no fraction), ISO 8601 with `T`, and an optional `Z` / `±HH:MM`
 /// offset (converted to UTC). Text without an offset is UTC.
 pub fn parse_sqlite_timestamp(s: &str) -> Option<DateTime<Utc>> {
+    parse_fixed(s.as_bytes()).or_else(|| parse_general(s))
+}
+
+/// The two forms nearly every row holds, read byte by byte: `YYYY-MM-DD HH:MM:SS` and the
+/// same with `.ffffff` (what SQLAlchemy and this package write, and SQLite's own
+/// CURRENT_TIMESTAMP). Every read timestamp goes through here.
+fn parse_fixed(b: &[u8]) -> Option<DateTime<Utc>> {
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        b.get(r)?.iter().try_fold(0u32, |acc, &c| {
+            c.is_ascii_digit().then(|| acc * 10 + u32::from(c - b'0'))
+        })
+    };
+    let micros = match b.len() {
+        19 => 0,
+        26 if b[19] == b'.' => num(20..26)?,
+        _ => return None,
+    };
+    if b[4] != b'-' || b[7] != b'-' || b[10] != b' ' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let date = NaiveDate::from_ymd_opt(num(0..4)? as i32, num(5..7)?, num(8..10)?)?;
+    let time = NaiveTime::from_hms_micro_opt(num(11..13)?, num(14..16)?, num(17..19)?, micros)?;
+    Some(NaiveDateTime::new(date, time).and_utc())
+}
+
+fn parse_general(s: &str) -> Option<DateTime<Utc>> {
     let s = s.trim();
     let (body, offset_secs) = split_offset(s)?;
     let (date, time) = match body.find([' ', 'T']) {
