@@ -1,18 +1,20 @@
 //! Micro-benchmark of the pure Rust core, without Python: the bulk insert of 20,000 pending
 //! approvals in one transaction and lookups by id, done the way the Python session does them
-//! (the same INSERT rendered from the schema and run with `execute_many`; a `Select` with an
+//! (the same batched multi-row INSERTs, `Conn::insert_rows`; a `Select` with an
 //! `id == x` filter and `LIMIT 1`, rendered and run per lookup). Comparing its numbers with
-//! the Python API's shows what the Python boundary costs. Run on purpose, by bench/run.py:
+//! the Python API's shows what the Python boundary costs.
 //!
 //!     cargo run --release --example core_bench -- <sqlite path or URL>
 //!         [--lookup-db <path or URL>] [--insert-db <path or URL>]... [--rows N]
-//!         [--lookups N] [--reps N] [--run-id ID] [--session-id ID]
+//!         [--lookups N] [--reps N] [--run-id ID] [--session-id ID] [--serve insert|lookup]
 //!
 //! The first argument is a migrated database holding at least one workflow run. With no
-//! `--insert-db`, every repetition inserts into it (deleting the previous repetition's rows
-//! outside the timing); each `--insert-db` is a fresh copy used by one repetition instead.
-//! Lookups pick ids at random from `--lookup-db` (default: the first database). Prints
-//! human-readable lines, then one line `RESULT {json}` for bench/run.py.
+//! `--insert-db`, every repetition inserts into it (emptying the table first, outside the
+//! timing); each `--insert-db` is a fresh copy used by one repetition instead (the first one
+//! by the warm-up). Lookups pick ids at random from `--lookup-db` (default: the first
+//! database). Standalone it prints medians and a `RESULT {json}` line; with `--serve` it
+//! speaks bench/run.py's worker protocol (READY, then REP / END on stdin), so the driver
+//! can interleave its repetitions with the Python systems'.
 
 use std::time::Instant;
 
@@ -20,7 +22,7 @@ use chrono::{Duration, Utc};
 use cmbagent_db::engine::engine;
 use cmbagent_db::expr::{CmpOp, ColRef, Expr};
 use cmbagent_db::migrate::migrate;
-use cmbagent_db::query::{insert, Select};
+use cmbagent_db::query::Select;
 use cmbagent_db::schema::{ColType, Table, APPROVAL_REQUESTS, TABLES, WORKFLOW_RUNS};
 use cmbagent_db::value::Value;
 
@@ -35,6 +37,7 @@ struct Args {
     reps: usize,
     run_id: Option<String>,
     session_id: Option<String>,
+    serve: Option<String>,
 }
 
 fn parse_args() -> AnyResult<Args> {
@@ -48,6 +51,7 @@ fn parse_args() -> AnyResult<Args> {
         reps: 5,
         run_id: None,
         session_id: None,
+        serve: None,
     };
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
@@ -59,6 +63,7 @@ fn parse_args() -> AnyResult<Args> {
             "--reps" => a.reps = value()?.parse()?,
             "--run-id" => a.run_id = Some(value()?),
             "--session-id" => a.session_id = Some(value()?),
+            "--serve" => a.serve = Some(value()?),
             s if !s.starts_with("--") && a.db.is_empty() => a.db = s.to_string(),
             s => return Err(format!("unknown argument {s:?}").into()),
         }
@@ -138,109 +143,211 @@ fn median(mut xs: Vec<f64>) -> f64 {
     }
 }
 
-fn main() -> AnyResult<()> {
-    let args = parse_args()?;
-    let main_url = url_of(&args.db);
-    let main_engine = engine(&main_url)?;
-    let mut conn = main_engine.connect()?;
+/// One bulk insert of `rows` pending approvals into `url`, in one transaction; seconds.
+fn insert_rep(url: &str, rows: usize, run_id: &str, session_id: &Value) -> AnyResult<f64> {
+    let mut conn = engine(url)?.connect()?;
     migrate(&mut conn, "head", false)?;
-    let dialect = conn.dialect();
-
-    let run_id = match &args.run_id {
-        Some(id) => id.clone(),
-        None => first_text(&conn.query(
-            "SELECT id FROM workflow_runs LIMIT 1",
-            &[],
-            &shape(WORKFLOW_RUNS, &[Table::PK]),
-        )?)
-        .ok_or("the database holds no workflow run to attach approvals to")?,
-    };
-    let session_id = args
-        .session_id
-        .clone()
-        .map(Value::Text)
-        .unwrap_or(Value::Null);
-    drop(conn);
-
-    // Bulk insert: build the rows (as the flush does from the objects), then one
-    // transaction with the INSERT prepared once.
     let all: Vec<usize> = (0..TABLES[APPROVAL_REQUESTS].columns.len()).collect();
-    let insert_sql = insert(dialect, APPROVAL_REQUESTS, &all);
-    let mut insert_secs = Vec::new();
-    for rep in 0..args.reps + 1 {
-        let url = match args.insert_dbs.get(rep) {
-            Some(db) => url_of(db),
-            None => main_url.clone(),
-        };
-        let mut conn = engine(&url)?.connect()?;
-        if args.insert_dbs.get(rep).is_none() {
-            conn.begin_write()?;
-            conn.execute("DELETE FROM approval_requests", &[])?;
-            conn.commit()?;
-        }
-        let t0 = Instant::now();
-        let rows: Vec<Vec<Value>> = (0..args.rows)
-            .map(|i| pending_row(i, &run_id, &session_id))
-            .collect();
-        conn.begin_write()?;
-        let n = conn.execute_many(&insert_sql, &rows)?;
-        conn.commit()?;
-        let secs = t0.elapsed().as_secs_f64();
-        assert_eq!(n as usize, args.rows);
-        // The first repetition warms up the page cache and statement cache.
-        if rep > 0 {
-            insert_secs.push(secs);
-        }
-    }
-    let insert_rate = args.rows as f64 / median(insert_secs.clone());
-
-    // Lookups by id, random ids of the lookup database.
-    let lookup_url = args.lookup_db.as_deref().map(url_of).unwrap_or(main_url);
-    let mut conn = engine(&lookup_url)?.connect()?;
-    let ids: Vec<String> = conn
-        .query(
-            "SELECT id FROM approval_requests",
-            &[],
-            &shape(APPROVAL_REQUESTS, &[Table::PK]),
-        )?
-        .into_iter()
-        .filter_map(|r| match r.into_iter().next() {
-            Some(Value::Text(s)) => Some(s),
-            _ => None,
-        })
+    let t0 = Instant::now();
+    let batch: Vec<Vec<Value>> = (0..rows)
+        .map(|i| pending_row(i, run_id, session_id))
         .collect();
-    if ids.is_empty() {
-        return Err("the lookup database holds no approval".into());
+    conn.begin_write()?;
+    let n = conn.insert_rows(APPROVAL_REQUESTS, &all, batch)?;
+    conn.commit()?;
+    let secs = t0.elapsed().as_secs_f64();
+    if n as usize != rows {
+        return Err(format!("inserted {n} rows, expected {rows}").into());
     }
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    let id_col = ColRef {
-        table: APPROVAL_REQUESTS,
-        column: Table::PK,
-    };
-    let select_shape = shape(APPROVAL_REQUESTS, &all);
-    let mut lookup_secs = Vec::new();
-    for rep in 0..args.reps + 1 {
-        let picks: Vec<&String> = (0..args.lookups)
-            .map(|_| &ids[rng.below(ids.len())])
+    Ok(secs)
+}
+
+/// Lookups by id on one database, ids picked at random among its approvals.
+struct Lookups {
+    conn: cmbagent_db::pool::Pooled,
+    ids: Vec<String>,
+    rng: Rng,
+    shape: Vec<(&'static str, ColType)>,
+}
+
+impl Lookups {
+    fn open(url: &str) -> AnyResult<Lookups> {
+        let mut conn = engine(url)?.connect()?;
+        let ids: Vec<String> = conn
+            .query(
+                "SELECT id FROM approval_requests ORDER BY id",
+                &[],
+                &shape(APPROVAL_REQUESTS, &[Table::PK]),
+            )?
+            .into_iter()
+            .filter_map(|r| match r.into_iter().next() {
+                Some(Value::Text(s)) => Some(s),
+                _ => None,
+            })
             .collect();
+        if ids.is_empty() {
+            return Err("the lookup database holds no approval".into());
+        }
+        let all: Vec<usize> = (0..TABLES[APPROVAL_REQUESTS].columns.len()).collect();
+        Ok(Lookups {
+            conn,
+            ids,
+            rng: Rng(0x9E37_79B9_7F4A_7C15),
+            shape: shape(APPROVAL_REQUESTS, &all),
+        })
+    }
+
+    /// `n` lookups as the session does them: a `Select` built, rendered and run per id.
+    fn rep(&mut self, n: usize) -> AnyResult<f64> {
+        let picks: Vec<String> = (0..n)
+            .map(|_| self.ids[self.rng.below(self.ids.len())].clone())
+            .collect();
+        let dialect = self.conn.dialect();
+        let id_col = ColRef {
+            table: APPROVAL_REQUESTS,
+            column: Table::PK,
+        };
         let t0 = Instant::now();
         let mut found = 0usize;
         for id in picks {
             let mut select = Select::all_columns(APPROVAL_REQUESTS);
             select
                 .filters
-                .push(Expr::Compare(id_col, CmpOp::Eq, Value::Text(id.clone())));
+                .push(Expr::Compare(id_col, CmpOp::Eq, Value::Text(id)));
             select.limit = Some(1);
             let (sql, params) = select.render(dialect);
-            found += conn.query(&sql, &params, &select_shape)?.len();
+            found += self.conn.query(&sql, &params, &self.shape)?.len();
         }
         let secs = t0.elapsed().as_secs_f64();
-        assert_eq!(found, args.lookups);
+        if found != n {
+            return Err(format!("{found} of {n} lookups found their row").into());
+        }
+        Ok(secs)
+    }
+}
+
+fn run_id_of(url: &str) -> AnyResult<String> {
+    let mut conn = engine(url)?.connect()?;
+    migrate(&mut conn, "head", false)?;
+    Ok(first_text(&conn.query(
+        "SELECT id FROM workflow_runs ORDER BY id LIMIT 1",
+        &[],
+        &shape(WORKFLOW_RUNS, &[Table::PK]),
+    )?)
+    .ok_or("the database holds no workflow run to attach approvals to")?)
+}
+
+/// bench/run.py's worker protocol: READY once warmed up, then `REP` -> `REP <secs>`,
+/// `END` -> `RESULT {}`; on failure `ERROR "<message>"`.
+fn serve(args: &Args, what: &str, run_id: &str, session_id: &Value) -> AnyResult<()> {
+    use std::io::{BufRead, Write};
+    let mut out = std::io::stdout();
+    let main_url = url_of(&args.db);
+    let mut reps = 0usize;
+    let mut lookups = None;
+    match what {
+        "insert" => {
+            let first = args
+                .insert_dbs
+                .first()
+                .ok_or("--serve insert needs --insert-db")?;
+            insert_rep(&url_of(first), args.rows, run_id, session_id)?;
+        }
+        "lookup" => {
+            let url = args.lookup_db.as_deref().map(url_of).unwrap_or(main_url);
+            let mut l = Lookups::open(&url)?;
+            l.rep(200)?;
+            lookups = Some(l);
+        }
+        other => return Err(format!("--serve {other:?}: use insert or lookup").into()),
+    }
+    writeln!(out, "READY")?;
+    out.flush()?;
+    for line in std::io::stdin().lock().lines() {
+        match line?.trim() {
+            "REP" => {
+                let secs = match &mut lookups {
+                    Some(l) => l.rep(args.lookups)?,
+                    None => {
+                        let db = args
+                            .insert_dbs
+                            .get(reps + 1)
+                            .ok_or("more repetitions than --insert-db copies")?;
+                        insert_rep(&url_of(db), args.rows, run_id, session_id)?
+                    }
+                };
+                reps += 1;
+                writeln!(out, "REP {secs}")?;
+            }
+            "END" => {
+                writeln!(out, "RESULT {{\"reps\": {reps}}}")?;
+                return Ok(());
+            }
+            other => return Err(format!("unknown command {other:?}").into()),
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
+fn main() {
+    let serving = std::env::args().any(|a| a == "--serve");
+    if let Err(e) = run() {
+        if serving {
+            println!("ERROR {:?}", e.to_string());
+        } else {
+            eprintln!("core_bench: {e}");
+        }
+        std::process::exit(1);
+    }
+}
+
+fn run() -> AnyResult<()> {
+    let args = parse_args()?;
+    let main_url = url_of(&args.db);
+    let run_id = match &args.run_id {
+        Some(id) => id.clone(),
+        None => run_id_of(&main_url)?,
+    };
+    let session_id = args
+        .session_id
+        .clone()
+        .map(Value::Text)
+        .unwrap_or(Value::Null);
+    if let Some(what) = &args.serve {
+        return serve(&args, what, &run_id, &session_id);
+    }
+
+    // Standalone: a warm-up and `reps` timed repetitions of each, medians printed.
+    let mut insert_secs = Vec::new();
+    for rep in 0..args.reps + 1 {
+        let url = match args.insert_dbs.get(rep) {
+            Some(db) => url_of(db),
+            None => {
+                // Reusing the one database: empty it first, outside the timing.
+                let mut conn = engine(&main_url)?.connect()?;
+                conn.begin_write()?;
+                conn.execute("DELETE FROM approval_requests", &[])?;
+                conn.commit()?;
+                main_url.clone()
+            }
+        };
+        let secs = insert_rep(&url, args.rows, &run_id, &session_id)?;
         if rep > 0 {
-            lookup_secs.push(secs);
+            insert_secs.push(secs);
         }
     }
+    let insert_rate = args.rows as f64 / median(insert_secs.clone());
+
+    let lookup_url = args.lookup_db.as_deref().map(url_of).unwrap_or(main_url);
+    let mut lookups = Lookups::open(&lookup_url)?;
+    lookups.rep(200)?;
+    let mut lookup_secs = Vec::new();
+    for _ in 0..args.reps {
+        lookup_secs.push(lookups.rep(args.lookups)?);
+    }
     let lookup_rate = args.lookups as f64 / median(lookup_secs.clone());
+    let dialect = lookups.conn.dialect();
 
     println!(
         "Rust core, {}: bulk insert {} rows: {:.0} rows/s (median of {}); lookup by id: {:.0} lookups/s (median of {})",

@@ -80,17 +80,22 @@ impl Select {
     }
 }
 
-/// `INSERT INTO t (cols) VALUES (...)`, one row.
-pub fn insert(dialect: Dialect, table: TableId, columns: &[usize]) -> String {
+/// `INSERT INTO t (cols) VALUES (...), (...)`: `rows` rows in one statement, whose
+/// parameters are the rows' values one row after another.
+pub fn insert(dialect: Dialect, table: TableId, columns: &[usize], rows: usize) -> String {
     let t = &TABLES[table];
-    let ps: Vec<String> = (1..=columns.len())
-        .map(|n| dialect.placeholder(n))
+    let n = columns.len();
+    let tuples: Vec<String> = (0..rows)
+        .map(|r| {
+            let ps: Vec<String> = (1..=n).map(|c| dialect.placeholder(r * n + c)).collect();
+            format!("({})", ps.join(", "))
+        })
         .collect();
     format!(
-        "INSERT INTO {} ({}) VALUES ({})",
+        "INSERT INTO {} ({}) VALUES {}",
         t.name,
         column_list(t, columns),
-        ps.join(", ")
+        tuples.join(", ")
     )
 }
 
@@ -222,8 +227,12 @@ mod tests {
             "DELETE FROM approval_requests RETURNING id"
         );
         assert_eq!(
-            insert(Dialect::Postgres, APPROVAL_REQUESTS, &[0, 1]),
+            insert(Dialect::Postgres, APPROVAL_REQUESTS, &[0, 1], 1),
             "INSERT INTO approval_requests (id, run_id) VALUES ($1, $2)"
+        );
+        assert_eq!(
+            insert(Dialect::Sqlite, APPROVAL_REQUESTS, &[0, 1], 2),
+            "INSERT INTO approval_requests (id, run_id) VALUES (?1, ?2), (?3, ?4)"
         );
     }
 }

@@ -6,7 +6,8 @@ mod sqlite;
 
 use crate::dialect::Dialect;
 use crate::error::Result;
-use crate::schema::ColType;
+use crate::query;
+use crate::schema::{ColType, TableId};
 use crate::trace::traced;
 use crate::url::{DbUrl, Target};
 use crate::value::Value;
@@ -16,6 +17,10 @@ use crate::value::Value;
 pub type Shape<'a> = &'a [(&'a str, ColType)];
 
 pub type Row = Vec<Value>;
+
+/// Rows per INSERT statement: well under SQLite's 32,766 parameters and PostgreSQL's 65,535
+/// for the widest table (16 columns).
+pub const INSERT_BATCH: usize = 100;
 
 enum Inner {
     Sqlite(rusqlite::Connection),
@@ -69,15 +74,25 @@ impl Conn {
         })
     }
 
-    /// Runs one statement once per parameter row, prepared once.
-    pub fn execute_many(&mut self, sql: &str, rows: &[Vec<Value>]) -> Result<u64> {
-        let inner = &mut self.inner;
-        // The first row stands for the batch in the log.
-        let first = rows.first().map_or(&[][..], |r| &r[..]);
-        traced(self.echo, sql, first, || match inner {
-            Inner::Sqlite(c) => sqlite::execute_many(c, sql, rows),
-            Inner::Postgres(c) => c.execute_many(sql, rows),
-        })
+    /// Inserts rows of `columns` values with up to `INSERT_BATCH` rows per INSERT
+    /// statement: one round trip and one statement step per batch, not per row, and the
+    /// batch sizes repeat, so their statements stay prepared.
+    pub fn insert_rows(
+        &mut self,
+        table: TableId,
+        columns: &[usize],
+        rows: Vec<Row>,
+    ) -> Result<u64> {
+        let dialect = self.dialect();
+        let mut inserted = 0;
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            let batch: Vec<Row> = rows.by_ref().take(INSERT_BATCH).collect();
+            let sql = query::insert(dialect, table, columns, batch.len());
+            let values: Vec<Value> = batch.into_iter().flatten().collect();
+            inserted += self.execute(&sql, &values)?;
+        }
+        Ok(inserted)
     }
 
     pub fn query(&mut self, sql: &str, params: &[Value], shape: Shape) -> Result<Vec<Row>> {

@@ -57,15 +57,6 @@ impl PgConn {
         Ok(self.client.execute(&stmt, &as_params(params))?)
     }
 
-    pub fn execute_many(&mut self, sql: &str, rows: &[Vec<Value>]) -> Result<u64> {
-        let stmt = self.prepared(sql)?;
-        let mut n = 0;
-        for row in rows {
-            n += self.client.execute(&stmt, &as_params(row))?;
-        }
-        Ok(n)
-    }
-
     pub fn query(&mut self, sql: &str, params: &[Value], shape: Shape) -> Result<Vec<Row>> {
         let stmt = self.prepared(sql)?;
         let rows = self.client.query(&stmt, &as_params(params))?;

@@ -58,8 +58,11 @@ pub fn open(path: &SqlitePath, busy_timeout: Duration, sync: Synchronous) -> Res
     // synchronous: FULL keeps a committed approval through a power cut, as SQLAlchemy's
     // default does; NORMAL / OFF only when the URL asks for them.
     set_wal(&conn, busy_timeout).map_err(ctx)?;
+    // cache_size: 16 MiB of pages per connection instead of SQLite's 2 MiB, so lookups in
+    // a table of 100,000 approvals stay in memory. (Memory-mapped I/O would be faster still,
+    // but an I/O error on a mapped file kills the process with SIGBUS.)
     conn.execute_batch(&format!(
-        "PRAGMA foreign_keys=ON; PRAGMA synchronous={};",
+        "PRAGMA foreign_keys=ON; PRAGMA synchronous={}; PRAGMA cache_size=-16384;",
         sync.pragma()
     ))
     .map_err(ctx)?;
@@ -114,15 +117,6 @@ impl ToSql for Value {
 pub fn execute(c: &Connection, sql: &str, params: &[Value]) -> Result<u64> {
     let mut stmt = c.prepare_cached(sql)?;
     Ok(stmt.execute(params_from_iter(params))? as u64)
-}
-
-pub fn execute_many(c: &Connection, sql: &str, rows: &[Vec<Value>]) -> Result<u64> {
-    let mut stmt = c.prepare_cached(sql)?;
-    let mut n = 0;
-    for row in rows {
-        n += stmt.execute(params_from_iter(row))? as u64;
-    }
-    Ok(n)
 }
 
 pub fn query(c: &Connection, sql: &str, params: &[Value], shape: Shape) -> Result<Vec<Row>> {

@@ -596,12 +596,9 @@ impl DbSession {
             return Ok(());
         }
 
-        let insert_plan: Vec<(String, Vec<Vec<Value>>)> = inserts
+        let insert_plan: Vec<(TableId, Vec<usize>, Vec<Vec<Value>>)> = inserts
             .into_iter()
-            .map(|(table, rows)| {
-                let all: Vec<usize> = (0..TABLES[table].columns.len()).collect();
-                (query::insert(d, table, &all), rows)
-            })
+            .map(|(table, rows)| (table, (0..TABLES[table].columns.len()).collect(), rows))
             .collect();
         let update_plan: Vec<(String, Vec<Value>, String)> = updates
             .iter()
@@ -622,8 +619,8 @@ impl DbSession {
             .map(|(table, pk, _)| (query::delete_by_pk(d, *table), Value::Text(pk.clone())))
             .collect();
         self.write(py, move |c| {
-            for (sql, rows) in &insert_plan {
-                c.execute_many(sql, rows)?;
+            for (table, columns, rows) in insert_plan {
+                c.insert_rows(table, &columns, rows)?;
             }
             for (sql, values, what) in &update_plan {
                 if c.execute(sql, values)? == 0 {
