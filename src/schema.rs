@@ -278,19 +278,8 @@ pub static TABLES: [Table; 5] = [
             col("resolved_at", TSTZ, true),
         ],
         repr: &["run_id", "approval_type", "status"],
-        to_dict: Some(&[
-            ("id", NullAs::None),
-            ("run_id", NullAs::None),
-            ("session_id", NullAs::None),
-            ("approval_type", NullAs::None),
-            ("context", NullAs::None),
-            ("status", NullAs::None),
-            ("resolution", NullAs::None),
-            ("result", NullAs::None),
-            ("created_at", NullAs::None),
-            ("expires_at", NullAs::None),
-            ("resolved_at", NullAs::None),
-        ]),
+        // The seed's to_dict(): every column, in order.
+        to_dict: None,
     },
     Table {
         name: "active_connections",
@@ -308,14 +297,8 @@ pub static TABLES: [Table; 5] = [
             with_default(col("last_heartbeat", TSTZ, true), Default::Now),
         ],
         repr: &["task_id", "server_instance"],
-        to_dict: Some(&[
-            ("id", NullAs::None),
-            ("task_id", NullAs::None),
-            ("session_id", NullAs::None),
-            ("server_instance", NullAs::None),
-            ("connected_at", NullAs::None),
-            ("last_heartbeat", NullAs::None),
-        ]),
+        // The seed's to_dict(): every column, in order.
+        to_dict: None,
     },
 ];
 
