@@ -49,11 +49,17 @@ pub fn heartbeat(
     let d = conn.dialect();
     let (columns, shape) = all_columns();
     let ph: Vec<String> = (1..=6).map(|n| d.placeholder(n)).collect();
+    // session_id is only set when given: SET on an indexed column rewrites its index entry
+    // even when the value does not change, one more page written per heartbeat.
+    let keep_session = if session_id.is_some() {
+        ", session_id = excluded.session_id"
+    } else {
+        ""
+    };
     let sql = format!(
         "INSERT INTO active_connections (id, task_id, session_id, server_instance, connected_at, last_heartbeat) \
          VALUES ({}) ON CONFLICT (task_id) DO UPDATE SET last_heartbeat = excluded.last_heartbeat, \
-         server_instance = excluded.server_instance, \
-         session_id = COALESCE(excluded.session_id, active_connections.session_id) RETURNING {columns}",
+         server_instance = excluded.server_instance{keep_session} RETURNING {columns}",
         ph.join(", ")
     );
     let params = [
