@@ -58,37 +58,33 @@ impl Engine {
         Conn::open(self.pool.url())
     }
 
-    /// Runs `f` on a pooled connection. `f` must be safe to run again: when it fails
-    /// because the server had closed the connection the pool handed out, the idle
-    /// connections are dropped and `f` runs once more on a new one.
-    pub fn with_conn<T>(&self, mut f: impl FnMut(&mut Conn) -> Result<T>) -> Result<T> {
+    /// Runs `f` on a pooled connection and hands both back. `f` must be safe to run again:
+    /// when it fails because the server had closed the connection the pool handed out (a
+    /// restart, a failover), the idle connections are dropped and `f` runs once more on a
+    /// new one.
+    fn on_live_conn<T>(&self, mut f: impl FnMut(&mut Conn) -> Result<T>) -> Result<(Pooled, T)> {
         let mut conn = self.connect()?;
         match f(&mut conn) {
             Err(_) if conn.is_broken() => {
                 drop(conn);
                 self.pool.purge_idle();
                 let mut fresh = self.connect()?;
-                f(&mut fresh)
+                let out = f(&mut fresh)?;
+                Ok((fresh, out))
             }
-            other => other,
+            Err(e) => Err(e),
+            Ok(out) => Ok((conn, out)),
         }
     }
 
-    /// A pooled connection with a write transaction begun on it, replacing a connection
-    /// the server had closed while it sat in the pool.
+    /// Runs `f` (safe to run again) on a pooled connection, then returns the connection.
+    pub fn with_conn<T>(&self, f: impl FnMut(&mut Conn) -> Result<T>) -> Result<T> {
+        self.on_live_conn(f).map(|(_, out)| out)
+    }
+
+    /// A pooled connection with a write transaction begun on it.
     pub fn begin_write(&self) -> Result<Pooled> {
-        let mut conn = self.connect()?;
-        match conn.begin_write() {
-            Err(_) if conn.is_broken() => {
-                drop(conn);
-                self.pool.purge_idle();
-                let mut conn = self.connect()?;
-                conn.begin_write()?;
-                Ok(conn)
-            }
-            Err(e) => Err(e),
-            Ok(()) => Ok(conn),
-        }
+        self.on_live_conn(Conn::begin_write).map(|(conn, ())| conn)
     }
 }
 

@@ -94,9 +94,6 @@ impl Error {
     pub fn data(m: impl Into<String>) -> Self {
         Self::new(ErrorKind::Data, m)
     }
-    pub fn invalid_request(m: impl Into<String>) -> Self {
-        Self::new(ErrorKind::InvalidRequest, m)
-    }
     pub fn not_supported(m: impl Into<String>) -> Self {
         Self::new(ErrorKind::NotSupported, m)
     }

@@ -176,12 +176,4 @@ impl Conn {
             Inner::Postgres(c) => c.notifications(timeout),
         }
     }
-
-    /// The server process id of a PostgreSQL connection (for tests that kill it).
-    pub fn backend_pid(&mut self) -> Result<Option<i64>> {
-        match &mut self.inner {
-            Inner::Sqlite(_) => Ok(None),
-            Inner::Postgres(c) => c.backend_pid().map(Some),
-        }
-    }
 }

@@ -91,11 +91,6 @@ impl PgConn {
         }
         Ok(out)
     }
-
-    pub fn backend_pid(&mut self) -> Result<i64> {
-        let row = self.client.query_one("SELECT pg_backend_pid()", &[])?;
-        Ok(row.get::<_, i32>(0) as i64)
-    }
 }
 
 fn as_params(values: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
