@@ -85,18 +85,24 @@ impl Select {
 pub fn insert(dialect: Dialect, table: TableId, columns: &[usize], rows: usize) -> String {
     let t = &TABLES[table];
     let n = columns.len();
-    let tuples: Vec<String> = (0..rows)
-        .map(|r| {
-            let ps: Vec<String> = (1..=n).map(|c| dialect.placeholder(r * n + c)).collect();
-            format!("({})", ps.join(", "))
-        })
-        .collect();
-    format!(
-        "INSERT INTO {} ({}) VALUES {}",
+    let mut sql = format!(
+        "INSERT INTO {} ({}) VALUES ",
         t.name,
-        column_list(t, columns),
-        tuples.join(", ")
-    )
+        column_list(t, columns)
+    );
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { "), (" });
+        for c in 1..=n {
+            if c > 1 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&dialect.placeholder(r * n + c));
+        }
+    }
+    if rows > 0 {
+        sql.push(')');
+    }
+    sql
 }
 
 /// `UPDATE t SET a = ?1, ... WHERE id = ?N`: the unit of work writes only changed columns.

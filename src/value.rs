@@ -1,7 +1,7 @@
 //! Values as they cross between the binding and the backends, and the text encodings
 //! SQLAlchemy uses for them on SQLite.
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, NaiveTime, Timelike, Utc};
 
 /// One column value. Timestamps are always UTC; JSON is kept as its encoded text.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,8 +28,29 @@ pub fn now_micros() -> DateTime<Utc> {
 
 /// SQLAlchemy's SQLite storage format for `DATETIME` / `TIMESTAMP`: always microseconds,
 /// no offset. Fixed width, so text comparison in SQL orders it as time.
+/// Written digit by digit (every inserted row has two or three of these); years outside
+/// 0..=9999 and leap seconds, which no caller produces in practice, go through chrono.
 pub fn format_sqlite_timestamp(t: &DateTime<Utc>) -> String {
-    t.format("%Y-%m-%d %H:%M:%S%.6f").to_string()
+    let nanos = t.timestamp_subsec_nanos();
+    let year = t.year();
+    if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
+        return t.format("%Y-%m-%d %H:%M:%S%.6f").to_string();
+    }
+    let mut b = *b"0000-00-00 00:00:00.000000";
+    let mut put = |at: usize, width: usize, mut n: u32| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    };
+    put(0, 4, year as u32);
+    put(5, 2, t.month());
+    put(8, 2, t.day());
+    put(11, 2, t.hour());
+    put(14, 2, t.minute());
+    put(17, 2, t.second());
+    put(20, 6, nanos / 1000);
+    b.iter().map(|&c| char::from(c)).collect()
 }
 
 /// Parse the timestamp text found in a SQLite column: SQLAlchemy's format, SQLite's own
@@ -136,6 +157,18 @@ mod tests {
             assert_eq!(
                 parse_sqlite_timestamp(&format_sqlite_timestamp(&t)),
                 Some(t)
+            );
+        }
+    }
+
+    #[test]
+    fn digit_writer_agrees_with_chrono() {
+        let start = Utc.with_ymd_and_hms(1999, 12, 31, 23, 59, 58).unwrap();
+        for step in 0..5000i64 {
+            let t = start + chrono::Duration::microseconds(step * 987_654_321 + step);
+            assert_eq!(
+                format_sqlite_timestamp(&t),
+                t.format("%Y-%m-%d %H:%M:%S%.6f").to_string()
             );
         }
     }

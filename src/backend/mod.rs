@@ -1,6 +1,7 @@
 //! One connection type over both engines. Everything above this module speaks in
 //! [`Value`]s and SQL text rendered for [`Conn::dialect`].
 
+mod checkpoint;
 mod postgres;
 mod sqlite;
 
@@ -9,7 +10,7 @@ use crate::error::Result;
 use crate::query;
 use crate::schema::{ColType, TableId};
 use crate::trace::traced;
-use crate::url::{DbUrl, Target};
+use crate::url::{DbUrl, SqlitePath, Target};
 use crate::value::Value;
 
 /// The name and type of each column a query returns, so rows decode to the right values
@@ -33,6 +34,8 @@ pub struct Conn {
     inner: Inner,
     in_transaction: bool,
     echo: bool,
+    /// A SQLite database file, whose WAL the background checkpoint drains.
+    wal_database: Option<std::path::PathBuf>,
 }
 
 impl Conn {
@@ -47,10 +50,18 @@ impl Conn {
                 Inner::Postgres(Box::new(postgres::PgConn::open(conninfo, &url.display)?))
             }
         };
+        let wal_database = match &url.target {
+            Target::Sqlite {
+                path: SqlitePath::File(p),
+                ..
+            } => Some(p.clone()),
+            _ => None,
+        };
         Ok(Conn {
             inner,
             in_transaction: false,
             echo: url.echo,
+            wal_database,
         })
     }
 
@@ -68,10 +79,19 @@ impl Conn {
     /// Runs one statement; returns the number of rows it changed.
     pub fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64> {
         let inner = &mut self.inner;
-        traced(self.echo, sql, params, || match inner {
+        let out = traced(self.echo, sql, params, || match inner {
             Inner::Sqlite(c) => sqlite::execute(c, sql, params),
             Inner::Postgres(c) => c.execute(sql, params),
-        })
+        });
+        self.after_statement();
+        out
+    }
+
+    /// A statement may have committed: hand a grown WAL to the background checkpoint.
+    fn after_statement(&self) {
+        if let Some(path) = &self.wal_database {
+            checkpoint::after_statement(path);
+        }
     }
 
     /// Inserts rows of `columns` values with up to `INSERT_BATCH` rows per INSERT
@@ -85,31 +105,44 @@ impl Conn {
     ) -> Result<u64> {
         let dialect = self.dialect();
         let mut inserted = 0;
+        // Rendered once per call: every batch but the last is full.
+        let mut full_batch_sql = None;
         let mut rows = rows.into_iter().peekable();
         while rows.peek().is_some() {
             let batch: Vec<Row> = rows.by_ref().take(INSERT_BATCH).collect();
-            let sql = query::insert(dialect, table, columns, batch.len());
+            let n = batch.len();
             let values: Vec<Value> = batch.into_iter().flatten().collect();
-            inserted += self.execute(&sql, &values)?;
+            let tail_sql;
+            let sql = if n == INSERT_BATCH {
+                full_batch_sql.get_or_insert_with(|| query::insert(dialect, table, columns, n))
+            } else {
+                tail_sql = query::insert(dialect, table, columns, n);
+                &tail_sql
+            };
+            inserted += self.execute(sql, &values)?;
         }
         Ok(inserted)
     }
 
     pub fn query(&mut self, sql: &str, params: &[Value], shape: Shape) -> Result<Vec<Row>> {
         let inner = &mut self.inner;
-        traced(self.echo, sql, params, || match inner {
+        let out = traced(self.echo, sql, params, || match inner {
             Inner::Sqlite(c) => sqlite::query(c, sql, params, shape),
             Inner::Postgres(c) => c.query(sql, params, shape),
-        })
+        });
+        self.after_statement();
+        out
     }
 
     /// Runs a script of several statements without parameters (migrations).
     pub fn batch(&mut self, sql: &str) -> Result<()> {
         let inner = &mut self.inner;
-        traced(self.echo, sql, &[], || match inner {
+        let out = traced(self.echo, sql, &[], || match inner {
             Inner::Sqlite(c) => Ok(c.execute_batch(sql)?),
             Inner::Postgres(c) => c.batch(sql),
-        })
+        });
+        self.after_statement();
+        out
     }
 
     pub fn begin_write(&mut self) -> Result<()> {

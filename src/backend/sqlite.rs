@@ -67,6 +67,7 @@ pub fn open(path: &SqlitePath, busy_timeout: Duration, sync: Synchronous) -> Res
     ))
     .map_err(ctx)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    super::checkpoint::install(&conn);
     Ok(conn)
 }
 
