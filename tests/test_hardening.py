@@ -19,6 +19,7 @@ printed at the end of the module (run with ``-s`` to see them).
 from __future__ import annotations
 
 import collections
+import enum
 import json
 import logging
 import math
@@ -720,6 +721,52 @@ def test_json_round_trip(url_and_run, context, result):
     assert strict_equal(raw_json(url, "approval_requests", "context", a.id), context)
     if result is not None:
         assert strict_equal(raw_json(url, "approval_requests", "result", a.id), result)
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
+
+
+class Name(str):
+    pass
+
+
+class Mapping(dict):
+    pass
+
+
+# Keys json.dumps turns into strings, and values of builtin subclasses (written by
+# Python's own encoder rather than cmbagent_db's).
+KEYS = TEXT | st.integers() | BIG_INTS | FLOATS | st.booleans() | st.none()
+SUBCLASSED = st.sampled_from([Level.HIGH, Name("named"), collections.OrderedDict(a=1),
+                              Mapping(b=[2])])
+DUMPS_JSON = st.recursive(
+    SCALARS | SUBCLASSED,
+    lambda inner: st.lists(inner, max_size=5) | st.lists(inner, max_size=5).map(tuple)
+    | st.dictionaries(KEYS, inner, max_size=5),
+    max_leaves=30,
+)
+
+
+@HYPO
+@given(context=st.dictionaries(KEYS, DUMPS_JSON, max_size=5))
+@example(context={"controls": "\x00\x08\x0c\x1f\x7f\x80\u2028", "astral": "\U0001F600\U0010FFFF",
+                  True: 1, False: 0, None: [], 1.5: {}, -(2**70): [(), (1,)], 10**30: 0.1,
+                  "quotes": "'\"\\/", "tiny": 5e-324, "big": 1e16, "neg": -0.0})
+@example(context={"lone surrogate": "\ud800 \udfff"})
+def test_json_text_is_what_json_dumps_writes(url_and_run, context):
+    """The stored text is byte for byte SQLAlchemy's (json.dumps with its defaults)."""
+    url, _sid, run_id = url_and_run
+    STATS["hostile inputs: json"] += 1
+    db = get_db_session(url)
+    a = ApprovalRequest(run_id=run_id, approval_type="t", context=context,
+                        expires_at=utcnow())
+    db.add(a)
+    db.commit()
+    db.close()
+    col = "context::text" if is_postgresql(url) else "context"
+    (text,) = fetch_all(url, f"SELECT {col} FROM approval_requests WHERE id = ?", (a.id,))[0]
+    assert text == json.dumps(context)
 
 
 TOP_LEVEL_NUMBERS = [0, -7, 1.0, -0.0, 0.1, 1e16, 1.5e308, 5e-324, 2**63 - 1, 2**63,

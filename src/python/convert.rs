@@ -4,42 +4,19 @@
 use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, TimeDelta, Utc};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
 use pyo3::types::{
-    PyBool, PyDateAccess, PyDateTime, PyDelta, PyDeltaAccess, PyDict, PyFloat, PyInt, PyList,
-    PyString, PyTimeAccess, PyTuple, PyTzInfoAccess,
+    PyBool, PyDateAccess, PyDateTime, PyDelta, PyDeltaAccess, PyInt, PyString, PyTimeAccess,
+    PyTzInfoAccess,
 };
 
 use crate::error::ErrorKind;
 use crate::expr::ColRef;
 use crate::python::errors::raise;
+use crate::python::json;
 use crate::schema::{ColType, TABLES};
 use crate::value::Value;
 
-/// `json.dumps` / `json.loads`, looked up once: JSON columns hold exactly what Python's
-/// `json` accepts, encoded as SQLAlchemy encodes it.
-struct Json {
-    dumps: Py<PyAny>,
-    dumps_kwargs: Py<PyDict>,
-    loads: Py<PyAny>,
-}
-
-static JSON: PyOnceLock<Json> = PyOnceLock::new();
-
-fn json(py: Python<'_>) -> PyResult<&Json> {
-    JSON.get_or_try_init(py, || {
-        let m = py.import("json")?;
-        let kwargs = PyDict::new(py);
-        kwargs.set_item("allow_nan", false)?;
-        Ok(Json {
-            dumps: m.getattr("dumps")?.unbind(),
-            dumps_kwargs: kwargs.unbind(),
-            loads: m.getattr("loads")?.unbind(),
-        })
-    })
-}
-
-fn type_name(v: &Bound<'_, PyAny>) -> String {
+pub fn type_name(v: &Bound<'_, PyAny>) -> String {
     v.get_type()
         .name()
         .map(|n| n.to_string())
@@ -130,9 +107,8 @@ pub fn to_value(col: ColRef, v: &Bound<'_, PyAny>, purpose: Purpose) -> PyResult
         }
         ColType::Json => {
             let py = v.py();
-            let j = json(py)?;
-            match j.dumps.bind(py).call((v,), Some(j.dumps_kwargs.bind(py))) {
-                Ok(text) => Ok(Value::Json(text.extract::<String>()?)),
+            match json::dumps(v) {
+                Ok(text) => Ok(Value::Json(text)),
                 Err(e) => {
                     let msg = format!(
                         "{} takes only what json can encode: {}",
@@ -186,10 +162,7 @@ pub fn to_py(py: Python<'_>, v: &Value, col: ColRef) -> PyResult<Py<PyAny>> {
         Value::Int(i) => i.into_pyobject(py)?.into_any().unbind(),
         Value::Text(s) => PyString::new(py, s).into_any().unbind(),
         Value::Timestamp(t) => t.into_pyobject(py)?.into_any().unbind(),
-        Value::Json(s) => json(py)?
-            .loads
-            .bind(py)
-            .call1((s,))
+        Value::Json(s) => json::loads(py, s)
             .map_err(|e| {
                 raise(
                     ErrorKind::Data,
@@ -204,77 +177,11 @@ pub fn to_py(py: Python<'_>, v: &Value, col: ColRef) -> PyResult<Py<PyAny>> {
     })
 }
 
-/// How deep a JSON value may nest: deeper is refused (as is a value that contains itself).
-const MAX_JSON_DEPTH: usize = 512;
-
-/// Refuses what `json.dumps(v, allow_nan=False)` would refuse, without encoding: a column
-/// assignment is checked at once, and the value is encoded once, when it is written.
-/// `Err((true, why))` is a type problem (TypeError), `Err((false, why))` a value problem.
-fn check_json(v: &Bound<'_, PyAny>, depth: usize) -> Result<(), (bool, String)> {
-    if depth > MAX_JSON_DEPTH {
-        return Err((
-            false,
-            format!("nested more than {MAX_JSON_DEPTH} levels deep, or circular"),
-        ));
-    }
-    let finite = |f: f64| {
-        if f.is_finite() {
-            Ok(())
-        } else {
-            Err((
-                false,
-                format!("Out of range float values are not JSON compliant: {f}"),
-            ))
-        }
-    };
-    if v.is_none()
-        || v.is_instance_of::<PyBool>()
-        || v.is_instance_of::<PyInt>()
-        || v.is_instance_of::<PyString>()
-    {
-        return Ok(());
-    }
-    if let Ok(f) = v.cast::<PyFloat>() {
-        return finite(f.value());
-    }
-    if let Ok(d) = v.cast::<PyDict>() {
-        for (k, item) in d.iter() {
-            if let Ok(f) = k.cast::<PyFloat>() {
-                finite(f.value())?;
-            } else if !(k.is_none()
-                || k.is_instance_of::<PyBool>()
-                || k.is_instance_of::<PyInt>()
-                || k.is_instance_of::<PyString>())
-            {
-                return Err((
-                    true,
-                    format!(
-                        "keys must be str, int, float, bool or None, not {}",
-                        type_name(&k)
-                    ),
-                ));
-            }
-            check_json(&item, depth + 1)?;
-        }
-        return Ok(());
-    }
-    if v.is_instance_of::<PyList>() || v.is_instance_of::<PyTuple>() {
-        for item in v.try_iter().map_err(|e| (true, e.to_string()))? {
-            check_json(&item.map_err(|e| (true, e.to_string()))?, depth + 1)?;
-        }
-        return Ok(());
-    }
-    Err((
-        true,
-        format!("Object of type {} is not JSON serializable", type_name(v)),
-    ))
-}
-
 /// Checks a value for `col` and returns what the attribute then holds: timestamps become
 /// aware UTC datetimes, integers 0/1 for booleans become bools; the rest is kept as given.
 pub fn normalise(col: ColRef, v: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
     if TABLES[col.table].columns[col.column].ty == ColType::Json {
-        return match check_json(v, 0) {
+        return match json::check(v) {
             Ok(()) => Ok(v.clone().unbind()),
             Err((is_type, why)) => {
                 let msg = format!("{} takes only what json can encode: {why}", col.qualified());

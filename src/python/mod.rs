@@ -4,6 +4,7 @@ mod convert;
 mod errors;
 mod expression;
 mod functions;
+mod json;
 mod log;
 mod model;
 mod query;

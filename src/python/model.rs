@@ -4,6 +4,7 @@
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyType};
+use pyo3::PyTypeInfo;
 
 use crate::expr::ColRef;
 use crate::python::convert::{normalise, to_py, to_value, Purpose};
@@ -406,10 +407,26 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 
 /// The table of a model class given to `query()` / `get()`.
 pub fn table_of_class(cls: &Bound<'_, PyAny>) -> Option<TableId> {
+    let py = cls.py();
+    // The five classes themselves, by identity: every query names one of them.
+    let known = [
+        (schema::SESSIONS, Session::type_object(py)),
+        (schema::WORKFLOW_RUNS, WorkflowRun::type_object(py)),
+        (schema::SESSION_STATES, SessionState::type_object(py)),
+        (schema::APPROVAL_REQUESTS, ApprovalRequest::type_object(py)),
+        (
+            schema::ACTIVE_CONNECTIONS,
+            ActiveConnection::type_object(py),
+        ),
+    ];
+    if let Some((table, _)) = known.iter().find(|(_, t)| cls.is(t)) {
+        return Some(*table);
+    }
+    // A Python subclass of one of them.
     let cls = cls.cast::<PyType>().ok()?;
     if !cls.is_subclass_of::<Model>().ok()? {
         return None;
     }
-    let name = cls.getattr("__tablename__").ok()?;
+    let name = cls.getattr(pyo3::intern!(py, "__tablename__")).ok()?;
     schema::table_by_name(name.extract::<&str>().ok()?)
 }

@@ -3,6 +3,7 @@
 //! primary key maps to one object; `flush` writes pending inserts, changed columns and
 //! deletes in foreign-key order inside one transaction.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
@@ -185,26 +186,29 @@ impl DbSession {
         overwrite: bool,
     ) -> PyResult<Vec<Py<PyAny>>> {
         let mut out = Vec::with_capacity(rows.len());
+        self.identity.reserve(rows.len());
         for row in rows {
             let pk = match &row[Table::PK] {
                 Value::Text(s) => s.clone(),
                 other => format!("{other:?}"),
             };
-            if let Some(obj) = self.identity.get(&(table, pk.clone())) {
-                let obj = obj.clone_ref(py);
-                if overwrite {
-                    let b = obj.bind(py).cast::<Model>()?.clone();
-                    let mut m = b.borrow_mut();
-                    if m.dirty == 0 {
-                        m.values = row.into_iter().map(Slot::Raw).collect();
+            match self.identity.entry((table, pk)) {
+                Entry::Occupied(tracked) => {
+                    let obj = tracked.get().clone_ref(py);
+                    if overwrite {
+                        let b = obj.bind(py).cast::<Model>()?.clone();
+                        let mut m = b.borrow_mut();
+                        if m.dirty == 0 {
+                            m.values = row.into_iter().map(Slot::Raw).collect();
+                        }
                     }
+                    out.push(obj);
                 }
-                out.push(obj);
-                continue;
+                Entry::Vacant(slot) => {
+                    let obj = instantiate(py, Model::loaded(table, row, self.key))?;
+                    out.push(slot.insert(obj).clone_ref(py));
+                }
             }
-            let obj = instantiate(py, Model::loaded(table, row, self.key))?;
-            self.identity.insert((table, pk), obj.clone_ref(py));
-            out.push(obj);
         }
         Ok(out)
     }
