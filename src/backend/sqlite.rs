@@ -134,12 +134,16 @@ pub fn query(c: &Connection, sql: &str, params: &[Value], shape: Shape) -> Resul
     Ok(out)
 }
 
+fn not_utf8(column: &str) -> Error {
+    Error::data(format!(
+        "column {column} holds text that is not valid UTF-8"
+    ))
+}
+
 fn text(bytes: &[u8], column: &str) -> Result<String> {
-    String::from_utf8(bytes.to_vec()).map_err(|_| {
-        Error::data(format!(
-            "column {column} holds text that is not valid UTF-8"
-        ))
-    })
+    std::str::from_utf8(bytes)
+        .map(str::to_owned)
+        .map_err(|_| not_utf8(column))
 }
 
 /// SQLite keeps whatever was written; decode it by the column's declared type, accepting
@@ -156,9 +160,9 @@ fn decode(v: ValueRef<'_>, ty: ColType, column: &str) -> Result<Value> {
         (ColType::Integer | ColType::BigInt, ValueRef::Integer(i)) => Value::Int(i),
         (ColType::Boolean, ValueRef::Integer(i)) => Value::Bool(i != 0),
         (ColType::Timestamp { .. }, ValueRef::Text(b)) => {
-            let s = text(b, column)?;
+            let s = std::str::from_utf8(b).map_err(|_| not_utf8(column))?;
             Value::Timestamp(
-                parse_sqlite_timestamp(&s).ok_or_else(|| bad(&format!("the text {s:?}")))?,
+                parse_sqlite_timestamp(s).ok_or_else(|| bad(&format!("the text {s:?}")))?,
             )
         }
         (ColType::Json, ValueRef::Text(b) | ValueRef::Blob(b)) => Value::Json(text(b, column)?),
