@@ -16,10 +16,18 @@ impl Dialect {
 
     /// The placeholder for the `n`-th parameter (1-based).
     pub fn placeholder(self, n: usize) -> String {
-        match self {
-            Dialect::Sqlite => format!("?{n}"),
-            Dialect::Postgres => format!("${n}"),
-        }
+        let mut s = String::new();
+        self.push_placeholder(&mut s, n);
+        s
+    }
+
+    /// Appends the placeholder for the `n`-th parameter (1-based) to `sql`.
+    pub fn push_placeholder(self, sql: &mut String, n: usize) {
+        use std::fmt::Write;
+        let _ = match self {
+            Dialect::Sqlite => write!(sql, "?{n}"),
+            Dialect::Postgres => write!(sql, "${n}"),
+        };
     }
 
     /// Starts a transaction that will write. SQLite takes the write lock up front, so a

@@ -74,8 +74,15 @@ impl Params {
         }
     }
     pub fn bind(&mut self, v: Value) -> String {
+        let mut s = String::new();
+        self.push(v, &mut s);
+        s
+    }
+
+    /// Binds `v` and appends its placeholder to `sql`.
+    pub fn push(&mut self, v: Value, sql: &mut String) {
         self.values.push(v);
-        self.dialect.placeholder(self.values.len())
+        self.dialect.push_placeholder(sql, self.values.len());
     }
 }
 
@@ -94,8 +101,11 @@ impl Expr {
     pub fn render(&self, sql: &mut String, params: &mut Params) {
         match self {
             Expr::Compare(c, op, v) => {
-                let p = params.bind(v.clone());
-                sql.push_str(&format!("{} {} {p}", c.name(), op.sql()));
+                sql.push_str(c.name());
+                sql.push(' ');
+                sql.push_str(op.sql());
+                sql.push(' ');
+                params.push(v.clone(), sql);
             }
             Expr::IsNull(c, negated) => {
                 sql.push_str(c.name());
@@ -107,13 +117,15 @@ impl Expr {
                     sql.push_str(if *negated { "1 = 1" } else { "1 = 0" });
                     return;
                 }
-                let ps: Vec<String> = values.iter().map(|v| params.bind(v.clone())).collect();
-                sql.push_str(&format!(
-                    "{} {}IN ({})",
-                    c.name(),
-                    if *negated { "NOT " } else { "" },
-                    ps.join(", ")
-                ));
+                sql.push_str(c.name());
+                sql.push_str(if *negated { " NOT IN (" } else { " IN (" });
+                for (i, v) in values.iter().enumerate() {
+                    if i > 0 {
+                        sql.push_str(", ");
+                    }
+                    params.push(v.clone(), sql);
+                }
+                sql.push(')');
             }
             Expr::Like(c, pattern, insensitive) => {
                 let p = params.bind(Value::Text(pattern.clone()));

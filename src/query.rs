@@ -1,6 +1,8 @@
 //! The statements a session runs, rendered from the schema: SELECT / count for queries,
 //! INSERT / UPDATE / DELETE for flushes and bulk operations.
 
+use std::fmt::Write;
+
 use crate::dialect::Dialect;
 use crate::expr::{render_where, Expr, Params};
 use crate::schema::{Table, TableId, TABLES};
@@ -20,11 +22,18 @@ pub struct Select {
 }
 
 fn column_list(table: &Table, columns: &[usize]) -> String {
-    columns
-        .iter()
-        .map(|&i| table.columns[i].name)
-        .collect::<Vec<_>>()
-        .join(", ")
+    let mut sql = String::new();
+    push_column_list(&mut sql, table, columns);
+    sql
+}
+
+fn push_column_list(sql: &mut String, table: &Table, columns: &[usize]) {
+    for (n, &i) in columns.iter().enumerate() {
+        if n > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(table.columns[i].name);
+    }
 }
 
 impl Select {
@@ -38,30 +47,31 @@ impl Select {
 
     pub fn render(&self, dialect: Dialect) -> (String, Vec<Value>) {
         let t = &TABLES[self.table];
-        let mut sql = format!("SELECT {} FROM {}", column_list(t, &self.columns), t.name);
+        let mut sql = String::with_capacity(256);
+        sql.push_str("SELECT ");
+        push_column_list(&mut sql, t, &self.columns);
+        sql.push_str(" FROM ");
+        sql.push_str(t.name);
         let mut params = Params::new(dialect);
         render_where(&self.filters, &mut sql, &mut params);
-        if !self.order_by.is_empty() {
-            let parts: Vec<String> = self
-                .order_by
-                .iter()
-                .map(|&(i, desc)| {
-                    format!("{}{}", t.columns[i].name, if desc { " DESC" } else { "" })
-                })
-                .collect();
-            sql.push_str(" ORDER BY ");
-            sql.push_str(&parts.join(", "));
+        for (n, &(i, desc)) in self.order_by.iter().enumerate() {
+            sql.push_str(if n == 0 { " ORDER BY " } else { ", " });
+            sql.push_str(t.columns[i].name);
+            if desc {
+                sql.push_str(" DESC");
+            }
         }
-        match (self.limit, self.offset) {
-            (Some(l), Some(o)) => sql.push_str(&format!(" LIMIT {l} OFFSET {o}")),
-            (Some(l), None) => sql.push_str(&format!(" LIMIT {l}")),
+        // write! to a String cannot fail.
+        let _ = match (self.limit, self.offset) {
+            (Some(l), Some(o)) => write!(sql, " LIMIT {l} OFFSET {o}"),
+            (Some(l), None) => write!(sql, " LIMIT {l}"),
             // SQLite needs a LIMIT before OFFSET; -1 means none there, ALL on PostgreSQL.
-            (None, Some(o)) => sql.push_str(&match dialect {
-                Dialect::Sqlite => format!(" LIMIT -1 OFFSET {o}"),
-                Dialect::Postgres => format!(" OFFSET {o}"),
-            }),
-            (None, None) => {}
-        }
+            (None, Some(o)) => match dialect {
+                Dialect::Sqlite => write!(sql, " LIMIT -1 OFFSET {o}"),
+                Dialect::Postgres => write!(sql, " OFFSET {o}"),
+            },
+            (None, None) => Ok(()),
+        };
         (sql, params.values)
     }
 
@@ -96,7 +106,7 @@ pub fn insert(dialect: Dialect, table: TableId, columns: &[usize], rows: usize) 
             if c > 1 {
                 sql.push_str(", ");
             }
-            sql.push_str(&dialect.placeholder(r * n + c));
+            dialect.push_placeholder(&mut sql, r * n + c);
         }
     }
     if rows > 0 {
