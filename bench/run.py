@@ -755,7 +755,11 @@ warm-up; run time {elapsed / 60:.1f} min.
   driver then asks the systems in turn for one timed repetition each, in an order that goes
   through every permutation round by round, so a drift in this shared machine's load falls on
   every system alike and each follows each other equally often; before each repetition of a
-  workload that writes, `sync` flushes dirty pages so no system pays for another's writes.
+  workload that writes, `sync` flushes dirty pages so no system pays for another's writes,
+  and after each SQLite repetition that wrote, the worker waits (untimed) until the WAL is
+  checkpointed: raw sqlite3 and SQLAlchemy checkpoint inside their commits (SQLite's
+  default), cmbagent_db on a background thread, and that thread's copying must not run
+  during another system's repetition.
   The median of each system's repetitions is reported, and every repetition is listed at the
   end.
 - Call patterns (bench/workloads.py): cmbagent_db and SQLAlchemy run the same code --
