@@ -171,7 +171,7 @@ const NOTIFY_TRIGGER: &str = include_str!("../migrations/postgresql/approval_not
 
 /// Creates the trigger that NOTIFYs `CHANNEL` on every status change, for a database that
 /// reached revision 002 without it (Alembic's own 002). PostgreSQL only; idempotent,
-/// serialised by an advisory lock; runs in its own transaction.
+/// serialised with migrations by their lock; runs in its own transaction.
 pub fn ensure_notify_trigger(conn: &mut Conn) -> Result<()> {
     if conn.dialect() != Dialect::Postgres {
         return Ok(());
@@ -184,10 +184,7 @@ pub fn ensure_notify_trigger(conn: &mut Conn) -> Result<()> {
     if matches!(present.first().and_then(|r| r.first()), Some(Value::Int(n)) if *n > 0) {
         return Ok(());
     }
-    conn.begin_write()?;
-    let result = conn
-        .execute("SELECT pg_advisory_xact_lock(7305)", &[])
-        .and_then(|_| conn.batch(NOTIFY_TRIGGER));
+    let result = crate::migrate::lock(conn).and_then(|()| conn.batch(NOTIFY_TRIGGER));
     match result {
         Ok(()) => conn.commit(),
         Err(e) => {

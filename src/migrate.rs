@@ -306,7 +306,10 @@ pub fn check(conn: &mut Conn) -> Result<Vec<String>> {
         .collect())
 }
 
-fn lock(conn: &mut Conn) -> Result<()> {
+/// Opens a write transaction holding the lock that serialises every schema change this
+/// package makes, across processes and instances (SQLite's write lock; on PostgreSQL also
+/// a transaction-scoped advisory lock).
+pub fn lock(conn: &mut Conn) -> Result<()> {
     conn.begin_write()?;
     if conn.dialect() == Dialect::Postgres {
         conn.execute(

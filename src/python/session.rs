@@ -74,6 +74,14 @@ fn shape(table: TableId, columns: &[usize]) -> Vec<(&'static str, ColType)> {
         .collect()
 }
 
+/// The identity-map key of a row read from the database.
+fn row_pk(row: &Row) -> String {
+    match &row[Table::PK] {
+        Value::Text(s) => s.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
 fn pk_filter(table: TableId, pks: Vec<String>) -> Expr {
     Expr::In(
         ColRef {
@@ -188,11 +196,7 @@ impl DbSession {
         let mut out = Vec::with_capacity(rows.len());
         self.identity.reserve(rows.len());
         for row in rows {
-            let pk = match &row[Table::PK] {
-                Value::Text(s) => s.clone(),
-                other => format!("{other:?}"),
-            };
-            match self.identity.entry((table, pk)) {
+            match self.identity.entry((table, row_pk(&row))) {
                 Entry::Occupied(tracked) => {
                     let obj = tracked.get().clone_ref(py);
                     if overwrite {
@@ -465,11 +469,7 @@ impl DbSession {
     /// The tracked object for a row just written elsewhere, updated to the row's values,
     /// or a newly tracked one.
     pub fn merge_row(&mut self, py: Python<'_>, table: TableId, row: Row) -> PyResult<Py<PyAny>> {
-        let pk = match &row[Table::PK] {
-            Value::Text(s) => s.clone(),
-            other => format!("{other:?}"),
-        };
-        match self.identity.get(&(table, pk)) {
+        match self.identity.get(&(table, row_pk(&row))) {
             Some(obj) => {
                 let obj = obj.clone_ref(py);
                 let values = row.into_iter().map(Slot::Raw).collect();
