@@ -165,6 +165,27 @@ mod tests {
     }
 
     #[test]
+    fn a_log_past_the_inline_limit_is_checkpointed_by_the_committer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
+            .unwrap();
+        install(&conn);
+        // About 10,500 pages in one commit, and no request to the thread.
+        conn.execute_batch(
+            "CREATE TABLE t(x BLOB); BEGIN; \
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 10500) \
+             INSERT INTO t SELECT zeroblob(4000) FROM n; COMMIT;",
+        )
+        .unwrap();
+        // The hook copied the log into the database file before the commit returned, and
+        // left nothing for the thread.
+        assert!(file_len(&path) > 10_000 * 4096, "{} bytes", file_len(&path));
+        assert_eq!(WAL_PAGES.get(), 0);
+    }
+
+    #[test]
     fn a_deleted_database_is_not_recreated() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gone.db");
