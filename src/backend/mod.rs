@@ -51,10 +51,12 @@ impl Conn {
             }
         };
         let wal_database = match &url.target {
+            // Absolute, so a later chdir of the process cannot point the checkpoint
+            // thread at another file.
             Target::Sqlite {
                 path: SqlitePath::File(p),
                 ..
-            } => Some(p.clone()),
+            } => Some(std::path::absolute(p).unwrap_or_else(|_| p.clone())),
             _ => None,
         };
         Ok(Conn {

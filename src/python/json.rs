@@ -215,7 +215,12 @@ fn check_at(v: &Bound<'_, PyAny>, depth: usize) -> Result<(), (bool, String)> {
         return finite(f.value());
     }
     if let Ok(d) = v.cast::<PyDict>() {
-        for (k, item) in d.iter() {
+        // A snapshot of the items, as json takes: checking a value may run Python code
+        // (a list subclass's __iter__) that changes the dict.
+        for pair in d.items().iter() {
+            let (k, item) = pair
+                .extract::<(Bound<'_, PyAny>, Bound<'_, PyAny>)>()
+                .map_err(|e| (true, e.to_string()))?;
             if let Ok(f) = k.cast::<PyFloat>() {
                 finite(f.value())?;
             } else if !(k.is_none()

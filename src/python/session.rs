@@ -194,7 +194,6 @@ impl DbSession {
         overwrite: bool,
     ) -> PyResult<Vec<Py<PyAny>>> {
         let mut out = Vec::with_capacity(rows.len());
-        self.identity.reserve(rows.len());
         for row in rows {
             match self.identity.entry((table, row_pk(&row))) {
                 Entry::Occupied(tracked) => {
