@@ -553,6 +553,54 @@ def test_sqlite_sigkill_during_large_commit(sqlite_url, tmp_path):
     assert outcomes["none"] >= 1, outcomes
 
 
+FORK_AFTER_BIG_COMMITS = """
+import os, sys, time, sqlite3
+import cmbagent_db
+from cmbagent_db.models import ApprovalRequest
+url, run_id, child_db, forks = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+hung = 0
+for _ in range(forks):
+    db = cmbagent_db.get_db_session(url)
+    db.add_all([ApprovalRequest.create_pending(run_id, "t", {"x": "y" * 500})
+                for _ in range(2000)])
+    db.commit()  # past 1,000 WAL pages: the checkpoint thread starts now
+    db.query(ApprovalRequest).delete()
+    db.commit()
+    db.close()
+    pid = os.fork()
+    if pid == 0:
+        c = sqlite3.connect(child_db)
+        c.execute("SELECT 1")
+        c.close()
+        os._exit(0)
+    deadline = time.monotonic() + 10
+    while os.waitpid(pid, os.WNOHANG)[0] == 0:
+        if time.monotonic() > deadline:
+            hung += 1
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            break
+        time.sleep(0.001)
+print("HUNG", hung, flush=True)
+"""
+
+
+def test_sqlite_fork_while_the_checkpoint_thread_works(sqlite_url, tmp_path):
+    """A process forked right after a large commit, while the background checkpoint thread
+    is inside SQLite, gets a child whose SQLite (Python's sqlite3 included) works: fork
+    waits for the thread to leave SQLite. Without that, about a third of these children
+    hung on SQLite's allocator mutex."""
+    cmbagent_db.init_database(sqlite_url)
+    _, run_id = make_run(sqlite_url)
+    script = write_script(tmp_path, "fork_after_commits.py", FORK_AFTER_BIG_COMMITS)
+    out = subprocess.run(
+        [sys.executable, script, sqlite_url, run_id, str(tmp_path / "child.db"), "40"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["HUNG", "0"], out.stdout
+
+
 MIGRATE_CHILD = """
 import sys, time
 import cmbagent_db

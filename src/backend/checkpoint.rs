@@ -6,20 +6,26 @@
 //! (an expiry sweep spent half its time there). SQLite documents the alternative this
 //! module takes (<https://sqlite.org/wal.html>, "Application-Initiated Checkpoints"): our
 //! connections replace the automatic checkpoint with a WAL hook that only notes the log's
-//! size, and after a statement that committed past `BACKGROUND_AT` pages, the database is
-//! handed to one background thread per process, which runs a PASSIVE checkpoint on a
-//! connection of its own (it never blocks readers or writers).
+//! size, and after a statement that committed past `BACKGROUND_AT` pages the file is queued
+//! for a background thread, which runs a PASSIVE checkpoint on a connection of its own (it
+//! never blocks readers or writers) and exits when the queue is empty.
 //!
-//! Durability does not change: a commit is in the synced WAL before it returns, whoever
-//! copies it into the database file later. Should the log reach `INLINE_AT` pages all the
-//! same (the thread cannot keep up, or a forked child has none yet), the committing
-//! connection checkpoints itself, as SQLite would have.
+//! With `synchronous=FULL` (the default) durability does not change: a commit is in the
+//! synced WAL before it returns, whoever copies it into the database file later. (With
+//! `synchronous=NORMAL` the WAL is synced by checkpoints, so the commits a power cut may
+//! lose are those since the last background checkpoint.) Should the log reach `INLINE_AT`
+//! pages all the same (the thread cannot keep up, or a reader keeps it from finishing), the
+//! committing connection checkpoints itself, as SQLite would have.
+//!
+//! Fork safety: a child forked while the thread is inside SQLite would inherit SQLite's
+//! allocator mutex locked and hang at its first SQLite call (Python's `sqlite3` too).
+//! `pthread_atfork` handlers make `fork()` wait until the thread is outside SQLite and the
+//! queue is unlocked; the child starts with no thread and spawns one when it needs it.
 
-use std::cell::Cell;
-use std::collections::HashSet;
+use std::cell::{Cell, UnsafeCell};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Once;
 use std::time::Duration;
 
 use rusqlite::hooks::{CheckpointMode, Wal};
@@ -31,8 +37,8 @@ const BACKGROUND_AT: i32 = 1_000;
 /// The log size at which a committing connection stops leaving the work to the thread.
 const INLINE_AT: i32 = 10 * BACKGROUND_AT;
 
-/// How long the background connection waits for a lock: a PASSIVE checkpoint never waits
-/// for readers or writers, only for another checkpoint that holds the file.
+/// How long the background connection waits for a lock while it opens the database (its
+/// PASSIVE checkpoint itself never waits: it copies what it can and returns).
 const CHECKPOINT_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
 
 thread_local! {
@@ -58,49 +64,136 @@ fn on_commit(wal: &Wal, pages: i32) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// After a statement on a connection to `path`: if it committed past the threshold, have
-/// the background thread checkpoint the file.
+/// After a statement on a connection to `path`: if it committed past the threshold, queue
+/// the file for the background thread.
 pub fn after_statement(path: &Path) {
     if WAL_PAGES.replace(0) >= BACKGROUND_AT {
         request(path);
     }
 }
 
-struct Worker {
-    pid: u32,
-    queue: Sender<PathBuf>,
+/// A value behind a pthread mutex, which (unlike std's `Mutex`) the fork handlers can lock
+/// in one callback and unlock in another.
+struct ForkLocked<T> {
+    mutex: UnsafeCell<libc::pthread_mutex_t>,
+    value: UnsafeCell<T>,
 }
 
-static WORKER: Mutex<Option<Worker>> = Mutex::new(None);
+// SAFETY: `value` is only reached through `with`, which holds `mutex`.
+unsafe impl<T: Send> Sync for ForkLocked<T> {}
 
-fn request(path: &Path) {
-    let mut worker = WORKER.lock().unwrap_or_else(|p| p.into_inner());
-    let pid = std::process::id();
-    if let Some(w) = worker.as_ref() {
-        // A forked child inherits the handle but not the thread behind it.
-        if w.pid == pid && w.queue.send(path.to_path_buf()).is_ok() {
-            return;
+impl<T> ForkLocked<T> {
+    const fn new(value: T) -> Self {
+        ForkLocked {
+            mutex: UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER),
+            value: UnsafeCell::new(value),
         }
     }
-    let (queue, jobs) = channel();
-    let spawned = std::thread::Builder::new()
-        .name("cmbagent-db-checkpoint".into())
-        .spawn(move || run(jobs));
-    // Without the thread (no threads left), the inline checkpoint bounds the log.
-    if spawned.is_ok() && queue.send(path.to_path_buf()).is_ok() {
-        *worker = Some(Worker { pid, queue });
+
+    fn lock(&self) {
+        // SAFETY: a statically initialised, never moved, never destroyed mutex.
+        unsafe { libc::pthread_mutex_lock(self.mutex.get()) };
+    }
+
+    fn unlock(&self) {
+        // SAFETY: as in `lock`; called only by the thread that locked it (the fork handlers
+        // run in the forking thread, and in the child that thread is the only one).
+        unsafe { libc::pthread_mutex_unlock(self.mutex.get()) };
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        struct Unlock<'a, T>(&'a ForkLocked<T>);
+        impl<T> Drop for Unlock<'_, T> {
+            fn drop(&mut self) {
+                self.0.unlock();
+            }
+        }
+        self.lock();
+        let _unlock = Unlock(self);
+        // SAFETY: the mutex is held until `_unlock` drops, after `f` returns.
+        f(unsafe { &mut *self.value.get() })
     }
 }
 
-fn run(jobs: Receiver<PathBuf>) {
-    while let Ok(first) = jobs.recv() {
-        // Requests that queued up meanwhile need one checkpoint per file.
-        let mut paths: HashSet<PathBuf> = jobs.try_iter().collect();
-        paths.insert(first);
+struct Queue {
+    paths: Vec<PathBuf>,
+    /// Whether a thread is draining `paths`.
+    draining: bool,
+}
+
+static QUEUE: ForkLocked<Queue> = ForkLocked::new(Queue {
+    paths: Vec::new(),
+    draining: false,
+});
+
+/// Held by the thread while it is inside SQLite.
+static IN_SQLITE: ForkLocked<()> = ForkLocked::new(());
+
+static FORK_HANDLERS: Once = Once::new();
+static FORK_HANDLERS_OK: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn before_fork() {
+    IN_SQLITE.lock();
+    QUEUE.lock();
+}
+
+extern "C" fn after_fork_in_parent() {
+    QUEUE.unlock();
+    IN_SQLITE.unlock();
+}
+
+extern "C" fn after_fork_in_child() {
+    // SAFETY: the queue's mutex is held by this thread since `before_fork`.
+    unsafe { (*QUEUE.value.get()).draining = false };
+    QUEUE.unlock();
+    IN_SQLITE.unlock();
+}
+
+fn request(path: &Path) {
+    FORK_HANDLERS.call_once(|| {
+        // SAFETY: registers three `extern "C"` functions that take no arguments.
+        let rc = unsafe {
+            libc::pthread_atfork(
+                Some(before_fork),
+                Some(after_fork_in_parent),
+                Some(after_fork_in_child),
+            )
+        };
+        FORK_HANDLERS_OK.store(rc == 0, Ordering::Release);
+    });
+    if !FORK_HANDLERS_OK.load(Ordering::Acquire) {
+        // No fork-safe thread: the inline checkpoint bounds the log.
+        return;
+    }
+    QUEUE.with(|q| {
+        if !q.paths.iter().any(|p| p == path) {
+            q.paths.push(path.to_path_buf());
+        }
+        if !q.draining {
+            let spawned = std::thread::Builder::new()
+                .name("cmbagent-db-checkpoint".into())
+                .spawn(drain);
+            // Without a thread (none left to start), the inline checkpoint bounds the log.
+            q.draining = spawned.is_ok();
+        }
+    });
+}
+
+/// The thread: checkpoints queued files until the queue is empty.
+fn drain() {
+    loop {
+        let paths = QUEUE.with(|q| {
+            let paths = std::mem::take(&mut q.paths);
+            q.draining = !paths.is_empty();
+            paths
+        });
+        if paths.is_empty() {
+            return;
+        }
         for path in paths {
             // A failed checkpoint loses nothing (the pages stay in the synced log) and
-            // the next request retries; there is nobody to report it to.
-            let _ = checkpoint(&path);
+            // the next commit past the threshold asks again; nobody is there to tell.
+            let _ = IN_SQLITE.with(|()| checkpoint(&path));
         }
     }
 }
@@ -183,6 +276,43 @@ mod tests {
         // left nothing for the thread.
         assert!(file_len(&path) > 10_000 * 4096, "{} bytes", file_len(&path));
         assert_eq!(WAL_PAGES.get(), 0);
+    }
+
+    #[test]
+    fn fork_waits_until_the_thread_is_outside_sqlite_and_the_child_has_no_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        // Registers the fork handlers (the file does not exist: nothing is checkpointed).
+        request(&dir.path().join("none.db"));
+        assert!(FORK_HANDLERS_OK.load(Ordering::Acquire));
+        // Stand in for the thread: inside SQLite for 300 ms, while a real thread waits
+        // with a file queued (so the parent is draining when it forks).
+        let (entered, inside) = std::sync::mpsc::channel();
+        let worker = std::thread::spawn(move || {
+            IN_SQLITE.with(|()| {
+                entered.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+            })
+        });
+        inside.recv().unwrap();
+        request(&dir.path().join("queued.db"));
+        let started = std::time::Instant::now();
+        // SAFETY: the child only reads a static and calls _exit (no allocation, no locks).
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let draining = unsafe { (*QUEUE.value.get()).draining };
+            unsafe { libc::_exit(if draining { 1 } else { 0 }) };
+        }
+        let waited = started.elapsed();
+        assert!(pid > 0, "fork failed");
+        let mut status = 0;
+        // SAFETY: waits for the child just forked.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        worker.join().unwrap();
+        assert!(
+            waited >= Duration::from_millis(200),
+            "fork went ahead while the thread was inside SQLite ({waited:?})"
+        );
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
     }
 
     #[test]
