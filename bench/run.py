@@ -755,11 +755,12 @@ warm-up; run time {elapsed / 60:.1f} min.
   driver then asks the systems in turn for one timed repetition each, in an order that goes
   through every permutation round by round, so a drift in this shared machine's load falls on
   every system alike and each follows each other equally often; before each repetition of a
-  workload that writes, `sync` flushes dirty pages so no system pays for another's writes,
-  and after each SQLite repetition that wrote, the worker waits (untimed) until the WAL is
-  checkpointed: raw sqlite3 and SQLAlchemy checkpoint inside their commits (SQLite's
-  default), cmbagent_db on a background thread, and that thread's copying must not run
-  during another system's repetition.
+  workload that writes, `sync` flushes dirty pages so no system pays for another's writes.
+  A SQLite repetition that writes ends when the WAL is fully checkpointed, inside the
+  timing, on every side: raw sqlite3 and SQLAlchemy copy the WAL into the database file
+  inside their commits (SQLite's default), cmbagent_db on a background thread, and each
+  system is charged for all the copying its writes caused. (What a caller waits for in
+  cmbagent_db is less: its commit returns before the copy.)
   The median of each system's repetitions is reported, and every repetition is listed at the
   end.
 - Call patterns (bench/workloads.py): cmbagent_db and SQLAlchemy run the same code --

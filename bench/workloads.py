@@ -624,12 +624,20 @@ class RawAdmin:
         self.conn.close()
 
 
+def settled(db: Dict[str, Any], fn: Callable[[], Any]) -> Any:
+    """Runs a SQLite workload that writes, then waits until every page it committed to the
+    WAL is in the database file; both inside the timing. Raw sqlite3 and SQLAlchemy copy
+    the WAL inside the commit that grows it past 1,000 pages (SQLite's default);
+    cmbagent_db leaves that to a background thread. Counting the copy on every side charges
+    each system for all the work it caused, and it never runs during another system's
+    repetition."""
+    out = fn()
+    settle_wal(db)
+    return out
+
+
 def settle_wal(db: Dict[str, Any], timeout: float = 60.0) -> None:
-    """After a repetition that wrote to SQLite (outside the timing): wait until every page
-    committed to the WAL is in the database file. Raw sqlite3 and SQLAlchemy checkpoint
-    inside the commit that grows the WAL past 1,000 pages (SQLite's default); cmbagent_db
-    hands that to a background thread. Either way the copying is done before the driver
-    starts the next repetition, so it never runs during another system's timing."""
+    """Waits until the WAL of a SQLite database is fully checkpointed (nothing on PostgreSQL)."""
     if db["backend"] != "sqlite":
         return
     import sqlite3
@@ -644,7 +652,7 @@ def settle_wal(db: Dict[str, Any], timeout: float = 60.0) -> None:
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the WAL of {db['path']} was not checkpointed in {timeout} s")
-            time.sleep(0.005)
+            time.sleep(0.001)
     finally:
         conn.close()
 
@@ -767,9 +775,8 @@ class Runner:
         sysm = make_system(self.system_name, db, **self.kw)
         sysm.warm()
         gc.collect()
-        secs, n = _timed(lambda: sysm.bulk_insert(self.contexts))
+        secs, n = _timed(lambda: settled(db, lambda: sysm.bulk_insert(self.contexts)))
         sysm.close()
-        settle_wal(db)
         check = RawAdmin(db)
         count = check.fetch("SELECT count(*) FROM approval_requests")[0][0]
         check.close()
@@ -794,7 +801,7 @@ class Runner:
 
     def _sweep_rep(self) -> float:
         assert self.sysm is not None and self.admin is not None
-        secs, n = _timed(self.sysm.sweep)
+        secs, n = _timed(lambda: settled(self.dbs[0], self.sysm.sweep))
         expected = int(self.p["expected"])
         if n != expected:
             raise RuntimeError(f"sweep matched {n} rows, expected {expected}")
@@ -811,7 +818,7 @@ class Runner:
         # Every row stale again (outside the timing), so the check below sees this
         # repetition's writes, whatever timestamp format the writer used.
         self.admin.execute("UPDATE active_connections SET last_heartbeat = ?", (self.stale,))
-        secs, _ = _timed(lambda: self.sysm.heartbeat(task_ids))
+        secs, _ = _timed(lambda: settled(self.dbs[0], lambda: self.sysm.heartbeat(task_ids)))
         fresh = self.admin.fetch(
             "SELECT count(*) FROM active_connections WHERE last_heartbeat > ?", (self.stale,))[0][0]
         if fresh != len(task_ids):
@@ -842,7 +849,7 @@ class Runner:
             assert self.sysm is not None
             n = int(p["n"])
             contexts = [make_context(self.reps * n + i) for i in range(n)]
-            secs, _ = _timed(lambda: self.sysm.create_commit(contexts))
+            secs, _ = _timed(lambda: settled(self.dbs[0], lambda: self.sysm.create_commit(contexts)))
             self.written += n
         elif w == "lookup":
             secs = self._lookup_rep(int(p["n"]))
@@ -856,8 +863,6 @@ class Runner:
             secs = self._load_rep()
         else:
             raise ValueError(w)
-        if w in ("create_commit", "sweep", "heartbeat"):
-            settle_wal(self.dbs[0])
         self.reps += 1
         return secs
 

@@ -155,11 +155,41 @@ fn insert_rep(url: &str, rows: usize, run_id: &str, session_id: &Value) -> AnyRe
     conn.begin_write()?;
     let n = conn.insert_rows(APPROVAL_REQUESTS, &all, batch)?;
     conn.commit()?;
+    settle_wal(&mut conn)?;
     let secs = t0.elapsed().as_secs_f64();
     if n as usize != rows {
         return Err(format!("inserted {n} rows, expected {rows}").into());
     }
     Ok(secs)
+}
+
+/// Waits until the WAL is fully copied into the database file (by the background
+/// checkpoint, or by this call), as bench/workloads.py's `settled` does for the Python
+/// systems: a repetition pays for all the copying its commit caused. Nothing on PostgreSQL.
+fn settle_wal(conn: &mut cmbagent_db::pool::Pooled) -> AnyResult<()> {
+    if conn.dialect() != cmbagent_db::dialect::Dialect::Sqlite {
+        return Ok(());
+    }
+    let shape = [
+        ("busy", ColType::BigInt),
+        ("log", ColType::BigInt),
+        ("checkpointed", ColType::BigInt),
+    ];
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let row = conn.query("PRAGMA wal_checkpoint(PASSIVE)", &[], &shape)?;
+        if let Some([Value::Int(0), Value::Int(log), Value::Int(done)]) =
+            row.first().map(Vec::as_slice)
+        {
+            if log == done {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err("the WAL was not checkpointed within 60 s".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 /// Lookups by id on one database, ids picked at random among its approvals.
