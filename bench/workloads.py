@@ -624,18 +624,6 @@ class RawAdmin:
         self.conn.close()
 
 
-def settled(db: Dict[str, Any], fn: Callable[[], Any]) -> Any:
-    """Runs a SQLite workload that writes, then waits until every page it committed to the
-    WAL is in the database file; both inside the timing. Raw sqlite3 and SQLAlchemy copy
-    the WAL inside the commit that grows it past 1,000 pages (SQLite's default);
-    cmbagent_db leaves that to a background thread. Counting the copy on every side charges
-    each system for all the work it caused, and it never runs during another system's
-    repetition."""
-    out = fn()
-    settle_wal(db)
-    return out
-
-
 def settle_wal(db: Dict[str, Any], timeout: float = 60.0) -> None:
     """Waits until the WAL of a SQLite database is fully checkpointed (nothing on PostgreSQL)."""
     if db["backend"] != "sqlite":
@@ -718,6 +706,8 @@ class Runner:
         self.extra: Dict[str, Any] = {}
         self.sysm: Optional[System] = None
         self.admin: Optional[RawAdmin] = None
+        # Time until the last write workload's call returned (see _settled).
+        self.returned: Optional[float] = None
 
     # -- set-up and warm-up ------------------------------------------------------------
     def setup(self) -> None:
@@ -770,12 +760,26 @@ class Runner:
         assert self.admin is not None
         return self.admin.fetch("SELECT count(*) FROM approval_requests")[0][0]
 
+    def _settled(self, db: Dict[str, Any], fn: Callable[[], Any]) -> Any:
+        """Runs a workload that writes and, on SQLite, waits until every page it committed to
+        the WAL is in the database file; both inside the timing. Raw sqlite3 and SQLAlchemy
+        copy the WAL inside the commit that grows it past 1,000 pages (SQLite's default);
+        cmbagent_db leaves that to a background thread. Counting the copy on every side
+        charges each system for all the work it caused, and it never runs during another
+        system's repetition. The time until `fn` returned, what a caller waits for, is
+        kept as well (`returned_secs`)."""
+        t0 = time.perf_counter()
+        out = fn()
+        self.returned = time.perf_counter() - t0
+        settle_wal(db)
+        return out
+
     # -- one repetition of each workload -------------------------------------------------
     def _bulk_rep(self, db: Dict[str, Any]) -> float:
         sysm = make_system(self.system_name, db, **self.kw)
         sysm.warm()
         gc.collect()
-        secs, n = _timed(lambda: settled(db, lambda: sysm.bulk_insert(self.contexts)))
+        secs, n = _timed(lambda: self._settled(db, lambda: sysm.bulk_insert(self.contexts)))
         sysm.close()
         check = RawAdmin(db)
         count = check.fetch("SELECT count(*) FROM approval_requests")[0][0]
@@ -801,7 +805,7 @@ class Runner:
 
     def _sweep_rep(self) -> float:
         assert self.sysm is not None and self.admin is not None
-        secs, n = _timed(lambda: settled(self.dbs[0], self.sysm.sweep))
+        secs, n = _timed(lambda: self._settled(self.dbs[0], self.sysm.sweep))
         expected = int(self.p["expected"])
         if n != expected:
             raise RuntimeError(f"sweep matched {n} rows, expected {expected}")
@@ -818,7 +822,7 @@ class Runner:
         # Every row stale again (outside the timing), so the check below sees this
         # repetition's writes, whatever timestamp format the writer used.
         self.admin.execute("UPDATE active_connections SET last_heartbeat = ?", (self.stale,))
-        secs, _ = _timed(lambda: settled(self.dbs[0], lambda: self.sysm.heartbeat(task_ids)))
+        secs, _ = _timed(lambda: self._settled(self.dbs[0], lambda: self.sysm.heartbeat(task_ids)))
         fresh = self.admin.fetch(
             "SELECT count(*) FROM active_connections WHERE last_heartbeat > ?", (self.stale,))[0][0]
         if fresh != len(task_ids):
@@ -843,13 +847,15 @@ class Runner:
 
     def rep(self) -> float:
         w, p = self.workload, self.p
+        self.returned = None
         if w == "bulk_insert":
             secs = self._bulk_rep(self.dbs[self.reps + 1])
         elif w == "create_commit":
             assert self.sysm is not None
             n = int(p["n"])
             contexts = [make_context(self.reps * n + i) for i in range(n)]
-            secs, _ = _timed(lambda: settled(self.dbs[0], lambda: self.sysm.create_commit(contexts)))
+            secs, _ = _timed(lambda: self._settled(
+                self.dbs[0], lambda: self.sysm.create_commit(contexts)))
             self.written += n
         elif w == "lookup":
             secs = self._lookup_rep(int(p["n"]))
@@ -863,6 +869,8 @@ class Runner:
             secs = self._load_rep()
         else:
             raise ValueError(w)
+        if self.returned is not None and self.dbs[0]["backend"] == "sqlite":
+            self.extra.setdefault("returned_secs", []).append(self.returned)
         self.reps += 1
         return secs
 
