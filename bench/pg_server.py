@@ -13,7 +13,7 @@ DATABASE, instead of a throwaway one), ``CMBAGENT_DB_BENCH_PG_BINDIR`` (where in
 pg_ctl live), ``CMBAGENT_DB_BENCH_PG_OS_USER`` (the OS user to run them as when root).
 
     server = PgServer.start()           # or PgServer.external(url)
-    url = server.create_database()      # postgresql://bench:...@127.0.0.1:PORT/bench_xxx
+    url = server.create_database()      # postgresql://bench:...@127.0.0.1:PORT/bench_<pid>_<hex>
     server.create_database(template="bench_base")
     server.drop_database(url)
     server.stop()
@@ -81,10 +81,6 @@ class PgServer(pg_throwaway.PgServer):
 
     def settings(self) -> Dict[str, str]:
         return {n: self.query(f"SHOW {n}")[0][0] for n in REPORTED_SETTINGS}
-
-
-def find_bindir() -> str:
-    return pg_throwaway.find_bindir(PgServer.recipe)
 
 
 def get_server() -> PgServer:

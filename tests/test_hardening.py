@@ -669,10 +669,18 @@ def test_pg_backend_terminated_during_large_commit(pg_url, pg_server, tmp_path):
     script = write_script(tmp_path, "big_commit.py", BIG_COMMIT)
     dbname = dbname_of(pg_url)
     admin = admin_conn(pg_server)
+    # One undisturbed run to learn how long the commit takes here; the terminations land
+    # at fractions of it (the first one early, so that at least one comes before the end).
+    p = _start_big_commit(script, pg_url, run_id)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    duration = float(out.split()[-1])
     outcomes = collections.Counter()
-    expected = 0
+    expected = row_count(pg_url, "approval_requests")
+    assert expected == N_BIG
     try:
-        for delay in (0.05, RNG.uniform(0.1, 0.6), RNG.uniform(0.3, 1.2)):
+        for delay in (duration * 0.1, duration * RNG.uniform(0.2, 0.6),
+                      duration * RNG.uniform(0.5, 1.2)):
             p = _start_big_commit(script, pg_url, run_id)
             time.sleep(delay)
             finished = p.poll() is not None

@@ -217,21 +217,28 @@ mod tests {
         std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
     }
 
-    #[test]
-    fn large_commits_are_checkpointed_by_the_thread_not_the_committer() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
+    /// A WAL database in `dir` with the hook installed, and one commit of about `pages`
+    /// pages (a row of 4,000 bytes each).
+    fn committed(dir: &Path, pages: usize) -> (PathBuf, Connection) {
+        let path = dir.join("c.db");
         let conn = Connection::open(&path).unwrap();
         conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
             .unwrap();
         install(&conn);
-        // About 1,200 pages in one commit: past BACKGROUND_AT, short of INLINE_AT.
-        conn.execute_batch(
+        conn.execute_batch(&format!(
             "CREATE TABLE t(x BLOB); BEGIN; \
-             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1200) \
-             INSERT INTO t SELECT zeroblob(4000) FROM n; COMMIT;",
-        )
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {pages}) \
+             INSERT INTO t SELECT zeroblob(4000) FROM n; COMMIT;"
+        ))
         .unwrap();
+        (path, conn)
+    }
+
+    #[test]
+    fn large_commits_are_checkpointed_by_the_thread_not_the_committer() {
+        let dir = tempfile::tempdir().unwrap();
+        // Past BACKGROUND_AT, short of INLINE_AT.
+        let (path, conn) = committed(dir.path(), 1200);
         // The committer did not checkpoint: the pages are in the log, not the file.
         assert!(file_len(&path.with_extension("db-wal")) > 1_000 * 4096);
         assert!(file_len(&path) < 100 * 4096, "{} bytes", file_len(&path));
@@ -260,18 +267,8 @@ mod tests {
     #[test]
     fn a_log_past_the_inline_limit_is_checkpointed_by_the_committer() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("big.db");
-        let conn = Connection::open(&path).unwrap();
-        conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
-            .unwrap();
-        install(&conn);
-        // About 10,500 pages in one commit, and no request to the thread.
-        conn.execute_batch(
-            "CREATE TABLE t(x BLOB); BEGIN; \
-             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 10500) \
-             INSERT INTO t SELECT zeroblob(4000) FROM n; COMMIT;",
-        )
-        .unwrap();
+        // Past INLINE_AT, and no request to the thread.
+        let (path, _conn) = committed(dir.path(), 10_500);
         // The hook copied the log into the database file before the commit returned, and
         // left nothing for the thread.
         assert!(file_len(&path) > 10_000 * 4096, "{} bytes", file_len(&path));

@@ -65,17 +65,14 @@ fn encode(v: &Bound<'_, PyAny>, out: &mut String, depth: usize) -> Option<()> {
     if depth > MAX_DEPTH {
         return None;
     }
-    if v.is_none() {
-        out.push_str("null");
-    } else if let Ok(s) = v.cast_exact::<PyString>() {
+    if let Ok(s) = v.cast_exact::<PyString>() {
         string(s.to_str().ok()?, out);
-    } else if let Ok(b) = v.cast_exact::<PyBool>() {
-        out.push_str(if b.is_true() { "true" } else { "false" });
-    } else if let Ok(i) = v.cast_exact::<PyInt>() {
-        int(i, out)?;
-    } else if let Ok(f) = v.cast_exact::<PyFloat>() {
-        float(f, out)?;
-    } else if let Ok(d) = v.cast_exact::<PyDict>() {
+        return Some(());
+    }
+    if other_scalar(v, out)? {
+        return Some(());
+    }
+    if let Ok(d) = v.cast_exact::<PyDict>() {
         out.push('{');
         for (n, (k, item)) in d.iter().enumerate() {
             if n > 0 {
@@ -119,19 +116,28 @@ fn key(k: &Bound<'_, PyAny>, out: &mut String) -> Option<()> {
         return Some(());
     }
     let mut text = String::new();
-    if k.is_none() {
-        text.push_str("null");
-    } else if let Ok(b) = k.cast_exact::<PyBool>() {
-        text.push_str(if b.is_true() { "true" } else { "false" });
-    } else if let Ok(i) = k.cast_exact::<PyInt>() {
-        int(i, &mut text)?;
-    } else if let Ok(f) = k.cast_exact::<PyFloat>() {
-        float(f, &mut text)?;
-    } else {
+    if !other_scalar(k, &mut text)? {
         return None;
     }
     string(&text, out);
     Some(())
+}
+
+/// `null`, `true` / `false`, an int or a float, as json writes them: `Some(true)`;
+/// `Some(false)` (nothing written) for any other value; `None` for a number json refuses.
+fn other_scalar(v: &Bound<'_, PyAny>, out: &mut String) -> Option<bool> {
+    if v.is_none() {
+        out.push_str("null");
+    } else if let Ok(b) = v.cast_exact::<PyBool>() {
+        out.push_str(if b.is_true() { "true" } else { "false" });
+    } else if let Ok(i) = v.cast_exact::<PyInt>() {
+        int(i, out)?;
+    } else if let Ok(f) = v.cast_exact::<PyFloat>() {
+        float(f, out)?;
+    } else {
+        return Some(false);
+    }
+    Some(true)
 }
 
 fn int(i: &Bound<'_, PyInt>, out: &mut String) -> Option<()> {
