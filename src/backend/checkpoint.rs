@@ -6,9 +6,11 @@
 //! (an expiry sweep spent half its time there). SQLite documents the alternative this
 //! module takes (<https://sqlite.org/wal.html>, "Application-Initiated Checkpoints"): our
 //! connections replace the automatic checkpoint with a WAL hook that only notes the log's
-//! size, and after a statement that committed past `BACKGROUND_AT` pages the file is queued
-//! for a background thread, which runs a PASSIVE checkpoint on a connection of its own (it
-//! never blocks readers or writers) and exits when the queue is empty.
+//! size. When a commit that itself wrote at least `LARGE_COMMIT` pages takes the log past
+//! `BACKGROUND_AT` pages, the file is queued for a background thread, which runs a PASSIVE
+//! checkpoint on a connection of its own (it never blocks readers or writers) and exits
+//! when the queue is empty. A small commit past the threshold checkpoints on the spot, as
+//! SQLite would (see `after_statement`).
 //!
 //! With `synchronous=FULL` (the default) durability does not change: a commit is in the
 //! synced WAL before it returns, whoever copies it into the database file later. (With
@@ -31,8 +33,13 @@ use std::time::Duration;
 use rusqlite::hooks::{CheckpointMode, Wal};
 use rusqlite::{Connection, OpenFlags};
 
+use crate::url::Synchronous;
+
 /// SQLite's own default threshold (`PRAGMA wal_autocheckpoint`).
 const BACKGROUND_AT: i32 = 1_000;
+
+/// A commit that wrote this many pages leaves its checkpoint to the thread.
+const LARGE_COMMIT: i32 = BACKGROUND_AT / 2;
 
 /// The log size at which a committing connection stops leaving the work to the thread.
 const INLINE_AT: i32 = 10 * BACKGROUND_AT;
@@ -40,6 +47,14 @@ const INLINE_AT: i32 = 10 * BACKGROUND_AT;
 /// How long the background connection waits for a lock while it opens the database (its
 /// PASSIVE checkpoint itself never waits: it copies what it can and returns).
 const CHECKPOINT_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// A database file in WAL mode, with the `synchronous` setting its connections use (the
+/// background checkpoint syncs as much as a checkpoint on those connections would).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WalFile {
+    pub path: PathBuf,
+    pub synchronous: Synchronous,
+}
 
 thread_local! {
     /// Pages in the WAL after the last commit on this thread, as the hook saw them.
@@ -64,11 +79,49 @@ fn on_commit(wal: &Wal, pages: i32) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// After a statement on a connection to `path`: if it committed past the threshold, queue
-/// the file for the background thread.
-pub fn after_statement(path: &Path) {
-    if WAL_PAGES.replace(0) >= BACKGROUND_AT {
-        request(path);
+/// After a statement on `conn`, a connection to `path`: if it committed past the
+/// threshold, queue the file for the background thread, or, when the thread has not
+/// managed to get the log restarted, checkpoint it here (see `Queue::requested_at`).
+///
+/// Only a commit that itself wrote `LARGE_COMMIT` pages or more is left to the thread (a
+/// sweep, a bulk insert: the commits whose callers would wait longest). Small commits
+/// that take the log past the threshold checkpoint on the spot, as SQLite's own hook
+/// does: under a steady stream of them a background copy never catches up with the log,
+/// which then grows instead of restarting, and each commit cost a third more.
+pub fn after_statement(conn: &Connection, file: &WalFile) {
+    let pages = WAL_PAGES.replace(0);
+    if pages == 0 {
+        return;
+    }
+    let written = pages_written(conn);
+    if pages < BACKGROUND_AT {
+        return;
+    }
+    if written < LARGE_COMMIT || request(file, pages) == Request::Inline {
+        if let Ok(true) = run_checkpoint(conn) {
+            forget(&file.path);
+        }
+    }
+}
+
+/// Pages `conn` wrote to the WAL since the previous call (SQLite's
+/// `SQLITE_DBSTATUS_CACHE_WRITE`, read and reset), so after a commit: what it wrote.
+fn pages_written(conn: &Connection) -> i32 {
+    let (mut current, mut highwater) = (0, 0);
+    // SAFETY: `conn` is open; sqlite3_db_status only reads (and resets) a counter of it.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_db_status(
+            conn.handle(),
+            rusqlite::ffi::SQLITE_DBSTATUS_CACHE_WRITE,
+            &mut current,
+            &mut highwater,
+            1,
+        )
+    };
+    if rc == rusqlite::ffi::SQLITE_OK {
+        current
+    } else {
+        0
     }
 }
 
@@ -116,14 +169,23 @@ impl<T> ForkLocked<T> {
 }
 
 struct Queue {
-    paths: Vec<PathBuf>,
-    /// Whether a thread is draining `paths`.
+    files: Vec<WalFile>,
+    /// Whether a thread is draining `files`.
     draining: bool,
+    /// The WAL size at each file's last request, until a checkpoint copied the whole log
+    /// (the next write transaction then restarts it). Under steady writes a background
+    /// checkpoint never copies the whole log (a commit lands before it ends), so the log
+    /// keeps growing instead of restarting and every commit finds it past the threshold.
+    /// So: a file is queued again only once its log grew by another `BACKGROUND_AT`
+    /// pages, and once it grew by twice that the committer checkpoints it itself, as
+    /// SQLite would have; the log then restarts.
+    requested_at: Vec<(PathBuf, i32)>,
 }
 
 static QUEUE: ForkLocked<Queue> = ForkLocked::new(Queue {
-    paths: Vec::new(),
+    files: Vec::new(),
     draining: false,
+    requested_at: Vec::new(),
 });
 
 /// Held by the thread while it is inside SQLite.
@@ -149,7 +211,16 @@ extern "C" fn after_fork_in_child() {
     IN_SQLITE.unlock();
 }
 
-fn request(path: &Path) {
+#[derive(Debug, PartialEq, Eq)]
+enum Request {
+    /// Queued for the thread, or asked for already.
+    Left,
+    /// The committer should checkpoint.
+    Inline,
+}
+
+fn request(file: &WalFile, pages: i32) -> Request {
+    let path = &file.path;
     FORK_HANDLERS.call_once(|| {
         // SAFETY: registers three `extern "C"` functions that take no arguments.
         let rc = unsafe {
@@ -162,56 +233,91 @@ fn request(path: &Path) {
         FORK_HANDLERS_OK.store(rc == 0, Ordering::Release);
     });
     if !FORK_HANDLERS_OK.load(Ordering::Acquire) {
-        // No fork-safe thread: the inline checkpoint bounds the log.
-        return;
+        // No fork-safe thread: checkpoint as SQLite would.
+        return Request::Inline;
     }
     QUEUE.with(|q| {
-        if !q.paths.iter().any(|p| p == path) {
-            q.paths.push(path.to_path_buf());
+        match q.requested_at.iter_mut().find(|(p, _)| p == path) {
+            // Smaller than at the last request: the log restarted since.
+            Some((_, last)) if pages < *last => *last = pages,
+            Some((_, last)) if pages < *last + BACKGROUND_AT => return Request::Left,
+            Some((_, last)) if pages >= *last + 2 * BACKGROUND_AT => return Request::Inline,
+            Some((_, last)) => *last = pages,
+            None => q.requested_at.push((path.to_path_buf(), pages)),
+        }
+        if !q.files.iter().any(|f| &f.path == path) {
+            q.files.push(file.clone());
         }
         if !q.draining {
             let spawned = std::thread::Builder::new()
                 .name("cmbagent-db-checkpoint".into())
                 .spawn(drain);
-            // Without a thread (none left to start), the inline checkpoint bounds the log.
-            q.draining = spawned.is_ok();
+            if spawned.is_err() {
+                // No thread to be had: checkpoint as SQLite would.
+                q.files.retain(|f| &f.path != path);
+                return Request::Inline;
+            }
+            q.draining = true;
         }
-    });
+        Request::Left
+    })
+}
+
+/// The whole log of `path` was copied: the next request starts afresh.
+fn forget(path: &Path) {
+    QUEUE.with(|q| q.requested_at.retain(|(p, _)| p != path));
 }
 
 /// The thread: checkpoints queued files until the queue is empty.
 fn drain() {
     loop {
-        let paths = QUEUE.with(|q| {
-            let paths = std::mem::take(&mut q.paths);
-            q.draining = !paths.is_empty();
-            paths
+        let files = QUEUE.with(|q| {
+            let files = std::mem::take(&mut q.files);
+            q.draining = !files.is_empty();
+            files
         });
-        if paths.is_empty() {
+        if files.is_empty() {
             return;
         }
-        for path in paths {
+        for file in files {
             // A failed checkpoint loses nothing (the pages stay in the synced log) and
             // the next commit past the threshold asks again; nobody is there to tell.
-            let _ = IN_SQLITE.with(|()| checkpoint(&path));
+            if let Ok(true) = IN_SQLITE.with(|()| checkpoint(&file)) {
+                forget(&file.path);
+            }
         }
     }
 }
 
-/// A PASSIVE checkpoint of the database at `path`. Never creates the file: one deleted
-/// meanwhile is left deleted.
-fn checkpoint(path: &Path) -> rusqlite::Result<()> {
+/// A PASSIVE checkpoint of `file`, on a connection of its own; whether it
+/// copied the whole log. Never creates the file: one deleted meanwhile is left deleted.
+fn checkpoint(file: &WalFile) -> rusqlite::Result<bool> {
     let conn = Connection::open_with_flags(
-        path,
+        &file.path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(CHECKPOINT_BUSY_TIMEOUT)?;
-    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+    conn.execute_batch(&format!("PRAGMA synchronous={}", file.synchronous.pragma()))?;
+    run_checkpoint(&conn)
+}
+
+/// `PRAGMA wal_checkpoint(PASSIVE)`; whether every frame of the log is now in the file.
+fn run_checkpoint(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok(r.get::<_, i64>(0)? == 0 && r.get::<_, i64>(1)? == r.get::<_, i64>(2)?)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn wal_file(path: &Path) -> WalFile {
+        WalFile {
+            path: path.to_path_buf(),
+            synchronous: Synchronous::Full,
+        }
+    }
 
     fn file_len(path: &Path) -> u64 {
         std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
@@ -242,7 +348,7 @@ mod tests {
         // The committer did not checkpoint: the pages are in the log, not the file.
         assert!(file_len(&path.with_extension("db-wal")) > 1_000 * 4096);
         assert!(file_len(&path) < 100 * 4096, "{} bytes", file_len(&path));
-        after_statement(&path);
+        after_statement(&conn, &wal_file(&path));
         // The thread copies them into the database file.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while file_len(&path) < 1_000 * 4096 {
@@ -265,6 +371,23 @@ mod tests {
     }
 
     #[test]
+    fn a_small_commit_past_the_threshold_checkpoints_on_the_spot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, conn) = committed(dir.path(), 990);
+        let file = wal_file(&path);
+        after_statement(&conn, &file);
+        assert!(
+            file_len(&path) < 100 * 4096,
+            "below the threshold: nothing copied"
+        );
+        // A few pages more take the log past the threshold: copied before returning.
+        conn.execute_batch("INSERT INTO t SELECT zeroblob(4000) FROM t LIMIT 20")
+            .unwrap();
+        after_statement(&conn, &file);
+        assert!(file_len(&path) > 1_000 * 4096, "{} bytes", file_len(&path));
+    }
+
+    #[test]
     fn a_log_past_the_inline_limit_is_checkpointed_by_the_committer() {
         let dir = tempfile::tempdir().unwrap();
         // Past INLINE_AT, and no request to the thread.
@@ -279,7 +402,7 @@ mod tests {
     fn fork_waits_until_the_thread_is_outside_sqlite_and_the_child_has_no_thread() {
         let dir = tempfile::tempdir().unwrap();
         // Registers the fork handlers (the file does not exist: nothing is checkpointed).
-        request(&dir.path().join("none.db"));
+        request(&wal_file(&dir.path().join("none.db")), BACKGROUND_AT);
         assert!(FORK_HANDLERS_OK.load(Ordering::Acquire));
         // Stand in for the thread: inside SQLite for 300 ms, while a real thread waits
         // with a file queued (so the parent is draining when it forks).
@@ -291,7 +414,7 @@ mod tests {
             })
         });
         inside.recv().unwrap();
-        request(&dir.path().join("queued.db"));
+        request(&wal_file(&dir.path().join("queued.db")), BACKGROUND_AT);
         let started = std::time::Instant::now();
         // SAFETY: the child only reads a static and calls _exit (no allocation, no locks).
         let pid = unsafe { libc::fork() };
@@ -316,7 +439,7 @@ mod tests {
     fn a_deleted_database_is_not_recreated() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gone.db");
-        assert!(checkpoint(&path).is_err());
+        assert!(checkpoint(&wal_file(&path)).is_err());
         assert!(!path.exists());
     }
 }

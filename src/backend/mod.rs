@@ -35,7 +35,7 @@ pub struct Conn {
     in_transaction: bool,
     echo: bool,
     /// A SQLite database file, whose WAL the background checkpoint drains.
-    wal_database: Option<std::path::PathBuf>,
+    wal_database: Option<checkpoint::WalFile>,
 }
 
 impl Conn {
@@ -55,8 +55,12 @@ impl Conn {
             // thread at another file.
             Target::Sqlite {
                 path: SqlitePath::File(p),
+                synchronous,
                 ..
-            } => Some(std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+            } => Some(checkpoint::WalFile {
+                path: std::path::absolute(p).unwrap_or_else(|_| p.clone()),
+                synchronous: *synchronous,
+            }),
             _ => None,
         };
         Ok(Conn {
@@ -91,8 +95,8 @@ impl Conn {
 
     /// A statement may have committed: hand a grown WAL to the background checkpoint.
     fn after_statement(&self) {
-        if let Some(path) = &self.wal_database {
-            checkpoint::after_statement(path);
+        if let (Some(file), Inner::Sqlite(c)) = (&self.wal_database, &self.inner) {
+            checkpoint::after_statement(c, file);
         }
     }
 
@@ -147,10 +151,19 @@ impl Conn {
         out
     }
 
+    /// Transaction control: on SQLite a statement prepared once per connection (not parsed
+    /// anew for every transaction), on PostgreSQL the simple protocol, one round trip.
+    fn control(&mut self, sql: &str) -> Result<()> {
+        match self.dialect() {
+            Dialect::Sqlite => self.execute(sql, &[]).map(drop),
+            Dialect::Postgres => self.batch(sql),
+        }
+    }
+
     pub fn begin_write(&mut self) -> Result<()> {
         if !self.in_transaction {
             let sql = self.dialect().begin_write();
-            self.batch(sql)?;
+            self.control(sql)?;
             self.in_transaction = true;
         }
         Ok(())
@@ -158,7 +171,7 @@ impl Conn {
 
     pub fn commit(&mut self) -> Result<()> {
         if self.in_transaction {
-            self.batch("COMMIT")?;
+            self.control("COMMIT")?;
             self.in_transaction = false;
         }
         Ok(())
@@ -169,7 +182,7 @@ impl Conn {
             self.in_transaction = false;
             // A connection that died took its transaction with it.
             if !self.is_broken() {
-                self.batch("ROLLBACK")?;
+                self.control("ROLLBACK")?;
             }
         }
         Ok(())
