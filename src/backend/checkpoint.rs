@@ -57,8 +57,9 @@ pub struct WalFile {
 }
 
 thread_local! {
-    /// Pages in the WAL after the last commit on this thread, as the hook saw them.
-    static WAL_PAGES: Cell<i32> = const { Cell::new(0) };
+    /// Pages in the WAL after the last commit on this thread, as the hook saw them (0 when
+    /// the hook copied them itself); None when nothing committed since it was read.
+    static WAL_PAGES: Cell<Option<i32>> = const { Cell::new(None) };
 }
 
 /// Installs the hook on a new connection (it replaces SQLite's automatic checkpoint).
@@ -72,9 +73,9 @@ fn on_commit(wal: &Wal, pages: i32) -> rusqlite::Result<()> {
         // The log is not being drained: do what SQLite's automatic checkpoint does. A
         // busy result means another connection is checkpointing, which is as good.
         let _ = wal.checkpoint_v2(CheckpointMode::PASSIVE);
-        WAL_PAGES.set(0);
+        WAL_PAGES.set(Some(0));
     } else {
-        WAL_PAGES.set(pages);
+        WAL_PAGES.set(Some(pages));
     }
     Ok(())
 }
@@ -89,10 +90,9 @@ fn on_commit(wal: &Wal, pages: i32) -> rusqlite::Result<()> {
 /// does: under a steady stream of them a background copy never catches up with the log,
 /// which then grows instead of restarting, and each commit cost a third more.
 pub fn after_statement(conn: &Connection, file: &WalFile) {
-    let pages = WAL_PAGES.replace(0);
-    if pages == 0 {
+    let Some(pages) = WAL_PAGES.take() else {
         return;
-    }
+    };
     let written = pages_written(conn);
     if pages < BACKGROUND_AT {
         return;
@@ -395,7 +395,7 @@ mod tests {
         // The hook copied the log into the database file before the commit returned, and
         // left nothing for the thread.
         assert!(file_len(&path) > 10_000 * 4096, "{} bytes", file_len(&path));
-        assert_eq!(WAL_PAGES.get(), 0);
+        assert_eq!(WAL_PAGES.get(), Some(0));
     }
 
     #[test]
