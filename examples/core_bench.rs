@@ -164,7 +164,7 @@ fn insert_rep(url: &str, rows: usize, run_id: &str, session_id: &Value) -> AnyRe
 }
 
 /// Waits until the WAL is fully copied into the database file (by the background
-/// checkpoint, or by this call), as bench/workloads.py's `settled` does for the Python
+/// checkpoint, or by this call), as bench/workloads.py's `Runner._settled` does for the Python
 /// systems: a repetition pays for all the copying its commit caused. Nothing on PostgreSQL.
 fn settle_wal(conn: &mut cmbagent_db::pool::Pooled) -> AnyResult<()> {
     if conn.dialect() != cmbagent_db::dialect::Dialect::Sqlite {

@@ -21,12 +21,6 @@ pub struct Select {
     pub offset: Option<u64>,
 }
 
-fn column_list(table: &Table, columns: &[usize]) -> String {
-    let mut sql = String::new();
-    push_column_list(&mut sql, table, columns);
-    sql
-}
-
 fn push_column_list(sql: &mut String, table: &Table, columns: &[usize]) {
     for (n, &i) in columns.iter().enumerate() {
         if n > 0 {
@@ -95,11 +89,9 @@ impl Select {
 pub fn insert(dialect: Dialect, table: TableId, columns: &[usize], rows: usize) -> String {
     let t = &TABLES[table];
     let n = columns.len();
-    let mut sql = format!(
-        "INSERT INTO {} ({}) VALUES ",
-        t.name,
-        column_list(t, columns)
-    );
+    let mut sql = format!("INSERT INTO {} (", t.name);
+    push_column_list(&mut sql, t, columns);
+    sql.push_str(") VALUES ");
     for r in 0..rows {
         sql.push_str(if r == 0 { "(" } else { "), (" });
         for c in 1..=n {

@@ -80,7 +80,7 @@ fn on_commit(wal: &Wal, pages: i32) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// After a statement on `conn`, a connection to `path`: if it committed past the
+/// After a statement on `conn`, a connection to `file`: if it committed past the
 /// threshold, queue the file for the background thread, or, when the thread has not
 /// managed to get the log restarted, checkpoint it here (see `Queue::requested_at`).
 ///
