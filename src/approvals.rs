@@ -167,7 +167,8 @@ pub fn expire_overdue(conn: &mut Conn, now: DateTime<Utc>) -> Result<Vec<String>
 }
 
 /// The PostgreSQL function and trigger behind `CHANNEL`; revision 002 creates them too.
-const NOTIFY_TRIGGER: &str = include_str!("../migrations/postgresql/approval_notify.sql");
+pub(crate) const NOTIFY_TRIGGER: &str =
+    include_str!("../migrations/postgresql/approval_notify.sql");
 
 /// Creates the trigger that NOTIFYs `CHANNEL` on every status change, for a database that
 /// reached revision 002 without it (Alembic's own 002). PostgreSQL only; idempotent,
@@ -263,7 +264,8 @@ impl Waiter {
             self.expires_at = Some(t);
         }
         Ok(match status.as_str() {
-            "resolved" => Some(WaitEnd::Resolved(row)),
+            // Rows of cmbagent's first approval table name their decision in the status.
+            s if s == "resolved" || RESOLUTIONS.contains(&s) => Some(WaitEnd::Resolved(row)),
             "expired" => Some(WaitEnd::Expired),
             "cancelled" => Some(WaitEnd::Cancelled),
             _ => None,

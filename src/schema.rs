@@ -60,6 +60,22 @@ pub struct Column {
     /// Set to now on every UPDATE that does not set it itself.
     pub on_update_now: bool,
     pub foreign_key: Option<ForeignKey>,
+    /// The revision that adds the column, as an index into `migrate::REVISIONS` (its
+    /// number); a column is never older than its table.
+    pub since: u8,
+}
+
+/// An index the migrations create. Adoption of an existing table creates the ones it lacks,
+/// unless an index with the same columns, uniqueness and predicate exists under another name.
+#[derive(Debug)]
+pub struct Index {
+    pub name: &'static str,
+    pub columns: &'static [&'static str],
+    pub unique: bool,
+    /// `WHERE` clause of a partial index.
+    pub predicate: Option<&'static str>,
+    /// The revision that creates it.
+    pub since: u8,
 }
 
 #[derive(Debug)]
@@ -72,6 +88,9 @@ pub struct Table {
     pub repr: &'static [&'static str],
     /// `to_dict()` keys in order; `None` means every column.
     pub to_dict: Option<&'static [(&'static str, NullAs)]>,
+    pub indexes: &'static [Index],
+    /// The revision that creates the table.
+    pub since: u8,
 }
 
 /// Index of a table in [`TABLES`]; also its position in foreign-key order.
@@ -101,7 +120,29 @@ const fn col(name: &'static str, ty: ColType, nullable: bool) -> Column {
         default: Default::None,
         on_update_now: false,
         foreign_key: None,
+        since: 0,
     }
+}
+
+/// A column that a later revision adds to an existing table.
+const fn added_in(mut c: Column, revision: u8) -> Column {
+    c.since = revision;
+    c
+}
+
+const fn index(name: &'static str, columns: &'static [&'static str]) -> Index {
+    Index {
+        name,
+        columns,
+        unique: false,
+        predicate: None,
+        since: 0,
+    }
+}
+
+const fn index_since(mut i: Index, revision: u8) -> Index {
+    i.since = revision;
+    i
 }
 
 const fn with_default(mut c: Column, d: Default) -> Column {
@@ -155,6 +196,12 @@ pub static TABLES: [Table; 5] = [
         ],
         repr: &["name", "status"],
         to_dict: None,
+        indexes: &[
+            index("ix_sessions_user_id", &["user_id"]),
+            index("ix_sessions_status", &["status"]),
+            index("idx_sessions_user_status", &["user_id", "status"]),
+        ],
+        since: 0,
     },
     Table {
         name: "workflow_runs",
@@ -205,9 +252,37 @@ pub static TABLES: [Table; 5] = [
                 col("branch_depth", ColType::Integer, false),
                 Default::Int(0),
             ),
+            // cmbagent's task hierarchy: a stage's run points at its task's run.
+            added_in(
+                fk(
+                    col("parent_run_id", ColType::Str(36), true),
+                    "workflow_runs",
+                    OnDelete::SetNull,
+                ),
+                3,
+            ),
+            added_in(col("stage_number", ColType::Integer, true), 3),
+            added_in(col("stage_name", ColType::Str(100), true), 3),
         ],
         repr: &["session_id", "status"],
         to_dict: None,
+        indexes: &[
+            index("ix_workflow_runs_session_id", &["session_id"]),
+            index("ix_workflow_runs_mode", &["mode"]),
+            index("ix_workflow_runs_agent", &["agent"]),
+            index("ix_workflow_runs_status", &["status"]),
+            index("ix_workflow_runs_branch_parent_id", &["branch_parent_id"]),
+            index(
+                "idx_workflow_runs_session_status",
+                &["session_id", "status"],
+            ),
+            index("idx_workflow_runs_agent_status", &["agent", "status"]),
+            index_since(
+                index("ix_workflow_runs_parent_run_id", &["parent_run_id"]),
+                3,
+            ),
+        ],
+        since: 0,
     },
     Table {
         name: "session_states",
@@ -249,6 +324,17 @@ pub static TABLES: [Table; 5] = [
             ("updated_at", NullAs::None),
             ("version", NullAs::None),
         ]),
+        indexes: &[
+            index("ix_session_states_session_id", &["session_id"]),
+            index("ix_session_states_status", &["status"]),
+            index(
+                "idx_session_states_session_status",
+                &["session_id", "status"],
+            ),
+            index("ix_session_states_mode", &["mode"]),
+            index("ix_session_states_updated_at", &["updated_at"]),
+        ],
+        since: 1,
     },
     Table {
         name: "approval_requests",
@@ -276,10 +362,39 @@ pub static TABLES: [Table; 5] = [
             with_default(col("created_at", TSTZ, true), Default::Now),
             col("expires_at", TSTZ, false),
             col("resolved_at", TSTZ, true),
+            // The columns of the approval table cmbagent had before durable approvals, kept
+            // so its rows stay readable: the step asked about, when, what was shown, and
+            // what the human wrote back.
+            added_in(col("step_id", ColType::Str(36), true), 3),
+            added_in(col("requested_at", TS, true), 3),
+            added_in(col("context_snapshot", ColType::Json, true), 3),
+            added_in(col("user_feedback", ColType::Text, true), 3),
         ],
         repr: &["run_id", "approval_type", "status"],
-        // The seed's to_dict(): every column, in order.
-        to_dict: None,
+        // cmbagent's to_dict(): the durable-approval columns plus step_id.
+        to_dict: Some(&[
+            ("id", NullAs::None),
+            ("run_id", NullAs::None),
+            ("session_id", NullAs::None),
+            ("step_id", NullAs::None),
+            ("approval_type", NullAs::None),
+            ("context", NullAs::None),
+            ("status", NullAs::None),
+            ("resolution", NullAs::None),
+            ("result", NullAs::None),
+            ("created_at", NullAs::None),
+            ("expires_at", NullAs::None),
+            ("resolved_at", NullAs::None),
+        ]),
+        indexes: &[
+            index("idx_approval_run_status", &["run_id", "status"]),
+            index("idx_approval_session_id", &["session_id"]),
+            Index {
+                predicate: Some("status = 'pending'"),
+                ..index("idx_approval_expires", &["expires_at"])
+            },
+        ],
+        since: 2,
     },
     Table {
         name: "active_connections",
@@ -299,6 +414,15 @@ pub static TABLES: [Table; 5] = [
         repr: &["task_id", "server_instance"],
         // The seed's to_dict(): every column, in order.
         to_dict: None,
+        indexes: &[
+            Index {
+                unique: true,
+                ..index("idx_connection_task_id", &["task_id"])
+            },
+            index("idx_connection_session_id", &["session_id"]),
+            index("idx_connection_heartbeat", &["last_heartbeat"]),
+        ],
+        since: 2,
     },
 ];
 

@@ -260,11 +260,22 @@ def _url(args: argparse.Namespace) -> str:
 def _cmd_current(args: argparse.Namespace) -> int:
     import cmbagent_db
 
-    rev = cmbagent_db.current(_url(args))
+    url = _url(args)
+    rev = cmbagent_db.current(url)
     if rev is not None:
         chain = _chain()
         print(f"{rev} (head)" if chain and rev == chain[-1] else rev)
+    _report_foreign(url)
     return EXIT_OK
+
+
+def _report_foreign(url: str) -> None:
+    """Names the revision another Alembic chain (cmbagent's own) keeps in alembic_version,
+    beside which this package records its own in cmbagent_db_version."""
+    import cmbagent_db
+
+    for rev in cmbagent_db.foreign_revisions(url):
+        print(f"alembic_version (another Alembic chain, left as it is): {rev}")
 
 
 def _cmd_history(args: argparse.Namespace) -> int:
@@ -414,7 +425,9 @@ def _cmd_stamp(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     import cmbagent_db
 
-    drifted = list(cmbagent_db.check(_url(args)))
+    url = _url(args)
+    drifted = list(cmbagent_db.check(url))
+    _report_foreign(url)
     if not drifted:
         print("No drift: the applied migrations match this build.")
         return EXIT_OK

@@ -114,6 +114,15 @@ pub fn current(py: Python<'_>, url: Option<String>) -> PyResult<Option<&'static 
     Ok(py.detach(|| engine.with_conn(migrations::current))?)
 }
 
+/// The revision(s) another Alembic chain (cmbagent's own migrations) recorded in
+/// `alembic_version`; empty when that table holds this package's revision or does not exist.
+#[pyfunction]
+#[pyo3(signature = (url = None))]
+pub fn foreign_revisions(py: Python<'_>, url: Option<String>) -> PyResult<Vec<String>> {
+    let engine = engine::engine(&resolve_url(url)?)?;
+    Ok(py.detach(|| engine.with_conn(migrations::foreign_revisions))?)
+}
+
 /// Revision ids, oldest first.
 #[pyfunction]
 pub fn history() -> Vec<&'static str> {

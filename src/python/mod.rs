@@ -29,6 +29,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(functions::init_database, m)?)?;
     m.add_function(wrap_pyfunction!(functions::migrate, m)?)?;
     m.add_function(wrap_pyfunction!(functions::current, m)?)?;
+    m.add_function(wrap_pyfunction!(functions::foreign_revisions, m)?)?;
     m.add_function(wrap_pyfunction!(functions::history, m)?)?;
     m.add_function(wrap_pyfunction!(functions::revision_info, m)?)?;
     m.add_function(wrap_pyfunction!(functions::stamp, m)?)?;

@@ -36,7 +36,9 @@ pub enum Slot {
     Py(Py<PyAny>),
 }
 
-#[pyclass(module = "cmbagent_db.models", name = "Model", subclass)]
+/// `dict`: an instance takes plain Python attributes besides its columns, as SQLAlchemy's
+/// declarative classes do (`setattr(run, "error", ...)` sets an attribute and writes nothing).
+#[pyclass(module = "cmbagent_db.models", name = "Model", subclass, dict)]
 pub struct Model {
     pub table: TableId,
     /// One slot per column of the table.
@@ -318,7 +320,8 @@ model_class!(
     {
         /// A pending request that expires `timeout_seconds` from now.
         #[classmethod]
-        #[pyo3(signature = (run_id, approval_type, context, timeout_seconds = Timeout(300.0), session_id = None))]
+        #[pyo3(signature = (run_id, approval_type, context, timeout_seconds = Timeout(300.0), session_id = None, step_id = None))]
+        #[allow(clippy::too_many_arguments)]
         fn create_pending<'py>(
             cls: &Bound<'py, PyType>,
             run_id: &Bound<'py, PyAny>,
@@ -326,6 +329,7 @@ model_class!(
             context: &Bound<'py, PyAny>,
             timeout_seconds: Timeout,
             session_id: Option<&Bound<'py, PyAny>>,
+            step_id: Option<&Bound<'py, PyAny>>,
         ) -> PyResult<Bound<'py, PyAny>> {
             let py = cls.py();
             let delta = chrono::TimeDelta::microseconds((timeout_seconds.0 * 1e6) as i64);
@@ -342,6 +346,9 @@ model_class!(
                 if let Some(sid) = session_id {
                     m.assign("session_id", sid)?;
                 }
+                if let Some(step) = step_id {
+                    m.assign("step_id", step)?;
+                }
                 let column = TABLES[schema::APPROVAL_REQUESTS]
                     .column_index("expires_at")
                     .unwrap_or(0);
@@ -355,6 +362,7 @@ model_class!(
             let args = PyDict::new(py);
             args.set_item("run_id", run_id)?;
             args.set_item("session_id", session_id)?;
+            args.set_item("step_id", step_id)?;
             args.set_item("approval_type", approval_type)?;
             args.set_item("context", context)?;
             args.set_item("status", "pending")?;

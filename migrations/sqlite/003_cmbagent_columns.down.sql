@@ -1,0 +1,3 @@
+-- SQLite cannot drop a column that a foreign key uses, so this downgrade is not a script:
+-- the migrator rebuilds workflow_runs and approval_requests without the columns 003 added,
+-- keeping every other column, constraint, index and row (see src/migrate/adopt.rs).

@@ -1,0 +1,420 @@
+"""Opening the databases cmbagent already has: its first approval table, today's
+``create_all``, and databases its own Alembic chain migrated (tests/cmbagent_databases.py
+builds each). Every row stays, every foreign key of cmbagent's other tables stays valid,
+cmbagent's ``alembic_version`` is left as it was, and a table of another shape is refused
+before anything changes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from sqlalchemy import MetaData, select
+
+import cmbagent_db
+import cmbagent_databases as cmb
+from cmbagent_db import approvals
+from cmbagent_db.models import ApprovalRequest, WorkflowRun
+from helpers import fetch_all, is_sqlite, row_count, table_names
+
+UTC = timezone.utc
+HEAD = cmbagent_db.history()[-1]
+NO_DEADLINE = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+OTHER_TABLES = ["projects", "workflow_steps", "dag_nodes", "cost_records"]
+
+
+def counts(url):
+    return {t: row_count(url, t) for t in sorted(table_names(url))}
+
+
+def rows_of(url, table):
+    """Every row of ``table`` as SQLAlchemy reads it, keyed by primary key."""
+    e = cmb.engine(url)
+    try:
+        md = MetaData()
+        md.reflect(e, only=[table])
+        t = md.tables[table]
+        with e.connect() as conn:
+            return {r[0]: dict(r._mapping) for r in conn.execute(select(t)).all()}
+    finally:
+        e.dispose()
+
+
+def foreign_keys(url):
+    """Every (table, column, parent table) foreign key, and whether all rows satisfy them
+    (SQLite's foreign_key_check; PostgreSQL checks each row as it is written, so a
+    validated constraint holds)."""
+    if is_sqlite(url):
+        keys = set()
+        for t in table_names(url):
+            for r in fetch_all(url, f'PRAGMA foreign_key_list("{t}")'):
+                keys.add((t, r[3], r[2]))
+        return keys, fetch_all(url, "PRAGMA foreign_key_check") == []
+    rows = fetch_all(
+        url,
+        "SELECT c.conrelid::regclass::text, a.attname, c.confrelid::regclass::text, c.convalidated "
+        "FROM pg_constraint c JOIN pg_attribute a ON a.attrelid = c.conrelid "
+        "AND a.attnum = c.conkey[1] WHERE c.contype = 'f'")
+    return {(t, col, parent) for t, col, parent, _ in rows}, all(r[3] for r in rows)
+
+
+def assert_foreign_keys_kept(url, before):
+    keys, hold = foreign_keys(url)
+    assert before <= keys, before - keys
+    assert hold
+
+
+def naive(v):
+    return v.replace(tzinfo=None) if v is not None and v.tzinfo else v
+
+
+# ------------------------------------------------------------------- the legacy table
+
+
+def test_legacy_database_opens_with_every_row(db_url):
+    written = cmb.build(db_url, "legacy")
+    before = counts(db_url)
+    keys, _ = foreign_keys(db_url)
+    other_before = {t: rows_of(db_url, t) for t in OTHER_TABLES + ["workflow_runs"]}
+
+    db = cmbagent_db.get_db_session(db_url)
+    try:
+        got = {a.id: a for a in db.query(ApprovalRequest).all()}
+        assert sorted(got) == sorted(a["id"] for a in written["approvals"])
+        for w in written["approvals"]:
+            a = got[w["id"]]
+            # Legacy values, as they were.
+            assert a.status == w["status"]
+            assert a.step_id == w["step_id"]
+            assert a.requested_at == w["requested_at"].replace(tzinfo=UTC)
+            assert a.context_snapshot == w["context_snapshot"]
+            assert a.user_feedback == w["user_feedback"]
+            assert a.resolution == w["resolution"]
+            assert naive(a.resolved_at) == w["resolved_at"]
+            # The columns the legacy table lacked.
+            assert a.approval_type == "legacy"
+            assert a.context == (w["context_snapshot"] or {})
+            assert a.expires_at == NO_DEADLINE
+            assert a.created_at == w["requested_at"].replace(tzinfo=UTC)
+            assert a.session_id is None
+            d = a.to_dict()
+            assert d["step_id"] == "st1" and d["status"] == w["status"]
+            assert d["expires_at"] == NO_DEADLINE.isoformat()
+        runs = {r.id: r for r in db.query(WorkflowRun).all()}
+        assert runs["r2"].branch_parent_id == "r1" and runs["r2"].parent_run_id is None
+        assert db.query(WorkflowRun).filter(WorkflowRun.parent_run_id.is_(None)).count() == 2
+    finally:
+        db.close()
+
+    after = counts(db_url)
+    assert {t: after[t] for t in before} == before
+    for t, rows in other_before.items():
+        now = rows_of(db_url, t)
+        for key, row in rows.items():
+            assert {k: now[key][k] for k in row} == row, t
+    assert_foreign_keys_kept(db_url, keys)
+    assert cmbagent_db.current(db_url) == HEAD
+    assert cmbagent_db.foreign_revisions(db_url) == []
+
+
+def test_legacy_rows_through_the_approval_services(db_url):
+    cmb.build(db_url, "legacy")
+    db = cmbagent_db.get_db_session(db_url)
+    try:
+        # Decided rows are final: never resolved again, never cancelled, never expired.
+        for status in ["approved", "rejected", "modified"]:
+            assert approvals.resolve(db, f"legacy-{status}", "approved") is False
+            assert approvals.cancel(db, f"legacy-{status}") is False
+        assert approvals.expire_overdue(db) == []
+        # The legacy pending request has no deadline: it waits for a human, as before.
+        assert [a.id for a in approvals.pending(db)] == ["legacy-pending"]
+        assert approvals.resolve(db, "legacy-pending", "approved", {"by": "me"}) is True
+        assert approvals.resolve(db, "legacy-pending", "rejected") is False
+    finally:
+        db.close()
+    # A waiter on a decided legacy row returns it at once.
+    done = approvals.wait("legacy-approved", timeout=5, url=db_url)
+    assert done.status == "approved" and done.resolution == "approved"
+    done = approvals.wait("legacy-pending", timeout=5, url=db_url)
+    assert done.status == "resolved" and done.result == {"by": "me"}
+
+
+# ------------------------------------------------------------ today's create_all
+
+
+def test_current_create_all_database_opens_unchanged(db_url):
+    written = cmb.build(db_url, "current")
+    before = counts(db_url)
+    keys, _ = foreign_keys(db_url)
+    every = {t: rows_of(db_url, t) for t in table_names(db_url)}
+
+    assert cmbagent_db.init_database(db_url) == HEAD
+    after = counts(db_url)
+    assert {t: after[t] for t in before} == before
+    for t, rows in every.items():
+        assert rows_of(db_url, t) == rows, t
+    assert_foreign_keys_kept(db_url, keys)
+
+    db = cmbagent_db.get_db_session(db_url)
+    try:
+        a = db.get(ApprovalRequest, "today-pending")
+        assert a.to_dict() == {
+            "id": "today-pending", "run_id": "r1", "session_id": "s1", "step_id": "st1",
+            "approval_type": "plan_approval", "context": {"plan": "p"}, "status": "pending",
+            "resolution": None, "result": None, "created_at": a.created_at.isoformat(),
+            "expires_at": "2099-01-01T00:00:00+00:00", "resolved_at": None,
+        }
+        r2 = db.get(WorkflowRun, "r2")
+        assert (r2.parent_run_id, r2.stage_number, r2.stage_name) == ("r1", 2, "planning")
+        assert [x.id for x in db.query(WorkflowRun).filter(WorkflowRun.parent_run_id.is_(None))] == ["r1"]
+    finally:
+        db.close()
+    assert len(written["approvals"]) == 2
+
+
+def test_indexes_after_adopting_create_all(db_url):
+    from helpers import index_info
+
+    cmb.build(db_url, "current")
+    cmbagent_db.init_database(db_url)
+    idx = index_info(db_url, "approval_requests", include_constraints=False)
+    # The pending-expiry index is partial now; cmbagent's other indexes are still there.
+    assert idx["idx_approval_expires"]["partial"], idx
+    for name in ["idx_approval_run_status", "idx_approval_session", "idx_approval_status"]:
+        assert name in idx, idx
+    # No second index on a column cmbagent already indexes.
+    on_session = [n for n, v in idx.items() if v["columns"] == ["session_id"]]
+    assert "idx_approval_session_id" not in on_session, on_session
+
+
+# ------------------------------------------------------------ cmbagent's Alembic chain
+
+
+def _alembic_config(tmp_path: Path, url: str, head: str):
+    """An Alembic environment standing in for cmbagent's: its chain ends at ``head``."""
+    from alembic.config import Config
+    from helpers import sa_url
+
+    scripts = tmp_path / "cmbagent_alembic"
+    (scripts / "versions").mkdir(parents=True)
+    (scripts / "env.py").write_text(textwrap.dedent(
+        """
+        from alembic import context
+        from sqlalchemy import create_engine
+        engine = create_engine(context.config.get_main_option("sqlalchemy.url"))
+        with engine.connect() as connection:
+            context.configure(connection=connection)
+            with context.begin_transaction():
+                context.run_migrations()
+        engine.dispose()
+        """))
+    (scripts / "versions" / f"{head}.py").write_text(textwrap.dedent(
+        f"""
+        revision = {head!r}
+        down_revision = None
+        branch_labels = None
+        depends_on = None
+        def upgrade():
+            pass
+        def downgrade():
+            pass
+        """))
+    cfg = Config()
+    cfg.set_main_option("script_location", str(scripts))
+    cfg.set_main_option("sqlalchemy.url", sa_url(url))
+    return cfg
+
+
+def test_cmbagent_chain_database_keeps_its_alembic_version(db_url, tmp_path, capsys):
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
+    written = cmb.build(db_url, "chain")
+    before = counts(db_url)
+    assert before["approval_requests"] == len(written["approvals"])
+    keys, _ = foreign_keys(db_url)
+    assert cmbagent_db.init_database(db_url) == HEAD
+    assert fetch_all(db_url, "SELECT version_num FROM alembic_version") == [(cmb.CMBAGENT_HEAD,)]
+    assert fetch_all(db_url, "SELECT version_num FROM cmbagent_db_version") == [(HEAD,)]
+    assert cmbagent_db.current(db_url) == HEAD
+    assert cmbagent_db.foreign_revisions(db_url) == [cmb.CMBAGENT_HEAD]
+    after = counts(db_url)
+    assert {t: after[t] for t in before} == before
+
+    # cmbagent's own Alembic still reads and runs its chain on the database.
+    cfg = _alembic_config(tmp_path, db_url, cmb.CMBAGENT_HEAD)
+    command.upgrade(cfg, "head")
+    e = cmb.engine(db_url)
+    with e.connect() as conn:
+        assert MigrationContext.configure(conn).get_current_revision() == cmb.CMBAGENT_HEAD
+    e.dispose()
+
+    db = cmbagent_db.get_db_session(db_url)
+    try:
+        for w in written["approvals"]:
+            a = db.get(ApprovalRequest, w["id"])
+            assert a.status == w["status"] and a.approval_type == "legacy"
+            assert a.expires_at == NO_DEADLINE and a.to_dict()["id"] == w["id"]
+    finally:
+        db.close()
+    assert_foreign_keys_kept(db_url, keys)
+
+    from cmbagent_db import cli
+
+    assert cli.main(["--url", db_url, "current"]) == 0
+    out = capsys.readouterr().out
+    assert f"{HEAD} (head)" in out and cmb.CMBAGENT_HEAD in out
+    assert cli.main(["--url", db_url, "check"]) == 0
+    assert cmb.CMBAGENT_HEAD in capsys.readouterr().out
+
+
+def test_an_older_cmbagent_revision_is_refused_until_its_chain_runs(db_url):
+    cmb.build(db_url, "legacy")
+    cmb.set_alembic_version(db_url, cmb.BEFORE_APPROVALS)
+    before = {t: rows_of(db_url, t) for t in table_names(db_url)}
+    with pytest.raises(cmbagent_db.MigrationError) as err:
+        cmbagent_db.get_db_session(db_url)
+    message = str(err.value)
+    assert cmb.APPROVALS_REVISION in message and "approval_requests.session_id" in message
+    assert "alembic upgrade head" in message and "nothing was changed" in message
+    assert {t: rows_of(db_url, t) for t in table_names(db_url)} == before
+
+
+# ------------------------------------------------------------ shapes that are refused
+
+
+@pytest.mark.parametrize("shape", ["missing_run_id", "unrelated", "view"])
+def test_a_table_of_another_shape_is_refused_before_anything_changes(db_url, shape):
+    cmb.build(db_url, "legacy")
+    e = cmb.engine(db_url)
+    with e.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE approval_requests")
+        if shape == "missing_run_id":
+            conn.exec_driver_sql(
+                "CREATE TABLE approval_requests (id VARCHAR(36) PRIMARY KEY, status VARCHAR(20), "
+                "context JSON, expires_at TIMESTAMP)")
+        elif shape == "unrelated":
+            conn.exec_driver_sql(
+                "CREATE TABLE approval_requests (id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL, "
+                "title TEXT)")
+        else:
+            conn.exec_driver_sql("CREATE VIEW approval_requests AS SELECT id FROM sessions")
+    e.dispose()
+    before = {t: rows_of(db_url, t) for t in table_names(db_url)}
+    with pytest.raises(cmbagent_db.MigrationError) as err:
+        cmbagent_db.init_database(db_url)
+    message = str(err.value)
+    assert "approval_requests exists but is not a table this package can adopt" in message
+    assert "nothing was changed" in message
+    expected = {
+        "missing_run_id": "no column run_id",
+        "unrelated": "column id is",
+        "view": "not a table",
+    }[shape]
+    assert expected in message, message
+    assert {t: rows_of(db_url, t) for t in table_names(db_url)} == before
+    assert "alembic_version" not in table_names(db_url)
+
+
+# ------------------------------------------------------------ today's columns, plain attributes
+
+
+def test_today_columns_and_plain_attributes(migrated_url):
+    db = cmbagent_db.get_db_session(migrated_url)
+    try:
+        from cmbagent_db.models import Session
+
+        s = Session(name="n")
+        run = WorkflowRun(session_id=s.id)
+        child = WorkflowRun(session_id=s.id, parent_run_id=run.id, stage_number=1,
+                            stage_name="idea_generation")
+        db.add_all([s, run, child])
+        db.flush()
+        a = ApprovalRequest.create_pending(run.id, "step_approval", {"x": 1}, step_id="step-7")
+        # A name that is not a column is a plain attribute: set, read, never written.
+        setattr(run, "error", "boom")
+        for k, v in {"status": "failed", "note": "kept in Python"}.items():
+            setattr(run, k, v)
+        db.add(a)
+        db.commit()
+        assert run.error == "boom" and run.note == "kept in Python"
+        assert a.to_dict()["step_id"] == "step-7"
+    finally:
+        db.close()
+    db = cmbagent_db.get_db_session(migrated_url)
+    try:
+        fresh = db.query(WorkflowRun).filter(WorkflowRun.id == run.id).populate_existing().one()
+        assert fresh.status == "failed"
+        assert not hasattr(fresh, "error")
+        assert db.get(WorkflowRun, child.id).stage_name == "idea_generation"
+        assert db.query(WorkflowRun).filter(WorkflowRun.parent_run_id.is_(None)).count() == 1
+        assert db.get(ApprovalRequest, a.id).step_id == "step-7"
+    finally:
+        db.close()
+
+
+# ------------------------------------------------------------ a kill during adoption
+
+
+KILLER = """
+import sys, cmbagent_db
+cmbagent_db.init_database(sys.argv[1])
+print("done", flush=True)
+"""
+
+
+def test_sigkill_during_adoption_leaves_one_shape_with_every_row(sqlite_url, tmp_path):
+    cmb.build(sqlite_url, "legacy")
+    e = cmb.engine(sqlite_url)
+    n = 20000
+    with e.begin() as conn:
+        conn.exec_driver_sql(
+            "WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < %d) "
+            "INSERT INTO approval_requests (id, run_id, step_id, status, requested_at, "
+            "context_snapshot) SELECT 'bulk-' || i, 'r1', 'st1', 'approved', "
+            "'2025-01-01 00:00:00.000000', '{\"i\": ' || i || '}' FROM k" % n)
+    e.dispose()
+    total = row_count(sqlite_url, "approval_requests")
+    script = tmp_path / "adopt.py"
+    script.write_text(KILLER)
+    # One undisturbed run on a copy tells how long adoption takes here.
+    import shutil
+    from helpers import sqlite_path
+
+    path = sqlite_path(sqlite_url)
+    probe = tmp_path / "probe.db"
+    shutil.copy(path, probe)
+    started = time.monotonic()
+    subprocess.run([sys.executable, str(script), f"sqlite:///{probe}"], check=True,
+                   capture_output=True)
+    full = time.monotonic() - started
+    outcomes = set()
+    for fraction in (0.2, 0.4, 0.55, 0.7, 0.85, 0.95):
+        shutil.copy(path, tmp_path / "try.db")
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                shutil.copy(path + suffix, str(tmp_path / "try.db") + suffix)
+        url = f"sqlite:///{tmp_path / 'try.db'}"
+        proc = subprocess.Popen([sys.executable, str(script), url], stdout=subprocess.PIPE)
+        time.sleep(full * fraction)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        cols = [r[1] for r in fetch_all(url, "PRAGMA table_info(approval_requests)")]
+        assert fetch_all(url, "PRAGMA integrity_check") == [("ok",)]
+        assert row_count(url, "approval_requests") == total
+        assert fetch_all(url, "PRAGMA foreign_key_check") == []
+        outcomes.add("approval_type" in cols)
+        # Whatever was left, the next start finishes the job.
+        assert cmbagent_db.init_database(url) == HEAD
+        assert row_count(url, "approval_requests") == total
+        cmbagent_db.dispose_engines()
+    # The kills landed on both sides of the commit at least once between them.
+    assert outcomes, outcomes
