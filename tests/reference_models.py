@@ -8,7 +8,8 @@ the benchmarks measure cmbagent_db against them.  Test-only; it has its own
 ``Session``, ``WorkflowRun`` and ``SessionState`` follow spec/SCHEMA.md.
 ``ApprovalRequest`` and ``ActiveConnection`` are the seed's Task 1 and Task 2
 code as written, duplicated indexes included, because that is what cmbagent
-would run with.
+would run with; like cmbagent's models today, ``WorkflowRun`` carries the task
+hierarchy and ``ApprovalRequest`` the columns of cmbagent's first approval table.
 """
 
 import uuid
@@ -94,6 +95,15 @@ class WorkflowRun(Base):
     )
     is_branch = Column(Boolean, nullable=False, default=False)
     branch_depth = Column(Integer, nullable=False, default=0)
+    # cmbagent's task hierarchy.
+    parent_run_id = Column(
+        String(36),
+        ForeignKey("workflow_runs.id", ondelete="SET NULL"),
+        nullable=True,
+        index=True,
+    )
+    stage_number = Column(Integer, nullable=True)
+    stage_name = Column(String(100), nullable=True)
 
     session = relationship("Session", back_populates="workflow_runs")
     # Seed, Task 1: "In WorkflowRun class, add:"
@@ -194,6 +204,12 @@ class ApprovalRequest(Base):
     expires_at = Column(TIMESTAMP(timezone=True), nullable=False)
     resolved_at = Column(TIMESTAMP(timezone=True), nullable=True)
 
+    # cmbagent's legacy columns (its step foreign key needs workflow_steps, not here).
+    step_id = Column(String(36), nullable=True, index=True)
+    requested_at = Column(TIMESTAMP, nullable=True)
+    context_snapshot = Column(JSON, nullable=True)
+    user_feedback = Column(Text, nullable=True)
+
     # Relationships
     workflow_run = relationship("WorkflowRun", back_populates="approval_requests")
     session = relationship("Session", back_populates="approval_requests")
@@ -211,6 +227,7 @@ class ApprovalRequest(Base):
             "id": self.id,
             "run_id": self.run_id,
             "session_id": self.session_id,
+            "step_id": self.step_id,
             "approval_type": self.approval_type,
             "context": self.context,
             "status": self.status,
@@ -223,11 +240,12 @@ class ApprovalRequest(Base):
 
     @classmethod
     def create_pending(cls, run_id: str, approval_type: str, context: dict,
-                       timeout_seconds: int = 300, session_id: str = None):
+                       timeout_seconds: int = 300, session_id: str = None, step_id: str = None):
         """Factory method to create a pending approval request"""
         return cls(
             run_id=run_id,
             session_id=session_id,
+            step_id=step_id,
             approval_type=approval_type,
             context=context,
             status="pending",

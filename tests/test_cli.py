@@ -19,8 +19,9 @@ import pytest
 
 from helpers import fetch_all, sqlite_path, table_names
 
-REVS = ["000_base", "001_session_states", "002_approvals_connections"]
+REVS = ["000_base", "001_session_states", "002_approvals_connections", "003_cmbagent_columns"]
 HEAD = REVS[-1]
+STAGE2 = REVS[2]
 OUR_TABLES = {"sessions", "workflow_runs", "session_states", "approval_requests",
               "active_connections"}
 SECRET = "Sup3rS3cretPw"
@@ -81,20 +82,22 @@ def test_upgrade_current_history(sqlite_url):
 
     out = ok(cli("--url", sqlite_url, "upgrade", "head"))
     lines = out.splitlines()
-    assert len(lines) == 3, out
+    assert len(lines) == 4, out
     assert lines[0].startswith("Running upgrade  -> 000_base"), out
     assert lines[1].startswith("Running upgrade 000_base -> 001_session_states"), out
-    assert lines[2].startswith(f"Running upgrade 001_session_states -> {HEAD}"), out
+    assert lines[2].startswith(f"Running upgrade 001_session_states -> {STAGE2}"), out
+    assert lines[3].startswith(f"Running upgrade {STAGE2} -> {HEAD}"), out
     assert our_tables(sqlite_url) == OUR_TABLES
 
     assert current(sqlite_url) == f"{HEAD} (head)"
     assert ok(cli("--url", sqlite_url, "upgrade")) == ""  # already at head
 
     history = ok(cli("history")).splitlines()
-    assert len(history) == 3, history
-    assert history[0].startswith(f"001_session_states -> {HEAD} (head), ")
-    assert history[1].startswith("000_base -> 001_session_states, ")
-    assert history[2].startswith("<base> -> 000_base, ")
+    assert len(history) == 4, history
+    assert history[0].startswith(f"{STAGE2} -> {HEAD} (head), ")
+    assert history[1].startswith(f"001_session_states -> {STAGE2}, ")
+    assert history[2].startswith("000_base -> 001_session_states, ")
+    assert history[3].startswith("<base> -> 000_base, ")
     for line in history:
         assert line.split(", ", 1)[1].strip(), line  # a description
 
@@ -126,6 +129,8 @@ def test_relative_and_prefix_targets(sqlite_url):
     assert out.startswith("Running downgrade 001_session_states -> 000_base"), out
     assert current(sqlite_url) == "000_base"
     ok(cli("--url", sqlite_url, "upgrade", "002"))  # unambiguous prefix, as in Alembic
+    assert current(sqlite_url) == STAGE2
+    ok(cli("--url", sqlite_url, "upgrade", "+1"))
     assert current(sqlite_url) == f"{HEAD} (head)"
 
     # Directions are checked, like Alembic does.
@@ -154,7 +159,7 @@ def test_downgrade_needs_force_to_drop_rows(sqlite_url):
     assert "active_connections" in our_tables(sqlite_url)
 
     out = ok(cli("--url", sqlite_url, "downgrade", "001_session_states", "--force"))
-    assert out.startswith(f"Running downgrade {HEAD} -> 001_session_states"), out
+    assert out.startswith(f"Running downgrade {HEAD} -> {STAGE2}"), out
     assert current(sqlite_url) == "001_session_states"
     assert our_tables(sqlite_url) == {"sessions", "workflow_runs", "session_states"}
 

@@ -29,7 +29,7 @@ import helpers
 from helpers import sa_url
 
 UTC = timezone.utc
-HEAD = "002_approvals_connections"
+HEAD = "003_cmbagent_columns"
 OUR_TABLES = {
     "sessions",
     "workflow_runs",

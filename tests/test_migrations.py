@@ -37,9 +37,10 @@ from helpers import (
     table_names,
 )
 
-REVS = ["000_base", "001_session_states", "002_approvals_connections"]
+REVS = ["000_base", "001_session_states", "002_approvals_connections", "003_cmbagent_columns"]
 HEAD = REVS[-1]
-DOWN = {"000_base": None, "001_session_states": "000_base", HEAD: "001_session_states"}
+STAGE2 = "002_approvals_connections"
+DOWN = {rev: (REVS[i - 1] if i else None) for i, rev in enumerate(REVS)}
 BOOKKEEPING = {"alembic_version", "cmbagent_db_migrations"}
 
 # --------------------------------------------------------------------------------------
@@ -50,6 +51,7 @@ TABLES_AT: Dict[Optional[str], List[str]] = {
     None: [],
     "000_base": ["sessions", "workflow_runs"],
     "001_session_states": ["sessions", "workflow_runs", "session_states"],
+    STAGE2: ["sessions", "workflow_runs", "session_states", "approval_requests", "active_connections"],
     HEAD: ["sessions", "workflow_runs", "session_states", "approval_requests", "active_connections"],
 }
 
@@ -123,6 +125,26 @@ COLUMNS: Dict[str, List[Tuple[str, str, Optional[int], bool]]] = {
     ],
 }
 
+# What 003_cmbagent_columns adds: the columns cmbagent's models declare beyond the seed's.
+ADDED_AT_HEAD: Dict[str, List[Tuple[str, str, Optional[int], bool]]] = {
+    "workflow_runs": [
+        ("parent_run_id", "str", 36, True),
+        ("stage_number", "int", None, True),
+        ("stage_name", "str", 100, True),
+    ],
+    "approval_requests": [
+        ("step_id", "str", 36, True),
+        ("requested_at", "ts", None, True),
+        ("context_snapshot", "json", None, True),
+        ("user_feedback", "text", None, True),
+    ],
+}
+
+
+def columns_at(rev: Optional[str], table: str) -> List[Tuple[str, str, Optional[int], bool]]:
+    return COLUMNS[table] + (ADDED_AT_HEAD.get(table, []) if rev == HEAD else [])
+
+
 # (column, referenced table, referenced column, ON DELETE)
 FOREIGN_KEYS: Dict[str, Set[Tuple[str, str, str, str]]] = {
     "sessions": set(),
@@ -138,6 +160,12 @@ FOREIGN_KEYS: Dict[str, Set[Tuple[str, str, str, str]]] = {
     "active_connections": {("session_id", "sessions", "id", "SET NULL")},
 }
 
+
+def foreign_keys_at(rev: Optional[str], table: str) -> Set[Tuple[str, str, str, str]]:
+    if rev == HEAD and table == "workflow_runs":
+        return FOREIGN_KEYS[table] | {("parent_run_id", "workflow_runs", "id", "SET NULL")}
+    return FOREIGN_KEYS[table]
+
 # Indexes made by CREATE INDEX: (columns, unique, partial). SCHEMA.md names only the
 # Stage 2 ones; for the three older tables the column lists are what is specified.
 INDEX_COLUMNS: Dict[str, List[Tuple[Tuple[str, ...], bool, bool]]] = {
@@ -152,6 +180,7 @@ INDEX_COLUMNS: Dict[str, List[Tuple[Tuple[str, ...], bool, bool]]] = {
         (("session_id", "status"), False, False),
         (("agent", "status"), False, False),
     ],
+    "workflow_runs@head": [(("parent_run_id",), False, False)],
     "session_states": [
         (("session_id",), False, False),
         (("status",), False, False),
@@ -226,9 +255,9 @@ def catalogue_columns(url: str, table: str) -> Set[Tuple[str, str, Optional[int]
     return out
 
 
-def expected_columns(url: str, table: str) -> Set[Tuple[str, str, Optional[int], bool]]:
+def expected_columns(url: str, table: str, rev: Optional[str] = HEAD) -> Set[Tuple[str, str, Optional[int], bool]]:
     out = set()
-    for name, family, length, nullable in COLUMNS[table]:
+    for name, family, length, nullable in columns_at(rev, table):
         if is_sqlite(url) and family == "tstz":
             family = "ts"  # SQLite has no time zone flag: SQLAlchemy writes TIMESTAMP
         out.add((name, family, length, nullable))
@@ -291,9 +320,9 @@ def assert_schema_at(url: str, rev: Optional[str]) -> None:
     tables = user_tables(url)
     assert tables == sorted(TABLES_AT[rev]), f"tables at {rev}"
     for table in tables:
-        assert sorted(column_names(url, table)) == sorted(c[0] for c in COLUMNS[table]), table
-        assert catalogue_columns(url, table) == expected_columns(url, table), table
-        assert catalogue_foreign_keys(url, table) == FOREIGN_KEYS[table], table
+        assert sorted(column_names(url, table)) == sorted(c[0] for c in columns_at(rev, table)), table
+        assert catalogue_columns(url, table) == expected_columns(url, table, rev), table
+        assert catalogue_foreign_keys(url, table) == foreign_keys_at(rev, table), table
 
         everything = index_info(url, table, include_constraints=True)
         backing = [v for v in everything.values() if v["constraint"]]
@@ -313,7 +342,8 @@ def assert_schema_at(url: str, rev: Optional[str]) -> None:
             got_cols = sorted(
                 (tuple(v["columns"]), v["unique"], v["partial"]) for v in created.values()
             )
-            assert got_cols == sorted(INDEX_COLUMNS[table]), table
+            want = INDEX_COLUMNS[table] + (INDEX_COLUMNS.get(f"{table}@head", []) if rev == HEAD else [])
+            assert got_cols == sorted(want), table
     if rev is None:
         if _exists(url) and "alembic_version" in table_names(url):
             assert alembic_version_rows(url) == []
@@ -360,7 +390,7 @@ def test_upgrade_downgrade_walk_matches_schema(db_url):
     assert cmbagent_db.migrate(db_url, "head") == HEAD
     assert_schema_at(db_url, HEAD)
 
-    for rev in ["001_session_states", "000_base"]:
+    for rev in [STAGE2, "001_session_states", "000_base"]:
         assert cmbagent_db.migrate(db_url, rev) == rev
         assert_schema_at(db_url, rev)
 
@@ -595,13 +625,15 @@ def test_relative_targets(db_url):
     assert cmbagent_db.current(db_url) is None
     assert cmbagent_db.migrate(db_url, "+1") == "000_base"
     assert cmbagent_db.current(db_url) == "000_base"
-    assert cmbagent_db.migrate(db_url, "+2") == HEAD
+    assert cmbagent_db.migrate(db_url, "+3") == HEAD
     assert_schema_at(db_url, HEAD)
-    assert cmbagent_db.migrate(db_url, "-1") == "001_session_states"
+    assert cmbagent_db.migrate(db_url, "-2") == "001_session_states"
     assert_schema_at(db_url, "001_session_states")
     assert cmbagent_db.migrate(db_url, "-2") is None
     assert_schema_at(db_url, None)
-    assert cmbagent_db.migrate(db_url, "+3") == HEAD
+    assert cmbagent_db.migrate(db_url, "+4") == HEAD
+    assert cmbagent_db.migrate(db_url, "-1") == STAGE2
+    assert_schema_at(db_url, STAGE2)
     assert cmbagent_db.migrate(db_url, "-3") is None
     assert cmbagent_db.migrate(db_url, "+2") == "001_session_states"
     assert_schema_at(db_url, "001_session_states")
@@ -611,7 +643,7 @@ def test_relative_target_out_of_range_is_refused(db_url):
     # Alembic: "Relative revision +2 didn't produce 2 migrations".
     cmbagent_db.migrate(db_url, "001_session_states")
     before = snapshot(db_url)
-    for target in ("+2", "-3"):
+    for target in ("+3", "-3"):
         with pytest.raises(cmbagent_db.MigrationError):
             cmbagent_db.migrate(db_url, target)
         assert snapshot(db_url) == before
@@ -695,7 +727,7 @@ def test_applied_records_and_checksum_drift(migrated_url):
         assert isinstance(r["checksum"], str) and r["checksum"]
         assert isinstance(r["applied_at"], datetime) and r["applied_at"].utcoffset() is not None
         assert isinstance(r["duration_ms"], int) and r["duration_ms"] >= 0
-    assert row_count(migrated_url, "cmbagent_db_migrations") == 3
+    assert row_count(migrated_url, "cmbagent_db_migrations") == len(REVS)
     assert cmbagent_db.check(migrated_url) == []
 
     fetch_all(
@@ -846,7 +878,7 @@ def test_concurrent_migrators(db_url, tmp_path):
     assert cmbagent_db.current(db_url) == HEAD
     assert alembic_version_rows(db_url) == [HEAD]
     assert [r["revision"] for r in cmbagent_db.applied(db_url)] == REVS
-    assert row_count(db_url, "cmbagent_db_migrations") == 3
+    assert row_count(db_url, "cmbagent_db_migrations") == len(REVS)
     assert_schema_at(db_url, HEAD)
 
 
@@ -897,7 +929,7 @@ def test_migration_sql_is_offline_and_complete(db_url, new_db_url, backend):
     assert tables == sorted(TABLES_AT[HEAD])
     for table in tables:
         assert catalogue_columns(target, table) == expected_columns(target, table), table
-        assert catalogue_foreign_keys(target, table) == FOREIGN_KEYS[table], table
+        assert catalogue_foreign_keys(target, table) == foreign_keys_at(HEAD, table), table
     assert index_info(target, "approval_requests") == index_info_after_online(backend, new_db_url)
     assert alembic_version_rows(target) == [HEAD]
 

@@ -32,8 +32,8 @@ from cmbagent_db.models import Session, WorkflowRun
 
 from helpers import fetch_all, pg_dsn, row_count
 
-HEAD = "002_approvals_connections"
-REVS = ["000_base", "001_session_states", HEAD]
+HEAD = "003_cmbagent_columns"
+REVS = ["000_base", "001_session_states", "002_approvals_connections", HEAD]
 PG_PASSWORD = "s3cret-pw"  # conftest's role password
 TESTS_DIR = str(Path(__file__).resolve().parent)
 
@@ -450,6 +450,6 @@ def test_six_processes_migrate_at_the_same_moment(pg_url, tmp_path):
     applied = cmbagent_db.applied(pg_url)
     assert [a["revision"] for a in applied] == REVS, applied
     assert all(a["matches"] for a in applied)
-    assert row_count(pg_url, "cmbagent_db_migrations") == 3
+    assert row_count(pg_url, "cmbagent_db_migrations") == len(REVS)
     assert cmbagent_db.check(pg_url) == []
     assert cmbagent_db.current(pg_url) == HEAD

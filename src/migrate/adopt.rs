@@ -219,9 +219,11 @@ fn legacy_fill(d: Dialect, table: TableId, c: &Column, actual: &TableInfo) -> Op
             (true, false) => "CASE WHEN context_snapshot IS NULL OR context_snapshot = 'null' \
                               THEN '{}' ELSE context_snapshot END"
                 .into(),
-            (true, true) => "CASE WHEN context_snapshot IS NULL OR context_snapshot::text = 'null' \
+            (true, true) => {
+                "CASE WHEN context_snapshot IS NULL OR context_snapshot::text = 'null' \
                              THEN '{}'::json ELSE context_snapshot::json END"
-                .into(),
+                    .into()
+            }
             (false, false) => "'{}'".into(),
             (false, true) => "'{}'::json".into(),
         },
@@ -713,7 +715,10 @@ mod tests {
         );
         let copy = &p.statements[1];
         assert!(copy.contains("'legacy'"), "{copy}");
-        assert!(copy.contains("context_snapshot = 'null' THEN '{}' ELSE context_snapshot END"), "{copy}");
+        assert!(
+            copy.contains("context_snapshot = 'null' THEN '{}' ELSE context_snapshot END"),
+            "{copy}"
+        );
         assert!(copy.contains("'9999-12-31 23:59:59.000000'"), "{copy}");
         assert!(copy.contains("requested_at"), "{copy}");
         assert!(copy.starts_with("INSERT INTO \"_cmbagent_db_new_approval_requests\" (rowid,"));
