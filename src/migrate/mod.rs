@@ -86,7 +86,7 @@ pub static REVISIONS: [Revision; 4] = [
     },
     Revision {
         id: "001_session_states",
-        description: "session_states (Stage 1)",
+        description: "session_states: the state of a session, for resumable workflows",
         sqlite: scripts!("sqlite", "001_session_states"),
         postgres: scripts!("postgresql", "001_session_states"),
         drops: &["session_states"],
@@ -94,7 +94,8 @@ pub static REVISIONS: [Revision; 4] = [
     },
     Revision {
         id: "002_approvals_connections",
-        description: "approval_requests and active_connections (Stage 2)",
+        description:
+            "approval_requests and active_connections: durable approvals, connection presence",
         sqlite: scripts!("sqlite", "002_approvals_connections"),
         postgres: scripts!("postgresql", "002_approvals_connections", then "approval_notify.sql"),
         drops: &["active_connections", "approval_requests"],
