@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+import textwrap
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 __all__ = [
@@ -283,3 +285,64 @@ def row_count(url: str, table: str) -> int:
         (n,) = cur.fetchone()
         cur.close()
         return int(n)
+
+
+# ------------------------------------------------------------------ an Alembic environment
+
+_ENV_PY = '''\
+from alembic import context
+from sqlalchemy import create_engine
+from sqlalchemy.pool import NullPool
+
+url = context.config.get_main_option("sqlalchemy.url")
+if context.is_offline_mode():
+    context.configure(url=url, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+else:
+    engine = create_engine(url, poolclass=NullPool)
+    with engine.connect() as connection:
+        context.configure(connection=connection)
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+'''
+
+
+def alembic_config(directory: Path, url: str, chain: Sequence[Tuple[str, Optional[str]]]):
+    """An Alembic environment in ``directory`` whose script directory holds ``chain``
+    ((revision, down_revision) pairs, each with empty upgrade and downgrade), configured
+    for the database at ``url``."""
+    from alembic.config import Config
+
+    scripts = directory / "alembic_scripts"
+    (scripts / "versions").mkdir(parents=True)
+    (scripts / "env.py").write_text(_ENV_PY)
+    for rev, down in chain:
+        (scripts / "versions" / f"{rev}.py").write_text(
+            textwrap.dedent(
+                f'''\
+                """{rev}
+
+                Revision ID: {rev}
+                Revises: {down or ""}
+                """
+                revision = {rev!r}
+                down_revision = {down!r}
+                branch_labels = None
+                depends_on = None
+
+
+                def upgrade():
+                    pass
+
+
+                def downgrade():
+                    pass
+                '''
+            )
+        )
+    cfg = Config()
+    cfg.set_main_option("script_location", str(scripts))
+    cfg.set_main_option("sqlalchemy.url", sa_url(url))
+    return cfg

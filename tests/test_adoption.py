@@ -11,19 +11,17 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from datetime import datetime, timezone
 
 import pytest
 from sqlalchemy import MetaData, select
 
 import cmbagent_db
 import cmbagent_databases as cmb
-from cmbagent_db import approvals
+from cmbagent_db import approvals, connections
 from cmbagent_db.models import ApprovalRequest, WorkflowRun
-from helpers import fetch_all, is_sqlite, row_count, table_names
+from helpers import alembic_config, fetch_all, is_sqlite, row_count, table_names
 
 UTC = timezone.utc
 HEAD = cmbagent_db.history()[-1]
@@ -174,6 +172,9 @@ def test_current_create_all_database_opens_unchanged(db_url):
         }
         r2 = db.get(WorkflowRun, "r2")
         assert (r2.parent_run_id, r2.stage_number, r2.stage_name) == ("r1", 2, "planning")
+        # cmbagent's unique index on task_id serves the heartbeat's upsert.
+        beat = connections.heartbeat(db, "task-1", server_instance="i2")
+        assert (beat.id, beat.server_instance, beat.session_id) == ("c1", "i2", "s1")
         assert [x.id for x in db.query(WorkflowRun).filter(WorkflowRun.parent_run_id.is_(None))] == ["r1"]
     finally:
         db.close()
@@ -198,41 +199,6 @@ def test_indexes_after_adopting_create_all(db_url):
 # ------------------------------------------------------------ cmbagent's Alembic chain
 
 
-def _alembic_config(tmp_path: Path, url: str, head: str):
-    """An Alembic environment standing in for cmbagent's: its chain ends at ``head``."""
-    from alembic.config import Config
-    from helpers import sa_url
-
-    scripts = tmp_path / "cmbagent_alembic"
-    (scripts / "versions").mkdir(parents=True)
-    (scripts / "env.py").write_text(textwrap.dedent(
-        """
-        from alembic import context
-        from sqlalchemy import create_engine
-        engine = create_engine(context.config.get_main_option("sqlalchemy.url"))
-        with engine.connect() as connection:
-            context.configure(connection=connection)
-            with context.begin_transaction():
-                context.run_migrations()
-        engine.dispose()
-        """))
-    (scripts / "versions" / f"{head}.py").write_text(textwrap.dedent(
-        f"""
-        revision = {head!r}
-        down_revision = None
-        branch_labels = None
-        depends_on = None
-        def upgrade():
-            pass
-        def downgrade():
-            pass
-        """))
-    cfg = Config()
-    cfg.set_main_option("script_location", str(scripts))
-    cfg.set_main_option("sqlalchemy.url", sa_url(url))
-    return cfg
-
-
 def test_cmbagent_chain_database_keeps_its_alembic_version(db_url, tmp_path, capsys):
     from alembic import command
     from alembic.runtime.migration import MigrationContext
@@ -250,7 +216,7 @@ def test_cmbagent_chain_database_keeps_its_alembic_version(db_url, tmp_path, cap
     assert {t: after[t] for t in before} == before
 
     # cmbagent's own Alembic still reads and runs its chain on the database.
-    cfg = _alembic_config(tmp_path, db_url, cmb.CMBAGENT_HEAD)
+    cfg = alembic_config(tmp_path, db_url, [(cmb.CMBAGENT_HEAD, None)])
     command.upgrade(cfg, "head")
     e = cmb.engine(db_url)
     with e.connect() as conn:
@@ -263,6 +229,10 @@ def test_cmbagent_chain_database_keeps_its_alembic_version(db_url, tmp_path, cap
             a = db.get(ApprovalRequest, w["id"])
             assert a.status == w["status"] and a.approval_type == "legacy"
             assert a.expires_at == NO_DEADLINE and a.to_dict()["id"] == w["id"]
+        # The chain's UNIQUE constraint on task_id serves the heartbeat's upsert.
+        first = connections.heartbeat(db, "task-9", server_instance="i1")
+        again = connections.heartbeat(db, "task-9", server_instance="i2")
+        assert first.id == again.id and again.server_instance == "i2"
     finally:
         db.close()
     assert_foreign_keys_kept(db_url, keys)

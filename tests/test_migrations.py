@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 
 import cmbagent_db
 from helpers import (
+    alembic_config,
     column_names,
     fetch_all,
     index_info,
@@ -469,61 +469,8 @@ def test_expiry_index_is_partial(migrated_url):
 # alembic_version: exactly what Alembic itself writes
 # --------------------------------------------------------------------------------------
 
-_ENV_PY = '''\
-from alembic import context
-from sqlalchemy import create_engine
-from sqlalchemy.pool import NullPool
-
-url = context.config.get_main_option("sqlalchemy.url")
-if context.is_offline_mode():
-    context.configure(url=url, literal_binds=True)
-    with context.begin_transaction():
-        context.run_migrations()
-else:
-    engine = create_engine(url, poolclass=NullPool)
-    with engine.connect() as connection:
-        context.configure(connection=connection)
-        with context.begin_transaction():
-            context.run_migrations()
-    engine.dispose()
-'''
-
-
 def _alembic_config(tmp_path: Path, url: str):
-    from alembic.config import Config
-
-    scripts = tmp_path / "alembic_scripts"
-    (scripts / "versions").mkdir(parents=True)
-    (scripts / "env.py").write_text(_ENV_PY)
-    for rev in REVS:
-        down = DOWN[rev]
-        (scripts / "versions" / f"{rev}.py").write_text(
-            textwrap.dedent(
-                f'''\
-                """{rev}
-
-                Revision ID: {rev}
-                Revises: {down or ""}
-                """
-                revision = {rev!r}
-                down_revision = {down!r}
-                branch_labels = None
-                depends_on = None
-
-
-                def upgrade():
-                    pass
-
-
-                def downgrade():
-                    pass
-                '''
-            )
-        )
-    cfg = Config()
-    cfg.set_main_option("script_location", str(scripts))
-    cfg.set_main_option("sqlalchemy.url", sa_url(url))
-    return cfg
+    return alembic_config(tmp_path, url, [(rev, DOWN[rev]) for rev in REVS])
 
 
 def _alembic_version_state(url: str):

@@ -289,6 +289,18 @@ fn equivalent(a: &IndexInfo, i: &Index) -> bool {
         && a.predicate.as_deref().map(normalise_predicate) == i.predicate.map(normalise_predicate)
 }
 
+/// An existing column's definition as the catalogue gives it, NOT NULL or not.
+fn existing_def(a: &ColumnInfo, not_null: bool) -> String {
+    let mut def = format!("{} {}", quote(&a.name), a.declared);
+    if not_null {
+        def.push_str(" NOT NULL");
+    }
+    if let Some(dflt) = &a.default {
+        def.push_str(&format!(" DEFAULT {dflt}"));
+    }
+    def
+}
+
 /// One column of a rebuilt SQLite table: its definition and the expression that copies it.
 struct Rebuilt {
     name: String,
@@ -369,16 +381,9 @@ pub fn plan(
                         ));
                     }
                 }
-                let mut def = format!("{quoted} {}", a.declared);
-                if not_null {
-                    def.push_str(" NOT NULL");
-                }
-                if let Some(dflt) = &a.default {
-                    def.push_str(&format!(" DEFAULT {dflt}"));
-                }
                 columns.push(Rebuilt {
+                    def: existing_def(a, not_null),
                     name: quoted,
-                    def,
                     copy,
                 });
             }
@@ -393,16 +398,9 @@ pub fn plan(
                         t.name
                     ));
                 }
-                let mut def = format!("{quoted} {}", a.declared);
-                if a.not_null && !relax {
-                    def.push_str(" NOT NULL");
-                }
-                if let Some(dflt) = &a.default {
-                    def.push_str(&format!(" DEFAULT {dflt}"));
-                }
                 columns.push(Rebuilt {
+                    def: existing_def(a, a.not_null && !relax),
                     name: quoted.clone(),
-                    def,
                     copy: quoted,
                 });
             }
@@ -620,19 +618,10 @@ pub fn drop_columns_sqlite(table: TableId, revision: u8, actual: &TableInfo) -> 
         .columns
         .iter()
         .filter(|a| !dropped(&a.name))
-        .map(|a| {
-            let mut def = format!("{} {}", quote(&a.name), a.declared);
-            if a.not_null {
-                def.push_str(" NOT NULL");
-            }
-            if let Some(dflt) = &a.default {
-                def.push_str(&format!(" DEFAULT {dflt}"));
-            }
-            Rebuilt {
-                name: quote(&a.name),
-                def,
-                copy: quote(&a.name),
-            }
+        .map(|a| Rebuilt {
+            name: quote(&a.name),
+            def: existing_def(a, a.not_null),
+            copy: quote(&a.name),
         })
         .collect();
     let fks: Vec<String> = actual

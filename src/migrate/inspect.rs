@@ -148,6 +148,16 @@ fn int(v: &Value) -> i64 {
     }
 }
 
+/// A foreign key from a catalogue row of (column, parent, parent column, ON DELETE).
+fn foreign_key(r: &[Value]) -> ForeignKeyInfo {
+    ForeignKeyInfo {
+        column: text(&r[0]).unwrap_or_default(),
+        parent: text(&r[1]).unwrap_or_default(),
+        parent_column: text(&r[2]).unwrap_or_default(),
+        on_delete: text(&r[3]).unwrap_or_default(),
+    }
+}
+
 fn strings(conn: &mut Conn, sql: &str, name: &str, width: usize) -> Result<Vec<Vec<Value>>> {
     let shape: Vec<(&str, ColType)> = (0..width).map(|_| ("catalogue", ColType::Text)).collect();
     conn.query(sql, &[Value::Text(name.into())], &shape)
@@ -226,13 +236,8 @@ fn inspect_sqlite(conn: &mut Conn, name: &str) -> Result<Relation> {
         name,
         4,
     )?
-    .into_iter()
-    .map(|r| ForeignKeyInfo {
-        column: text(&r[0]).unwrap_or_default(),
-        parent: text(&r[1]).unwrap_or_default(),
-        parent_column: text(&r[2]).unwrap_or_default(),
-        on_delete: text(&r[3]).unwrap_or_default(),
-    })
+    .iter()
+    .map(|r| foreign_key(r))
     .collect();
     let listed = conn.query(
         "SELECT l.name, l.\"unique\", l.origin, m.sql FROM pragma_index_list(?1) AS l \
@@ -344,13 +349,8 @@ fn inspect_postgres(conn: &mut Conn, name: &str) -> Result<Relation> {
         name,
         4,
     )?
-    .into_iter()
-    .map(|r| ForeignKeyInfo {
-        column: text(&r[0]).unwrap_or_default(),
-        parent: text(&r[1]).unwrap_or_default(),
-        parent_column: text(&r[2]).unwrap_or_default(),
-        on_delete: text(&r[3]).unwrap_or_default(),
-    })
+    .iter()
+    .map(|r| foreign_key(r))
     .collect();
     let indexes = conn
         .query(

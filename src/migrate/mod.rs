@@ -1239,15 +1239,21 @@ mod tests {
         assert!(!table_exists(&mut c, "alembic_version").unwrap());
     }
 
-    #[test]
-    fn another_chain_keeps_alembic_version_and_this_package_its_own() {
+    /// The legacy database, with another chain's revision in `alembic_version`.
+    fn legacy_at(revision: &str) -> Conn {
         let mut c = memory();
         c.batch(LEGACY).unwrap();
         c.batch(&format!(
-            "{}; INSERT INTO alembic_version VALUES ('5f0a1b2c3d4e');",
+            "{}; INSERT INTO alembic_version VALUES ('{revision}');",
             version_table(ALEMBIC_VERSION)
         ))
         .unwrap();
+        c
+    }
+
+    #[test]
+    fn another_chain_keeps_alembic_version_and_this_package_its_own() {
+        let mut c = legacy_at("5f0a1b2c3d4e");
         migrate(&mut c, "head", false).unwrap();
         assert_eq!(current(&mut c).unwrap(), Some(head()));
         assert_eq!(
@@ -1266,13 +1272,7 @@ mod tests {
 
     #[test]
     fn an_older_revision_of_cmbagent_chain_is_refused_with_the_remedy() {
-        let mut c = memory();
-        c.batch(LEGACY).unwrap();
-        c.batch(&format!(
-            "{}; INSERT INTO alembic_version VALUES ('d4e5f6a7b8c9');",
-            version_table(ALEMBIC_VERSION)
-        ))
-        .unwrap();
+        let mut c = legacy_at("d4e5f6a7b8c9");
         let e = migrate(&mut c, "head", false).unwrap_err();
         assert!(
             e.message
