@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmarks of cmbagent_db against SQLAlchemy 2 and the raw drivers (issue 6).
+"""Benchmarks of cmbagent_db against SQLAlchemy 2 and the raw drivers.
 
     .venv/bin/python bench/run.py [--backend sqlite|postgresql|all] [--quick] [--out BENCHMARKS.md]
 
@@ -558,7 +558,7 @@ def build_rows(results, backends: List[str], cfg) -> List[Row]:
                 scale[name] = big_t / small_t
         rows.append(Row(b, f"5c. sweep scaling: time({large:,}) / time({small:,})", "scale", "ratio",
                         scale, [("self", "<=", 1.5)],
-                        {**es, **el}, note="" if sq else "issue 5 asks the same of PostgreSQL"))
+                        {**es, **el}, note="" if sq else "the same bound holds on PostgreSQL"))
         for n, label in ((small, "5d"), (large, "5e")):
             latency = returned_row(b, f"sweep:{n}", f"{label}. expiry sweep, 1,000 of {n:,} rows: "
                                    "until commit() returns", "time", "ms", lambda t: t)
@@ -592,7 +592,7 @@ def build_rows(results, backends: List[str], cfg) -> List[Row]:
 
 def render_table(rows: List[Row]) -> str:
     head = ("| backend | workload | unit | cmbagent_db | SQLAlchemy | raw driver | Rust core (no Python) "
-            "| cmbagent_db vs SQLAlchemy | cmbagent_db vs raw | target (issue 6) | met? |")
+            "| cmbagent_db vs SQLAlchemy | cmbagent_db vs raw | target | met? |")
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         checks = r.checks()
@@ -724,7 +724,7 @@ def write_report(path: Path, info, rows, results, backends, cfg, command, quick,
     machine = "\n".join(f"- {k}: {v}" for k, v in info.items())
     md = f"""# Benchmarks
 
-cmbagent_db against SQLAlchemy 2 (the seed's models) and the raw drivers, as issue 6 asks.
+cmbagent_db against SQLAlchemy 2 (the seed's models) and the raw drivers.
 Ratios measured in one run are what these shared machines can compare; absolute numbers
 move from run to run.
 

@@ -21,7 +21,7 @@ import cmbagent_db
 import cmbagent_databases as cmb
 from cmbagent_db import approvals, connections
 from cmbagent_db.models import ApprovalRequest, WorkflowRun
-from helpers import alembic_config, fetch_all, is_sqlite, row_count, table_names
+from helpers import alembic_config, connected, fetch_all, is_sqlite, row_count, table_names
 
 UTC = timezone.utc
 HEAD = cmbagent_db.history()[-1]
@@ -396,4 +396,66 @@ def test_sigkill_during_adoption_leaves_one_shape_with_every_row(sqlite_url, tmp
         assert row_count(url, "approval_requests") == total
         cmbagent_db.dispose_engines()
     # Kills inside the adoption left the old table whole at least once.
+    assert kept_old >= 1
+
+
+def _legacy_with_many_approvals(url, n):
+    cmb.build(url, "legacy")
+    e = cmb.engine(url)
+    with e.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO approval_requests (id, run_id, step_id, status, requested_at, "
+            "context_snapshot) SELECT 'bulk-' || i, 'r1', 'st1', 'approved', "
+            "TIMESTAMP '2025-01-01 00:00:00', json_build_object('i', i) "
+            f"FROM generate_series(1, {n}) AS i")
+    e.dispose()
+    return row_count(url, "approval_requests")
+
+
+def _terminate_others(url):
+    """Ends every other backend on the test database (the adopting process's)."""
+    with connected(url) as conn:
+        cur = conn.cursor()
+        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        return sum(1 for (ok,) in cur.fetchall() if ok)
+
+
+def test_postgresql_backend_ended_during_adoption_leaves_one_shape(new_db_url, tmp_path):
+    script = tmp_path / "adopt.py"
+    script.write_text(KILLER)
+    probe = new_db_url("postgresql")
+    total = _legacy_with_many_approvals(probe, 40000)
+    out = subprocess.run([sys.executable, str(script), probe], check=True,
+                         capture_output=True, text=True).stdout
+    adoption = float(out.split()[-1])
+    kept_old = 0
+    for fraction in (0.2, 0.5, 0.8):
+        url = new_db_url("postgresql")
+        assert _legacy_with_many_approvals(url, 40000) == total
+        proc = subprocess.Popen([sys.executable, str(script), url], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "start"
+        time.sleep(adoption * fraction)
+        # The engine retries once on a new connection when the server drops one; the
+        # second termination ends that retry too.
+        ended = _terminate_others(url)
+        time.sleep(adoption * 0.3)
+        ended += _terminate_others(url)
+        _, err = proc.communicate(timeout=60)
+        cols = {r[0] for r in fetch_all(
+            url, "SELECT column_name FROM information_schema.columns "
+                 "WHERE table_schema = current_schema() AND table_name = 'approval_requests'")}
+        assert row_count(url, "approval_requests") == total
+        if "approval_type" in cols:
+            assert fetch_all(url, "SELECT count(*) FROM approval_requests "
+                                  "WHERE approval_type = 'legacy'") == [(total,)]
+        else:
+            assert ended and "OperationalError" in err, err
+            kept_old += 1
+            assert fetch_all(url, "SELECT count(*) FROM approval_requests "
+                                  "WHERE requested_at IS NOT NULL") == [(total,)]
+        assert cmbagent_db.init_database(url) == HEAD
+        assert row_count(url, "approval_requests") == total
+        cmbagent_db.dispose_engines()
     assert kept_old >= 1

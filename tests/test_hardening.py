@@ -1,4 +1,4 @@
-"""Hardening (issue 7): faults, contention, hostile input, secrets, and every exception class.
+"""Hardening: faults, contention, hostile input, secrets, and every exception class.
 
 Real processes and real servers, no mocks:
 

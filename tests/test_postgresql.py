@@ -1,4 +1,4 @@
-"""PostgreSQL-specific behaviour (issue 4), against the throwaway server of conftest.py.
+"""PostgreSQL-specific behaviour, against the throwaway server of conftest.py.
 
 - a session whose server backend is killed (``pg_terminate_backend``) mid-transaction gets an
   OperationalError, can be rolled back and used again, and the pool never hands out a dead
@@ -283,8 +283,8 @@ def test_closed_port_is_operational_error_without_the_password(auto_migrate):
 
 
 def test_missing_database_is_operational_error(pg_server):
-    """Connecting to a database that does not exist is a connection failure (issue 4:
-    connection failures are OperationalError; psycopg2 and SQLAlchemy say the same)."""
+    """Connecting to a database that does not exist is a connection failure (connection
+    failures are OperationalError; psycopg2 and SQLAlchemy say the same)."""
     dbname = "no_such_db_" + uuid.uuid4().hex[:8]
     url = with_query(pg_server.url_for(dbname), "connect_timeout=5")
     with pytest.raises(cmbagent_db.Error) as info:

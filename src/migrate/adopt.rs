@@ -361,10 +361,7 @@ pub fn plan(
                 if not_null && !a.not_null {
                     rebuild = true;
                     if let Some(f) = &filler {
-                        fills.push(format!(
-                            "UPDATE {} SET {quoted} = {f} WHERE {quoted} IS NULL",
-                            t.name
-                        ));
+                        fills.push((quoted.clone(), f.clone()));
                         copy = format!("COALESCE({quoted}, {f})");
                     }
                     tighten.push(format!(
@@ -451,10 +448,7 @@ pub fn plan(
         }
         alter.push(add);
         if let Some(f) = &explicit {
-            fills.push(format!(
-                "UPDATE {} SET {} = {f} WHERE {} IS NULL",
-                t.name, c.name, c.name
-            ));
+            fills.push((c.name.to_string(), f.clone()));
             if !c.nullable {
                 tighten.push(format!(
                     "ALTER TABLE {} ALTER COLUMN {} SET NOT NULL",
@@ -540,7 +534,21 @@ pub fn plan(
     // Without a rebuild, SQLite's statements are column additions, fills and indexes only:
     // every constraint change above asked for a rebuild.
     let mut statements = alter;
-    statements.extend(fills);
+    if !fills.is_empty() {
+        // One pass over the table for every fill: PostgreSQL writes a new version of each
+        // row it updates.
+        let set: Vec<String> = fills
+            .iter()
+            .map(|(c, f)| format!("{c} = COALESCE({c}, {f})"))
+            .collect();
+        let any: Vec<String> = fills.iter().map(|(c, _)| format!("{c} IS NULL")).collect();
+        statements.push(format!(
+            "UPDATE {} SET {} WHERE {}",
+            t.name,
+            set.join(", "),
+            any.join(" OR ")
+        ));
+    }
     statements.extend(tighten);
     statements.extend(created);
     Ok(Plan {
@@ -728,8 +736,18 @@ mod tests {
                 .position(|x| x.contains(needle))
                 .unwrap_or_else(|| panic!("{needle} not in {s:#?}"))
         };
-        assert!(at("ADD COLUMN approval_type VARCHAR(50)") < at("SET approval_type = 'legacy'"));
-        assert!(at("SET approval_type = 'legacy'") < at("ALTER COLUMN approval_type SET NOT NULL"));
+        let fill = at("approval_type = COALESCE(approval_type, 'legacy')");
+        assert!(at("ADD COLUMN approval_type VARCHAR(50)") < fill);
+        assert!(fill < at("ALTER COLUMN approval_type SET NOT NULL"));
+        // Every fill in one pass over the table.
+        assert_eq!(s.iter().filter(|x| x.starts_with("UPDATE")).count(), 1);
+        for column in ["context", "expires_at", "created_at"] {
+            assert!(
+                s[fill].contains(&format!("{column} = COALESCE({column}, ")),
+                "{}",
+                s[fill]
+            );
+        }
         assert!(s[at("\"step_id\" DROP NOT NULL")].starts_with("ALTER TABLE approval_requests"));
     }
 

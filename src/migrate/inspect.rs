@@ -148,6 +148,41 @@ fn int(v: &Value) -> i64 {
     }
 }
 
+/// The columns from a catalogue query of (name, declared type, length or NULL when the type
+/// carries it, NOT NULL as 0/1, default, position in the primary key).
+fn columns(conn: &mut Conn, sql: &str, table: &str) -> Result<Vec<ColumnInfo>> {
+    let rows = conn.query(
+        sql,
+        &[Value::Text(table.into())],
+        &[
+            ("name", ColType::Text),
+            ("type", ColType::Text),
+            ("length", ColType::Integer),
+            ("notnull", ColType::Integer),
+            ("default", ColType::Text),
+            ("pk", ColType::Integer),
+        ],
+    )?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let declared = text(&r[1]).unwrap_or_default();
+            ColumnInfo {
+                name: text(&r[0]).unwrap_or_default(),
+                family: Family::of(&declared),
+                max_len: match r[2] {
+                    Value::Int(n) => usize::try_from(n).ok(),
+                    _ => declared_len(&declared),
+                },
+                declared,
+                not_null: int(&r[3]) != 0,
+                default: text(&r[4]),
+                pk: int(&r[5]),
+            }
+        })
+        .collect())
+}
+
 /// A foreign key from a catalogue row of (column, parent, parent column, ON DELETE).
 fn foreign_key(r: &[Value]) -> ForeignKeyInfo {
     ForeignKeyInfo {
@@ -204,32 +239,11 @@ fn inspect_sqlite(conn: &mut Conn, name: &str) -> Result<Relation> {
         return Ok(Relation::Other(text(&row[0]).unwrap_or_default()));
     }
     let sql = text(&row[1]);
-    let columns = conn
-        .query(
-            "SELECT name, type, \"notnull\", dflt_value, pk FROM pragma_table_info(?1) ORDER BY cid",
-            &[Value::Text(name.into())],
-            &[
-                ("name", ColType::Text),
-                ("type", ColType::Text),
-                ("notnull", ColType::Integer),
-                ("dflt_value", ColType::Text),
-                ("pk", ColType::Integer),
-            ],
-        )?
-        .into_iter()
-        .map(|r| {
-            let declared = text(&r[1]).unwrap_or_default();
-            ColumnInfo {
-                name: text(&r[0]).unwrap_or_default(),
-                family: Family::of(&declared),
-                max_len: declared_len(&declared),
-                declared,
-                not_null: int(&r[2]) != 0,
-                default: text(&r[3]),
-                pk: int(&r[4]),
-            }
-        })
-        .collect::<Vec<_>>();
+    let columns = columns(
+        conn,
+        "SELECT name, type, NULL, \"notnull\", dflt_value, pk FROM pragma_table_info(?1) ORDER BY cid",
+        name,
+    )?;
     let foreign_keys = strings(
         conn,
         "SELECT \"from\", \"table\", coalesce(\"to\", 'id'), on_delete FROM pragma_foreign_key_list(?1) ORDER BY id, seq",
@@ -305,37 +319,13 @@ fn inspect_postgres(conn: &mut Conn, name: &str) -> Result<Relation> {
     if text(&row[0]).as_deref() != Some("BASE TABLE") {
         return Ok(Relation::Other(text(&row[0]).unwrap_or_default()));
     }
-    let columns = conn
-        .query(
-            "SELECT column_name::text, data_type::text, character_maximum_length::integer, \
-             is_nullable::text, column_default::text FROM information_schema.columns \
-             WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
-            &[Value::Text(name.into())],
-            &[
-                ("column_name", ColType::Text),
-                ("data_type", ColType::Text),
-                ("character_maximum_length", ColType::Integer),
-                ("is_nullable", ColType::Text),
-                ("column_default", ColType::Text),
-            ],
-        )?
-        .into_iter()
-        .map(|r| {
-            let declared = text(&r[1]).unwrap_or_default();
-            ColumnInfo {
-                name: text(&r[0]).unwrap_or_default(),
-                family: Family::of(&declared),
-                max_len: match r[2] {
-                    Value::Int(n) => usize::try_from(n).ok(),
-                    _ => None,
-                },
-                declared,
-                not_null: text(&r[3]).as_deref() == Some("NO"),
-                default: text(&r[4]),
-                pk: 0,
-            }
-        })
-        .collect();
+    let columns = columns(
+        conn,
+        "SELECT column_name::text, data_type::text, character_maximum_length::integer, \
+         (is_nullable = 'NO')::integer, column_default::text, 0 FROM information_schema.columns \
+         WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
+        name,
+    )?;
     let foreign_keys = strings(
         conn,
         "SELECT a.attname::text, p.relname::text, pa.attname::text, \
