@@ -564,27 +564,42 @@ fn touched(number: u8) -> Vec<TableId> {
         .collect()
 }
 
+/// The tables a step touches, as they exist (`None`: absent).
+type Found = Vec<(TableId, Option<TableInfo>)>;
+
+/// One of the five as it exists, `None` when absent; a view (or anything else that is not
+/// a table) of its name is refused.
+fn existing(conn: &mut Conn, t: TableId) -> Result<Option<TableInfo>> {
+    match inspect(conn, TABLES[t].name)? {
+        Relation::Absent => Ok(None),
+        Relation::Other(kind) => Err(refusal(
+            TABLES[t].name,
+            &[format!("it is a {kind}, not a table")],
+        )),
+        Relation::Table(info) => Ok(Some(info)),
+    }
+}
+
+fn find_touched(conn: &mut Conn, number: u8) -> Result<Found> {
+    touched(number)
+        .into_iter()
+        .map(|t| Ok((t, existing(conn, t)?)))
+        .collect()
+}
+
 /// Whether a step must adopt: one of the tables it creates, or of the columns it adds, is
 /// there already.
-fn must_adopt(conn: &mut Conn, number: u8) -> Result<bool> {
-    for t in touched(number) {
-        let table = &TABLES[t];
-        match inspect(conn, table.name)? {
-            Relation::Absent => {}
-            Relation::Other(_) => return Ok(true),
-            Relation::Table(info) => {
-                if table.since == number
-                    || table
-                        .columns
-                        .iter()
-                        .any(|c| c.since == number && info.column(c.name).is_some())
-                {
-                    return Ok(true);
-                }
-            }
-        }
-    }
-    Ok(false)
+fn must_adopt(number: u8, found: &Found) -> bool {
+    found.iter().any(|(t, info)| {
+        let table = &TABLES[*t];
+        info.as_ref().is_some_and(|info| {
+            table.since == number
+                || table
+                    .columns
+                    .iter()
+                    .any(|c| c.since == number && info.column(c.name).is_some())
+        })
+    })
 }
 
 fn refusal(table: &str, problems: &[String]) -> Error {
@@ -649,19 +664,16 @@ fn run_checked(conn: &mut Conn, statements: &[String], rebuilds: bool) -> Result
 }
 
 /// A step up that finds its tables there: each is created or adopted by inspection.
-fn adopt_step(conn: &mut Conn, number: u8) -> Result<()> {
+fn adopt_step(conn: &mut Conn, number: u8, found: &Found) -> Result<()> {
     let d = conn.dialect();
     let mut statements = Vec::new();
     let mut rebuilds = false;
-    for t in touched(number) {
-        let name = TABLES[t].name;
-        match inspect(conn, name)? {
-            Relation::Absent => statements.extend(adopt::create_table(d, t, number)),
-            Relation::Other(kind) => {
-                return Err(refusal(name, &[format!("it is a {kind}, not a table")]))
-            }
-            Relation::Table(info) => {
-                let plan = adopt::plan(d, t, number, &info).map_err(|p| refusal(name, &p))?;
+    for (t, info) in found {
+        match info {
+            None => statements.extend(adopt::create_table(d, *t, number)),
+            Some(info) => {
+                let plan =
+                    adopt::plan(d, *t, number, info).map_err(|p| refusal(TABLES[*t].name, &p))?;
                 rebuilds |= plan.rebuilds;
                 statements.extend(plan.statements);
             }
@@ -678,8 +690,8 @@ fn adopt_step(conn: &mut Conn, number: u8) -> Result<()> {
 /// SQLite's downgrade of a revision that added columns: each table rebuilt without them.
 fn drop_columns_step(conn: &mut Conn, number: u8) -> Result<()> {
     let mut statements = Vec::new();
-    for t in touched(number) {
-        if let Relation::Table(info) = inspect(conn, TABLES[t].name)? {
+    for (t, info) in find_touched(conn, number)? {
+        if let Some(info) = info {
             statements.extend(adopt::drop_columns_sqlite(t, number, &info));
         }
     }
@@ -702,11 +714,13 @@ fn apply_step(conn: &mut Conn, table: &str, cur: Pos, target: Pos, force: bool) 
     if target > cur {
         let rev = &REVISIONS[cur];
         let number = rev.number();
-        let ran = if must_adopt(conn, number)? {
-            adopt_step(conn, number)
-        } else {
-            conn.batch(rev.up_sql(d))
-        };
+        let ran = find_touched(conn, number).and_then(|found| {
+            if must_adopt(number, &found) {
+                adopt_step(conn, number, &found)
+            } else {
+                conn.batch(rev.up_sql(d))
+            }
+        });
         ran.map_err(|e| {
             e.context(format!(
                 "upgrade to {} failed; the database stays at {}",
@@ -746,16 +760,9 @@ fn preflight(conn: &mut Conn, foreign: &[String], target: Pos) -> Result<()> {
     let d = conn.dialect();
     let number = (target - 1) as u8;
     let mut found: Vec<(TableId, TableInfo)> = Vec::new();
-    for (t, table) in TABLES.iter().enumerate() {
-        match inspect(conn, table.name)? {
-            Relation::Absent => {}
-            Relation::Other(kind) => {
-                return Err(refusal(
-                    table.name,
-                    &[format!("it is a {kind}, not a table")],
-                ))
-            }
-            Relation::Table(info) => found.push((t, info)),
+    for t in 0..TABLES.len() {
+        if let Some(info) = existing(conn, t)? {
+            found.push((t, info));
         }
     }
     for (t, info) in &found {
