@@ -39,7 +39,7 @@ pub enum OnDelete {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ForeignKey {
-    pub table: &'static str,
+    pub table: TableId,
     pub on_delete: OnDelete,
 }
 
@@ -93,8 +93,32 @@ pub struct Table {
     pub since: u8,
 }
 
-/// Index of a table in [`TABLES`]; also its position in foreign-key order.
-pub type TableId = usize;
+/// One of the five tables: its position in [`TABLES`], which is also its place in
+/// foreign-key order (a table only references tables before it, or itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct TableId(u8);
+
+impl TableId {
+    pub const fn index(self) -> usize {
+        self.0 as usize
+    }
+
+    /// Every table with its id, in foreign-key order.
+    pub fn all() -> impl Iterator<Item = (TableId, &'static Table)> {
+        TABLES
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (TableId(i as u8), t))
+    }
+}
+
+impl std::ops::Index<TableId> for [Table; 5] {
+    type Output = Table;
+
+    fn index(&self, id: TableId) -> &Table {
+        &self[id.index()]
+    }
+}
 
 impl Table {
     pub fn column_index(&self, name: &str) -> Option<usize> {
@@ -155,7 +179,7 @@ const fn on_update(mut c: Column) -> Column {
     c
 }
 
-const fn fk(mut c: Column, table: &'static str, on_delete: OnDelete) -> Column {
+const fn fk(mut c: Column, table: TableId, on_delete: OnDelete) -> Column {
     c.foreign_key = Some(ForeignKey { table, on_delete });
     c
 }
@@ -169,11 +193,11 @@ pub const DEFAULT_MODE: &str = "one_shot";
 pub const DEFAULT_AGENT: &str = "engineer";
 pub const DEFAULT_MODEL: &str = "gpt-4o";
 
-pub const SESSIONS: TableId = 0;
-pub const WORKFLOW_RUNS: TableId = 1;
-pub const SESSION_STATES: TableId = 2;
-pub const APPROVAL_REQUESTS: TableId = 3;
-pub const ACTIVE_CONNECTIONS: TableId = 4;
+pub const SESSIONS: TableId = TableId(0);
+pub const WORKFLOW_RUNS: TableId = TableId(1);
+pub const SESSION_STATES: TableId = TableId(2);
+pub const APPROVAL_REQUESTS: TableId = TableId(3);
+pub const ACTIVE_CONNECTIONS: TableId = TableId(4);
 
 /// The tables in foreign-key order: a table only references tables before it (or itself),
 /// so inserts run in this order and deletes in reverse.
@@ -210,7 +234,7 @@ pub static TABLES: [Table; 5] = [
             ID,
             fk(
                 col("session_id", ColType::Str(36), false),
-                "sessions",
+                SESSIONS,
                 OnDelete::Cascade,
             ),
             col("project_id", ColType::Str(36), true),
@@ -241,7 +265,7 @@ pub static TABLES: [Table; 5] = [
             col("meta", ColType::Json, true),
             fk(
                 col("branch_parent_id", ColType::Str(36), true),
-                "workflow_runs",
+                WORKFLOW_RUNS,
                 OnDelete::SetNull,
             ),
             with_default(
@@ -256,7 +280,7 @@ pub static TABLES: [Table; 5] = [
             added_in(
                 fk(
                     col("parent_run_id", ColType::Str(36), true),
-                    "workflow_runs",
+                    WORKFLOW_RUNS,
                     OnDelete::SetNull,
                 ),
                 3,
@@ -291,7 +315,7 @@ pub static TABLES: [Table; 5] = [
             ID,
             fk(
                 col("session_id", ColType::Str(36), false),
-                "sessions",
+                SESSIONS,
                 OnDelete::Cascade,
             ),
             col("mode", ColType::Str(50), false),
@@ -343,12 +367,12 @@ pub static TABLES: [Table; 5] = [
             ID,
             fk(
                 col("run_id", ColType::Str(36), false),
-                "workflow_runs",
+                WORKFLOW_RUNS,
                 OnDelete::Cascade,
             ),
             fk(
                 col("session_id", ColType::Str(36), true),
-                "sessions",
+                SESSIONS,
                 OnDelete::SetNull,
             ),
             col("approval_type", ColType::Str(50), false),
@@ -404,7 +428,7 @@ pub static TABLES: [Table; 5] = [
             col("task_id", ColType::Str(100), false),
             fk(
                 col("session_id", ColType::Str(36), true),
-                "sessions",
+                SESSIONS,
                 OnDelete::SetNull,
             ),
             col("server_instance", ColType::Str(100), true),
@@ -427,7 +451,7 @@ pub static TABLES: [Table; 5] = [
 ];
 
 pub fn table_by_name(name: &str) -> Option<TableId> {
-    TABLES.iter().position(|t| t.name == name)
+    TableId::all().find(|(_, t)| t.name == name).map(|(id, _)| id)
 }
 
 #[cfg(test)]
@@ -436,12 +460,11 @@ mod tests {
 
     #[test]
     fn tables_are_in_foreign_key_order() {
-        for (i, t) in TABLES.iter().enumerate() {
+        for (i, t) in TableId::all() {
             for c in t.columns {
                 if let Some(fk) = c.foreign_key {
-                    let parent = table_by_name(fk.table).expect("parent table is declared");
                     assert!(
-                        parent <= i,
+                        fk.table <= i,
                         "{}.{} references a later table",
                         t.name,
                         c.name

@@ -119,7 +119,7 @@ fn references(c: &Column) -> Option<String> {
     c.foreign_key.map(|fk| {
         format!(
             "REFERENCES {} (id) ON DELETE {}",
-            fk.table,
+            TABLES[fk.table].name,
             on_delete(fk.on_delete)
         )
     })
@@ -185,7 +185,7 @@ pub fn described(d: Dialect, table: TableId, revision: u8) -> TableInfo {
             .filter_map(|c| {
                 c.foreign_key.map(|fk| ForeignKeyInfo {
                     column: c.name.to_string(),
-                    parent: fk.table.to_string(),
+                    parent: TABLES[fk.table].name.to_string(),
                     parent_column: "id".into(),
                     on_delete: on_delete(fk.on_delete).into(),
                 })

@@ -485,7 +485,7 @@ fn forget(conn: &mut Conn, rev: &Revision) -> Result<()> {
 
 /// Columns the revision at `pos - 1` adds to tables older than it: `(table, column)`.
 fn added_columns(number: u8) -> impl Iterator<Item = (TableId, &'static str)> {
-    TABLES.iter().enumerate().flat_map(move |(t, table)| {
+    TableId::all().flat_map(move |(t, table)| {
         table
             .columns
             .iter()
@@ -548,9 +548,8 @@ fn plural(n: i64) -> &'static str {
 
 /// The tables a revision creates or changes, in foreign-key order.
 fn touched(number: u8) -> Vec<TableId> {
-    (0..TABLES.len())
-        .filter(|&t| {
-            let table = &TABLES[t];
+    TableId::all()
+        .filter(|&(_, table)| {
             table.since == number
                 || table
                     .columns
@@ -561,6 +560,7 @@ fn touched(number: u8) -> Vec<TableId> {
                     .iter()
                     .any(|i| i.since.max(table.since) == number)
         })
+        .map(|(t, _)| t)
         .collect()
 }
 
@@ -760,7 +760,7 @@ fn preflight(conn: &mut Conn, foreign: &[String], target: Pos) -> Result<()> {
     let d = conn.dialect();
     let number = (target - 1) as u8;
     let mut found: Vec<(TableId, TableInfo)> = Vec::new();
-    for t in 0..TABLES.len() {
+    for (t, _) in TableId::all() {
         if let Some(info) = existing(conn, t)? {
             found.push((t, info));
         }
@@ -1036,7 +1036,7 @@ mod tests {
         let mut c = memory();
         for (pos, rev) in REVISIONS.iter().enumerate() {
             migrate(&mut c, rev.id, false).unwrap();
-            for (t, table) in TABLES.iter().enumerate() {
+            for (t, table) in TableId::all() {
                 if table.since as usize > pos {
                     assert_eq!(inspect(&mut c, table.name).unwrap(), Relation::Absent);
                     continue;
@@ -1155,7 +1155,7 @@ mod tests {
         let mut c = memory();
         c.batch(LEGACY).unwrap();
         assert_eq!(migrate(&mut c, "head", false).unwrap().len(), 4);
-        for (t, table) in TABLES.iter().enumerate() {
+        for (t, table) in TableId::all() {
             let Relation::Table(info) = inspect(&mut c, table.name).unwrap() else {
                 panic!("{}", table.name)
             };

@@ -156,6 +156,11 @@ fn utc_of(dt: &Bound<'_, PyDateTime>) -> Option<DateTime<Utc>> {
 
 /// A [`Value`] read from the database as the Python object the column holds.
 pub fn to_py(py: Python<'_>, v: &Value, col: ColRef) -> PyResult<Py<PyAny>> {
+    to_py_from(py, v, &|| col.qualified())
+}
+
+/// A [`Value`] as a Python object; `origin` names where it came from in an error message.
+pub fn to_py_from(py: Python<'_>, v: &Value, origin: &dyn Fn() -> String) -> PyResult<Py<PyAny>> {
     Ok(match v {
         Value::Null => py.None(),
         Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any().unbind(),
@@ -168,7 +173,7 @@ pub fn to_py(py: Python<'_>, v: &Value, col: ColRef) -> PyResult<Py<PyAny>> {
                     ErrorKind::Data,
                     format!(
                         "{} holds text that is not JSON: {}",
-                        col.qualified(),
+                        origin(),
                         e.value(py)
                     ),
                 )

@@ -111,7 +111,7 @@ impl Column {
     }
 
     fn __hash__(&self) -> u64 {
-        (self.col.table as u64) << 32 | self.col.column as u64
+        (self.col.table.index() as u64) << 32 | self.col.column as u64
     }
 
     fn __repr__(&self) -> String {

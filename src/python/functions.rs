@@ -5,7 +5,7 @@ use pyo3::types::{PyDict, PyList};
 
 use crate::engine;
 use crate::migrate::{self as migrations, REVISIONS};
-use crate::python::convert::to_py;
+use crate::python::convert::to_py_from;
 use crate::python::log;
 use crate::python::session::DbSession;
 use crate::url;
@@ -174,14 +174,7 @@ pub fn applied<'py>(py: Python<'py>, url: Option<String>) -> PyResult<Bound<'py,
         d.set_item("checksum", &a.checksum)?;
         d.set_item(
             "applied_at",
-            to_py(
-                py,
-                &a.applied_at,
-                crate::expr::ColRef {
-                    table: 0,
-                    column: 3,
-                },
-            )?,
+            to_py_from(py, &a.applied_at, &|| "applied_at".to_string())?,
         )?;
         d.set_item("duration_ms", a.duration_ms)?;
         d.set_item("matches", a.matches)?;

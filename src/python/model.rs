@@ -399,7 +399,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SessionState>()?;
     m.add_class::<ApprovalRequest>()?;
     m.add_class::<ActiveConnection>()?;
-    for (table, t) in TABLES.iter().enumerate() {
+    for (table, t) in TableId::all() {
         let cls = m.getattr(t.model)?;
         for (column, c) in t.columns.iter().enumerate() {
             cls.setattr(

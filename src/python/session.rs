@@ -349,7 +349,7 @@ impl DbSession {
                 let mut m = b.borrow_mut();
                 for (column, c) in TABLES[*table].columns.iter().enumerate() {
                     let Some(fk) = c.foreign_key else { continue };
-                    if fk.table != TABLES[parent].name
+                    if fk.table != parent
                         || m.text(py, column).as_deref() != Some(parent_pk.as_str())
                     {
                         continue;
