@@ -20,7 +20,7 @@ pub enum ColType {
 
 /// What a column holds when the caller gives nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Default {
+pub enum ColumnDefault {
     None,
     /// uuid4 text, set when the object is built.
     Uuid,
@@ -43,7 +43,7 @@ pub struct ForeignKey {
     pub on_delete: OnDelete,
 }
 
-/// How `to_dict()` renders a column (Stage 1 replaces some NULLs).
+/// How `to_dict()` renders a NULL column (some keys show an empty list or dict instead).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NullAs {
     None,
@@ -56,7 +56,7 @@ pub struct Column {
     pub name: &'static str,
     pub ty: ColType,
     pub nullable: bool,
-    pub default: Default,
+    pub default: ColumnDefault,
     /// Set to now on every UPDATE that does not set it itself.
     pub on_update_now: bool,
     pub foreign_key: Option<ForeignKey>,
@@ -141,7 +141,7 @@ const fn col(name: &'static str, ty: ColType, nullable: bool) -> Column {
         name,
         ty,
         nullable,
-        default: Default::None,
+        default: ColumnDefault::None,
         on_update_now: false,
         foreign_key: None,
         since: 0,
@@ -169,7 +169,7 @@ const fn index_since(mut i: Index, revision: u8) -> Index {
     i
 }
 
-const fn with_default(mut c: Column, d: Default) -> Column {
+const fn with_default(mut c: Column, d: ColumnDefault) -> Column {
     c.default = d;
     c
 }
@@ -184,11 +184,11 @@ const fn fk(mut c: Column, table: TableId, on_delete: OnDelete) -> Column {
     c
 }
 
-const ID: Column = with_default(col("id", ColType::Str(36), false), Default::Uuid);
+const ID: Column = with_default(col("id", ColType::Str(36), false), ColumnDefault::Uuid);
 const TS: ColType = ColType::Timestamp { tz: false };
 const TSTZ: ColType = ColType::Timestamp { tz: true };
 
-/// Default values of the NOT NULL `workflow_runs` columns the seed's test omits.
+/// Default values of the NOT NULL `workflow_runs` columns a caller may leave out.
 pub const DEFAULT_MODE: &str = "one_shot";
 pub const DEFAULT_AGENT: &str = "engineer";
 pub const DEFAULT_MODEL: &str = "gpt-4o";
@@ -209,11 +209,14 @@ pub static TABLES: [Table; 5] = [
             ID,
             col("user_id", ColType::Str(36), true),
             col("name", ColType::Str(255), false),
-            with_default(col("created_at", TS, false), Default::Now),
-            on_update(with_default(col("last_active_at", TS, false), Default::Now)),
+            with_default(col("created_at", TS, false), ColumnDefault::Now),
+            on_update(with_default(
+                col("last_active_at", TS, false),
+                ColumnDefault::Now,
+            )),
             with_default(
                 col("status", ColType::Str(50), false),
-                Default::Str("active"),
+                ColumnDefault::Str("active"),
             ),
             col("meta", ColType::Json, true),
             col("resource_limits", ColType::Json, true),
@@ -240,26 +243,26 @@ pub static TABLES: [Table; 5] = [
             col("project_id", ColType::Str(36), true),
             with_default(
                 col("mode", ColType::Str(50), false),
-                Default::Str(DEFAULT_MODE),
+                ColumnDefault::Str(DEFAULT_MODE),
             ),
             with_default(
                 col("agent", ColType::Str(100), false),
-                Default::Str(DEFAULT_AGENT),
+                ColumnDefault::Str(DEFAULT_AGENT),
             ),
             with_default(
                 col("model", ColType::Str(100), false),
-                Default::Str(DEFAULT_MODEL),
+                ColumnDefault::Str(DEFAULT_MODEL),
             ),
             with_default(
                 col("status", ColType::Str(50), false),
-                Default::Str("draft"),
+                ColumnDefault::Str("draft"),
             ),
             col("started_at", TS, true),
             col("completed_at", TS, true),
             col("last_heartbeat_at", TS, true),
             with_default(
                 col("checkpoint_frequency_minutes", ColType::Integer, false),
-                Default::Int(10),
+                ColumnDefault::Int(10),
             ),
             col("task_description", ColType::Text, true),
             col("meta", ColType::Json, true),
@@ -270,11 +273,11 @@ pub static TABLES: [Table; 5] = [
             ),
             with_default(
                 col("is_branch", ColType::Boolean, false),
-                Default::Bool(false),
+                ColumnDefault::Bool(false),
             ),
             with_default(
                 col("branch_depth", ColType::Integer, false),
-                Default::Int(0),
+                ColumnDefault::Int(0),
             ),
             // cmbagent's task hierarchy: a stage's run points at its task's run.
             added_in(
@@ -326,12 +329,18 @@ pub static TABLES: [Table; 5] = [
             col("current_step", ColType::Integer, true),
             with_default(
                 col("status", ColType::Str(20), true),
-                Default::Str("active"),
+                ColumnDefault::Str("active"),
             ),
-            with_default(col("created_at", TSTZ, true), Default::Now),
-            on_update(with_default(col("updated_at", TSTZ, true), Default::Now)),
+            with_default(col("created_at", TSTZ, true), ColumnDefault::Now),
+            on_update(with_default(
+                col("updated_at", TSTZ, true),
+                ColumnDefault::Now,
+            )),
             col("expires_at", TSTZ, true),
-            with_default(col("version", ColType::Integer, true), Default::Int(1)),
+            with_default(
+                col("version", ColType::Integer, true),
+                ColumnDefault::Int(1),
+            ),
         ],
         repr: &["session_id", "mode", "status"],
         to_dict: Some(&[
@@ -379,11 +388,11 @@ pub static TABLES: [Table; 5] = [
             col("context", ColType::Json, false),
             with_default(
                 col("status", ColType::Str(20), true),
-                Default::Str("pending"),
+                ColumnDefault::Str("pending"),
             ),
             col("resolution", ColType::Str(20), true),
             col("result", ColType::Json, true),
-            with_default(col("created_at", TSTZ, true), Default::Now),
+            with_default(col("created_at", TSTZ, true), ColumnDefault::Now),
             col("expires_at", TSTZ, false),
             col("resolved_at", TSTZ, true),
             // The columns of the approval table cmbagent had before durable approvals, kept
@@ -432,8 +441,8 @@ pub static TABLES: [Table; 5] = [
                 OnDelete::SetNull,
             ),
             col("server_instance", ColType::Str(100), true),
-            with_default(col("connected_at", TSTZ, true), Default::Now),
-            with_default(col("last_heartbeat", TSTZ, true), Default::Now),
+            with_default(col("connected_at", TSTZ, true), ColumnDefault::Now),
+            with_default(col("last_heartbeat", TSTZ, true), ColumnDefault::Now),
         ],
         repr: &["task_id", "server_instance"],
         // The seed's to_dict(): every column, in order.
@@ -451,7 +460,9 @@ pub static TABLES: [Table; 5] = [
 ];
 
 pub fn table_by_name(name: &str) -> Option<TableId> {
-    TableId::all().find(|(_, t)| t.name == name).map(|(id, _)| id)
+    TableId::all()
+        .find(|(_, t)| t.name == name)
+        .map(|(id, _)| id)
 }
 
 #[cfg(test)]

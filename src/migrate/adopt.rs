@@ -20,7 +20,7 @@ use crate::dialect::Dialect;
 use crate::migrate::inspect::{
     normalise_predicate, ColumnInfo, Family, ForeignKeyInfo, IndexInfo, TableInfo,
 };
-use crate::schema::{ColType, Column, Default, Index, OnDelete, Table, TableId, TABLES};
+use crate::schema::{ColType, Column, ColumnDefault, Index, OnDelete, Table, TableId, TABLES};
 
 /// The `approval_type` of requests made before approvals had types.
 pub const LEGACY_APPROVAL_TYPE: &str = "legacy";
@@ -73,16 +73,16 @@ pub fn column_type(d: Dialect, ty: ColType) -> String {
 /// The value a column's database default gives, as an SQL expression.
 fn default_expr(d: Dialect, c: &Column) -> Option<String> {
     Some(match (c.default, d) {
-        (Default::Str(s), _) => format!("'{s}'"),
-        (Default::Int(i), _) => i.to_string(),
-        (Default::Bool(b), Dialect::Sqlite) => u8::from(b).to_string(),
-        (Default::Bool(b), Dialect::Postgres) => b.to_string(),
-        (Default::Now, Dialect::Sqlite) => "CURRENT_TIMESTAMP".into(),
-        (Default::Now, Dialect::Postgres) => match c.ty {
+        (ColumnDefault::Str(s), _) => format!("'{s}'"),
+        (ColumnDefault::Int(i), _) => i.to_string(),
+        (ColumnDefault::Bool(b), Dialect::Sqlite) => u8::from(b).to_string(),
+        (ColumnDefault::Bool(b), Dialect::Postgres) => b.to_string(),
+        (ColumnDefault::Now, Dialect::Sqlite) => "CURRENT_TIMESTAMP".into(),
+        (ColumnDefault::Now, Dialect::Postgres) => match c.ty {
             ColType::Timestamp { tz: true } => "now()".into(),
             _ => "(now() AT TIME ZONE 'utc')".into(),
         },
-        (Default::Uuid | Default::None, _) => return None,
+        (ColumnDefault::Uuid | ColumnDefault::None, _) => return None,
     })
 }
 
@@ -90,7 +90,7 @@ fn default_expr(d: Dialect, c: &Column) -> Option<String> {
 fn default_clause(d: Dialect, c: &Column) -> Option<String> {
     let e = default_expr(d, c)?;
     Some(match (c.default, d) {
-        (Default::Now, Dialect::Sqlite) => format!("DEFAULT ({e})"),
+        (ColumnDefault::Now, Dialect::Sqlite) => format!("DEFAULT ({e})"),
         _ => format!("DEFAULT {e}"),
     })
 }
@@ -419,13 +419,13 @@ pub fn plan(
         }
         let constant_default = matches!(
             c.default,
-            Default::Str(_) | Default::Int(_) | Default::Bool(_)
+            ColumnDefault::Str(_) | ColumnDefault::Int(_) | ColumnDefault::Bool(_)
         );
         // The column's own default fills existing rows when it is added; anything else is
         // an explicit fill. SQLite adds a column in place only with a constant default or
         // none, and NOT NULL only with a default.
         let explicit = filler.clone().filter(|_| !constant_default);
-        if c.default == Default::Now || (!c.nullable && !constant_default) {
+        if c.default == ColumnDefault::Now || (!c.nullable && !constant_default) {
             rebuild = true;
         }
         // A legacy mapping must not be pre-empted by the default PostgreSQL gives the
@@ -765,7 +765,7 @@ mod tests {
 
     #[test]
     fn today_shape_needs_nothing_but_the_partial_index() {
-        // Every column present with the seed's nullability, a full expiry index.
+        // Every column present with the described nullability, a full expiry index.
         let mut t = table(
             "approval_requests",
             columns_at(&TABLES[APPROVAL_REQUESTS], 3)

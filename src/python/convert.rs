@@ -171,11 +171,7 @@ pub fn to_py_from(py: Python<'_>, v: &Value, origin: &dyn Fn() -> String) -> PyR
             .map_err(|e| {
                 raise(
                     ErrorKind::Data,
-                    format!(
-                        "{} holds text that is not JSON: {}",
-                        origin(),
-                        e.value(py)
-                    ),
+                    format!("{} holds text that is not JSON: {}", origin(), e.value(py)),
                 )
             })?
             .unbind(),

@@ -9,35 +9,35 @@ use pyo3::types::PyTuple;
 use crate::dialect::Dialect;
 use crate::expr::{CmpOp, ColRef, Expr, Params};
 use crate::python::convert::{normalise, to_value, Purpose};
-use crate::python::model::{Model, Slot};
+use crate::python::model::{PyModel, Slot};
 use crate::schema::{ColType, TABLES};
 
 /// A mapped column: `ApprovalRequest.status`.
 #[pyclass(module = "cmbagent_db", name = "Column", frozen)]
-pub struct Column {
+pub struct PyColumn {
     pub col: ColRef,
 }
 
 /// A filter criterion: `ApprovalRequest.status == "pending"`, `and_(...)`, ...
 #[pyclass(module = "cmbagent_db", name = "Expression", frozen)]
-pub struct Expression {
+pub struct PyExpression {
     pub expr: Expr,
 }
 
 /// A column with a sort direction: `ApprovalRequest.created_at.desc()`.
 #[pyclass(module = "cmbagent_db", name = "Ordering", frozen)]
-pub struct Ordering {
+pub struct PyOrdering {
     pub col: ColRef,
     pub descending: bool,
 }
 
-fn expression(expr: Expr) -> Expression {
-    Expression { expr }
+fn expression(expr: Expr) -> PyExpression {
+    PyExpression { expr }
 }
 
-impl Column {
+impl PyColumn {
     fn value(&self, v: &Bound<'_, PyAny>) -> PyResult<crate::value::Value> {
-        if v.cast::<Column>().is_ok() {
+        if v.cast::<PyColumn>().is_ok() {
             return Err(PyTypeError::new_err(format!(
                 "comparing {} with another column is not supported; compare with a value",
                 self.col.qualified()
@@ -67,7 +67,7 @@ impl Column {
 }
 
 #[pymethods]
-impl Column {
+impl PyColumn {
     fn __get__(
         slf: &Bound<'_, Self>,
         instance: &Bound<'_, PyAny>,
@@ -76,19 +76,19 @@ impl Column {
         if instance.is_none() {
             return Ok(slf.clone().into_any().unbind());
         }
-        let mut model = instance.cast::<Model>()?.borrow_mut();
+        let mut model = instance.cast::<PyModel>()?.borrow_mut();
         model.get(slf.py(), slf.get().col.column)
     }
 
     fn __set__(&self, instance: &Bound<'_, PyAny>, value: &Bound<'_, PyAny>) -> PyResult<()> {
         let stored = normalise(self.col, value)?;
-        let mut model = instance.cast::<Model>()?.borrow_mut();
+        let mut model = instance.cast::<PyModel>()?.borrow_mut();
         model.values[self.col.column] = Slot::Py(stored);
         model.dirty |= 1 << self.col.column;
         Ok(())
     }
 
-    fn __richcmp__(&self, other: &Bound<'_, PyAny>, op: CompareOp) -> PyResult<Expression> {
+    fn __richcmp__(&self, other: &Bound<'_, PyAny>, op: CompareOp) -> PyResult<PyExpression> {
         if other.is_none() {
             return match op {
                 CompareOp::Eq => Ok(expression(Expr::IsNull(self.col, false))),
@@ -129,56 +129,56 @@ impl Column {
         self.col.name()
     }
 
-    fn asc(&self) -> Ordering {
-        Ordering {
+    fn asc(&self) -> PyOrdering {
+        PyOrdering {
             col: self.col,
             descending: false,
         }
     }
 
-    fn desc(&self) -> Ordering {
-        Ordering {
+    fn desc(&self) -> PyOrdering {
+        PyOrdering {
             col: self.col,
             descending: true,
         }
     }
 
     /// `IS NULL` for None; equality for True / False.
-    fn is_(&self, other: &Bound<'_, PyAny>) -> PyResult<Expression> {
+    fn is_(&self, other: &Bound<'_, PyAny>) -> PyResult<PyExpression> {
         self.__richcmp__(other, CompareOp::Eq)
     }
 
-    fn is_not(&self, other: &Bound<'_, PyAny>) -> PyResult<Expression> {
+    fn is_not(&self, other: &Bound<'_, PyAny>) -> PyResult<PyExpression> {
         self.__richcmp__(other, CompareOp::Ne)
     }
 
-    fn isnot(&self, other: &Bound<'_, PyAny>) -> PyResult<Expression> {
+    fn isnot(&self, other: &Bound<'_, PyAny>) -> PyResult<PyExpression> {
         self.__richcmp__(other, CompareOp::Ne)
     }
 
-    fn in_(&self, values: &Bound<'_, PyAny>) -> PyResult<Expression> {
+    fn in_(&self, values: &Bound<'_, PyAny>) -> PyResult<PyExpression> {
         Ok(expression(Expr::In(self.col, self.values(values)?, false)))
     }
 
-    fn not_in(&self, values: &Bound<'_, PyAny>) -> PyResult<Expression> {
+    fn not_in(&self, values: &Bound<'_, PyAny>) -> PyResult<PyExpression> {
         Ok(expression(Expr::In(self.col, self.values(values)?, true)))
     }
 
-    fn notin_(&self, values: &Bound<'_, PyAny>) -> PyResult<Expression> {
+    fn notin_(&self, values: &Bound<'_, PyAny>) -> PyResult<PyExpression> {
         self.not_in(values)
     }
 
-    fn like(&self, pattern: String) -> PyResult<Expression> {
+    fn like(&self, pattern: String) -> PyResult<PyExpression> {
         self.text_only("like")?;
         Ok(expression(Expr::Like(self.col, pattern, false)))
     }
 
-    fn ilike(&self, pattern: String) -> PyResult<Expression> {
+    fn ilike(&self, pattern: String) -> PyResult<PyExpression> {
         self.text_only("ilike")?;
         Ok(expression(Expr::Like(self.col, pattern, true)))
     }
 
-    fn between(&self, low: &Bound<'_, PyAny>, high: &Bound<'_, PyAny>) -> PyResult<Expression> {
+    fn between(&self, low: &Bound<'_, PyAny>, high: &Bound<'_, PyAny>) -> PyResult<PyExpression> {
         Ok(expression(Expr::And(vec![
             Expr::Compare(self.col, CmpOp::Ge, self.value(low)?),
             Expr::Compare(self.col, CmpOp::Le, self.value(high)?),
@@ -186,7 +186,7 @@ impl Column {
     }
 }
 
-impl Column {
+impl PyColumn {
     fn text_only(&self, what: &str) -> PyResult<()> {
         match TABLES[self.col.table].columns[self.col.column].ty {
             ColType::Str(_) | ColType::Text => Ok(()),
@@ -205,7 +205,7 @@ fn all_criteria(items: &Bound<'_, PyTuple>, what: &str) -> PyResult<Vec<Expr>> {
 /// A filter criterion from Python, with a clear error for the usual mistake: a plain
 /// bool from comparing something that is not a mapped column.
 pub fn criterion(item: &Bound<'_, PyAny>, what: &str) -> PyResult<Expr> {
-    match item.cast::<Expression>() {
+    match item.cast::<PyExpression>() {
         Ok(e) => Ok(e.get().expr.clone()),
         Err(_) => Err(PyTypeError::new_err(format!(
             "{what} takes column expressions such as ApprovalRequest.status == 'pending'; got {} {}",
@@ -216,22 +216,22 @@ pub fn criterion(item: &Bound<'_, PyAny>, what: &str) -> PyResult<Expr> {
 }
 
 #[pymethods]
-impl Expression {
-    fn __and__(&self, other: &Bound<'_, PyAny>) -> PyResult<Expression> {
+impl PyExpression {
+    fn __and__(&self, other: &Bound<'_, PyAny>) -> PyResult<PyExpression> {
         Ok(expression(Expr::And(vec![
             self.expr.clone(),
             criterion(other, "&")?,
         ])))
     }
 
-    fn __or__(&self, other: &Bound<'_, PyAny>) -> PyResult<Expression> {
+    fn __or__(&self, other: &Bound<'_, PyAny>) -> PyResult<PyExpression> {
         Ok(expression(Expr::Or(vec![
             self.expr.clone(),
             criterion(other, "|")?,
         ])))
     }
 
-    fn __invert__(&self) -> Expression {
+    fn __invert__(&self) -> PyExpression {
         expression(Expr::Not(Box::new(self.expr.clone())))
     }
 
@@ -251,7 +251,7 @@ impl Expression {
 }
 
 #[pymethods]
-impl Ordering {
+impl PyOrdering {
     fn __repr__(&self) -> String {
         format!(
             "{}.{}.{}()",
@@ -265,20 +265,20 @@ impl Ordering {
 /// Every criterion must hold (SQL `AND`).
 #[pyfunction]
 #[pyo3(signature = (*criteria))]
-pub fn and_(criteria: &Bound<'_, PyTuple>) -> PyResult<Expression> {
+pub fn and_(criteria: &Bound<'_, PyTuple>) -> PyResult<PyExpression> {
     Ok(expression(Expr::And(all_criteria(criteria, "and_()")?)))
 }
 
 /// At least one criterion must hold (SQL `OR`).
 #[pyfunction]
 #[pyo3(signature = (*criteria))]
-pub fn or_(criteria: &Bound<'_, PyTuple>) -> PyResult<Expression> {
+pub fn or_(criteria: &Bound<'_, PyTuple>) -> PyResult<PyExpression> {
     Ok(expression(Expr::Or(all_criteria(criteria, "or_()")?)))
 }
 
 /// The criterion must not hold (SQL `NOT`).
 #[pyfunction]
-pub fn not_(clause: &Bound<'_, PyAny>) -> PyResult<Expression> {
+pub fn not_(clause: &Bound<'_, PyAny>) -> PyResult<PyExpression> {
     Ok(expression(Expr::Not(Box::new(criterion(
         clause, "not_()",
     )?))))

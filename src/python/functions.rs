@@ -7,7 +7,7 @@ use crate::engine;
 use crate::migrate::{self as migrations, REVISIONS};
 use crate::python::convert::to_py_from;
 use crate::python::log;
-use crate::python::session::DbSession;
+use crate::python::session::PyDbSession;
 use crate::url;
 
 fn resolve_url(url: Option<String>) -> PyResult<String> {
@@ -65,14 +65,14 @@ fn warn_drift(py: Python<'_>, url: &str, drifted: &[String]) -> PyResult<()> {
 /// brings its database to head unless the URL says `auto_migrate=false`.
 #[pyfunction]
 #[pyo3(signature = (url = None))]
-pub fn get_db_session(py: Python<'_>, url: Option<String>) -> PyResult<DbSession> {
+pub fn get_db_session(py: Python<'_>, url: Option<String>) -> PyResult<PyDbSession> {
     let url = resolve_url(url)?;
     let engine = engine::engine(&url)?;
     let drifted = py.detach(|| engine.ensure_ready())?;
     if !drifted.is_empty() {
         warn_drift(py, engine.display_url(), &drifted)?;
     }
-    Ok(DbSession::open(engine))
+    Ok(PyDbSession::open(engine))
 }
 
 /// Brings the database to `target` (head, base, a revision, +N, -N); returns the revision

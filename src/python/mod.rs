@@ -1,4 +1,8 @@
 //! The PyO3 binding: converts arguments, calls the core, converts results.
+//!
+//! Every Rust type exposed to Python is named `Py` + its Python name (`PyColumn` is
+//! `cmbagent_db.Column`, `PySession` is `cmbagent_db.models.Session`), so it never shares a
+//! name with the core type it wraps (`schema::Column`, `schema::Table`).
 
 mod convert;
 mod errors;
@@ -17,11 +21,11 @@ use pyo3::prelude::*;
 #[pyo3(name = "_native")]
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     model::register(m)?;
-    m.add_class::<expression::Column>()?;
-    m.add_class::<expression::Expression>()?;
-    m.add_class::<expression::Ordering>()?;
-    m.add_class::<session::DbSession>()?;
-    m.add_class::<query::Query>()?;
+    m.add_class::<expression::PyColumn>()?;
+    m.add_class::<expression::PyExpression>()?;
+    m.add_class::<expression::PyOrdering>()?;
+    m.add_class::<session::PyDbSession>()?;
+    m.add_class::<query::PyQuery>()?;
     m.add_function(wrap_pyfunction!(expression::and_, m)?)?;
     m.add_function(wrap_pyfunction!(expression::or_, m)?)?;
     m.add_function(wrap_pyfunction!(expression::not_, m)?)?;

@@ -8,8 +8,8 @@ use pyo3::PyTypeInfo;
 
 use crate::expr::ColRef;
 use crate::python::convert::{normalise, to_py, to_value, Purpose};
-use crate::python::expression::Column;
-use crate::schema::{self, ColType, Default, NullAs, TableId, TABLES};
+use crate::python::expression::PyColumn;
+use crate::schema::{self, ColType, ColumnDefault, NullAs, TableId, TABLES};
 use crate::value::Value;
 
 /// Where an object stands with respect to a session (SQLAlchemy's object states).
@@ -39,7 +39,7 @@ pub enum Slot {
 /// `dict`: an instance takes plain Python attributes besides its columns, as SQLAlchemy's
 /// declarative classes do (`setattr(run, "error", ...)` sets an attribute and writes nothing).
 #[pyclass(module = "cmbagent_db.models", name = "Model", subclass, dict)]
-pub struct Model {
+pub struct PyModel {
     pub table: TableId,
     /// One slot per column of the table.
     pub values: Vec<Slot>,
@@ -50,20 +50,20 @@ pub struct Model {
     pub session: u64,
 }
 
-fn default_value(d: Default) -> Value {
+fn default_value(d: ColumnDefault) -> Value {
     match d {
-        Default::Uuid => Value::Text(uuid::Uuid::new_v4().to_string()),
-        Default::Str(s) => Value::Text(s.to_string()),
-        Default::Int(i) => Value::Int(i),
-        Default::Bool(b) => Value::Bool(b),
+        ColumnDefault::Uuid => Value::Text(uuid::Uuid::new_v4().to_string()),
+        ColumnDefault::Str(s) => Value::Text(s.to_string()),
+        ColumnDefault::Int(i) => Value::Int(i),
+        ColumnDefault::Bool(b) => Value::Bool(b),
         // Time defaults are filled when the row is inserted.
-        Default::Now | Default::None => Value::Null,
+        ColumnDefault::Now | ColumnDefault::None => Value::Null,
     }
 }
 
-impl Model {
+impl PyModel {
     /// A new object: defaults first, then the keyword arguments, each checked.
-    pub fn build(table: TableId, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Model> {
+    pub fn build(table: TableId, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<PyModel> {
         let t = &TABLES[table];
         let mut values: Vec<Slot> = t
             .columns
@@ -83,7 +83,7 @@ impl Model {
                 values[column] = Slot::Py(normalise(ColRef { table, column }, &v)?);
             }
         }
-        Ok(Model {
+        Ok(PyModel {
             table,
             values,
             dirty: 0,
@@ -93,8 +93,8 @@ impl Model {
     }
 
     /// An object for a row just read from the database.
-    pub fn loaded(table: TableId, row: Vec<Value>, session: u64) -> Model {
-        Model {
+    pub fn loaded(table: TableId, row: Vec<Value>, session: u64) -> PyModel {
+        PyModel {
             table,
             values: row.into_iter().map(Slot::Raw).collect(),
             dirty: 0,
@@ -177,7 +177,7 @@ impl Model {
 }
 
 #[pymethods]
-impl Model {
+impl PyModel {
     /// The object as a dict for API responses: timestamps as ISO strings.
     #[pyo3(name = "to_dict")]
     fn dict<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -253,7 +253,7 @@ fn timeout_seconds(v: &Bound<'_, PyAny>) -> PyResult<f64> {
 
 macro_rules! model_class {
     ($rust:ident, $name:literal, $table:expr, { $($extra:tt)* }) => {
-        #[pyclass(extends = Model, module = "cmbagent_db.models", name = $name)]
+        #[pyclass(extends = PyModel, module = "cmbagent_db.models", name = $name)]
         pub struct $rust;
 
         #[pymethods]
@@ -261,7 +261,7 @@ macro_rules! model_class {
             #[new]
             #[pyo3(signature = (**kwargs))]
             fn new(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<PyClassInitializer<Self>> {
-                Ok(PyClassInitializer::from(Model::build($table, kwargs)?).add_subclass($rust))
+                Ok(PyClassInitializer::from(PyModel::build($table, kwargs)?).add_subclass($rust))
             }
 
             #[classattr]
@@ -274,10 +274,10 @@ macro_rules! model_class {
     };
 }
 
-model_class!(Session, "Session", schema::SESSIONS, {});
-model_class!(WorkflowRun, "WorkflowRun", schema::WORKFLOW_RUNS, {});
-model_class!(SessionState, "SessionState", schema::SESSION_STATES, {
-    /// An unsaved state for a session, as Stage 1 defines it.
+model_class!(PySession, "Session", schema::SESSIONS, {});
+model_class!(PyWorkflowRun, "WorkflowRun", schema::WORKFLOW_RUNS, {});
+model_class!(PySessionState, "SessionState", schema::SESSION_STATES, {
+    /// An unsaved, active state for a session, with empty history and context.
     #[classmethod]
     #[pyo3(signature = (session_id, mode, **kwargs))]
     fn create_for_session<'py>(
@@ -314,7 +314,7 @@ model_class!(SessionState, "SessionState", schema::SESSION_STATES, {
     }
 });
 model_class!(
-    ApprovalRequest,
+    PyApprovalRequest,
     "ApprovalRequest",
     schema::APPROVAL_REQUESTS,
     {
@@ -336,10 +336,10 @@ model_class!(
             let expires = crate::value::now_micros()
                 .checked_add_signed(delta)
                 .ok_or_else(|| PyValueError::new_err("timeout_seconds is too large"))?;
-            if cls.is(py.get_type::<ApprovalRequest>()) {
+            if cls.is(py.get_type::<PyApprovalRequest>()) {
                 // The class itself (not a Python subclass): build the object directly, with
                 // the deadline kept raw until someone reads it.
-                let mut m = Model::build(schema::APPROVAL_REQUESTS, None)?;
+                let mut m = PyModel::build(schema::APPROVAL_REQUESTS, None)?;
                 m.assign("run_id", run_id)?;
                 m.assign("approval_type", approval_type)?;
                 m.assign("context", context)?;
@@ -355,7 +355,7 @@ model_class!(
                 m.values[column] = Slot::Raw(Value::Timestamp(expires));
                 let obj = Py::new(
                     py,
-                    PyClassInitializer::from(m).add_subclass(ApprovalRequest),
+                    PyClassInitializer::from(m).add_subclass(PyApprovalRequest),
                 )?;
                 return Ok(obj.into_bound(py).into_any());
             }
@@ -372,39 +372,39 @@ model_class!(
     }
 );
 model_class!(
-    ActiveConnection,
+    PyActiveConnection,
     "ActiveConnection",
     schema::ACTIVE_CONNECTIONS,
     {}
 );
 
 /// A Python object of the right model class for a row read from the database.
-pub fn instantiate(py: Python<'_>, model: Model) -> PyResult<Py<PyAny>> {
+pub fn instantiate(py: Python<'_>, model: PyModel) -> PyResult<Py<PyAny>> {
     let table = model.table;
     let init = PyClassInitializer::from(model);
     Ok(match table {
-        schema::SESSIONS => Py::new(py, init.add_subclass(Session))?.into_any(),
-        schema::WORKFLOW_RUNS => Py::new(py, init.add_subclass(WorkflowRun))?.into_any(),
-        schema::SESSION_STATES => Py::new(py, init.add_subclass(SessionState))?.into_any(),
-        schema::APPROVAL_REQUESTS => Py::new(py, init.add_subclass(ApprovalRequest))?.into_any(),
-        _ => Py::new(py, init.add_subclass(ActiveConnection))?.into_any(),
+        schema::SESSIONS => Py::new(py, init.add_subclass(PySession))?.into_any(),
+        schema::WORKFLOW_RUNS => Py::new(py, init.add_subclass(PyWorkflowRun))?.into_any(),
+        schema::SESSION_STATES => Py::new(py, init.add_subclass(PySessionState))?.into_any(),
+        schema::APPROVAL_REQUESTS => Py::new(py, init.add_subclass(PyApprovalRequest))?.into_any(),
+        _ => Py::new(py, init.add_subclass(PyActiveConnection))?.into_any(),
     })
 }
 
-/// Registers the model classes and puts a [`Column`] descriptor on each for every column.
+/// Registers the model classes and puts a [`PyColumn`] descriptor on each for every column.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<Model>()?;
-    m.add_class::<Session>()?;
-    m.add_class::<WorkflowRun>()?;
-    m.add_class::<SessionState>()?;
-    m.add_class::<ApprovalRequest>()?;
-    m.add_class::<ActiveConnection>()?;
+    m.add_class::<PyModel>()?;
+    m.add_class::<PySession>()?;
+    m.add_class::<PyWorkflowRun>()?;
+    m.add_class::<PySessionState>()?;
+    m.add_class::<PyApprovalRequest>()?;
+    m.add_class::<PyActiveConnection>()?;
     for (table, t) in TableId::all() {
         let cls = m.getattr(t.model)?;
         for (column, c) in t.columns.iter().enumerate() {
             cls.setattr(
                 c.name,
-                Column {
+                PyColumn {
                     col: ColRef { table, column },
                 },
             )?;
@@ -418,13 +418,16 @@ pub fn table_of_class(cls: &Bound<'_, PyAny>) -> Option<TableId> {
     let py = cls.py();
     // The five classes themselves, by identity: every query names one of them.
     let known = [
-        (schema::SESSIONS, Session::type_object(py)),
-        (schema::WORKFLOW_RUNS, WorkflowRun::type_object(py)),
-        (schema::SESSION_STATES, SessionState::type_object(py)),
-        (schema::APPROVAL_REQUESTS, ApprovalRequest::type_object(py)),
+        (schema::SESSIONS, PySession::type_object(py)),
+        (schema::WORKFLOW_RUNS, PyWorkflowRun::type_object(py)),
+        (schema::SESSION_STATES, PySessionState::type_object(py)),
+        (
+            schema::APPROVAL_REQUESTS,
+            PyApprovalRequest::type_object(py),
+        ),
         (
             schema::ACTIVE_CONNECTIONS,
-            ActiveConnection::type_object(py),
+            PyActiveConnection::type_object(py),
         ),
     ];
     if let Some((table, _)) = known.iter().find(|(_, t)| cls.is(t)) {
@@ -432,7 +435,7 @@ pub fn table_of_class(cls: &Bound<'_, PyAny>) -> Option<TableId> {
     }
     // A Python subclass of one of them.
     let cls = cls.cast::<PyType>().ok()?;
-    if !cls.is_subclass_of::<Model>().ok()? {
+    if !cls.is_subclass_of::<PyModel>().ok()? {
         return None;
     }
     let name = cls.getattr(pyo3::intern!(py, "__tablename__")).ok()?;

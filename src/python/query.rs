@@ -9,15 +9,15 @@ use crate::error::ErrorKind;
 use crate::expr::{ColRef, Expr};
 use crate::python::convert::{to_value, Purpose};
 use crate::python::errors::raise;
-use crate::python::expression::{criterion, Column, Ordering};
+use crate::python::expression::{criterion, PyColumn, PyOrdering};
 use crate::python::model::table_of_class;
-use crate::python::session::{column_of, DbSession};
+use crate::python::session::{column_of, PyDbSession};
 use crate::query::Select;
 use crate::schema::TABLES;
 
 #[pyclass(module = "cmbagent_db", name = "Query")]
-pub struct Query {
-    session: Py<DbSession>,
+pub struct PyQuery {
+    session: Py<PyDbSession>,
     select: Select,
     /// Whether rows become model objects (`query(Model)`) or tuples (`query(Model.col)`).
     entity: bool,
@@ -25,8 +25,8 @@ pub struct Query {
     overwrite: bool,
 }
 
-impl Query {
-    pub fn new(session: Py<DbSession>, entities: &Bound<'_, PyTuple>) -> PyResult<Query> {
+impl PyQuery {
+    pub fn new(session: Py<PyDbSession>, entities: &Bound<'_, PyTuple>) -> PyResult<PyQuery> {
         let first = entities.get_item(0).map_err(|_| {
             PyTypeError::new_err("query() needs a model class or one or more columns")
         })?;
@@ -37,7 +37,7 @@ impl Query {
                     "query() takes one model class (joins are not supported)",
                 ));
             }
-            return Ok(Query {
+            return Ok(PyQuery {
                 session,
                 select: Select::all_columns(table),
                 entity: true,
@@ -47,7 +47,7 @@ impl Query {
         let mut columns = Vec::new();
         let mut table = None;
         for e in entities.iter() {
-            let c = e.cast::<Column>().map_err(|_| {
+            let c = e.cast::<PyColumn>().map_err(|_| {
                 PyTypeError::new_err(format!(
                     "query() takes a model class or its columns, got {}",
                     e.repr().map(|r| r.to_string()).unwrap_or_default()
@@ -64,7 +64,7 @@ impl Query {
         }
         let mut select = Select::all_columns(table.unwrap_or_default());
         select.columns = columns;
-        Ok(Query {
+        Ok(PyQuery {
             session,
             select,
             entity: false,
@@ -72,8 +72,8 @@ impl Query {
         })
     }
 
-    fn with(&self, py: Python<'_>, select: Select) -> Query {
-        Query {
+    fn with(&self, py: Python<'_>, select: Select) -> PyQuery {
+        PyQuery {
             session: self.session.clone_ref(py),
             select,
             entity: self.entity,
@@ -126,10 +126,10 @@ fn non_negative(v: Option<i64>, what: &str) -> PyResult<Option<u64>> {
 }
 
 #[pymethods]
-impl Query {
+impl PyQuery {
     /// Adds criteria, all of which must hold.
     #[pyo3(signature = (*criteria))]
-    fn filter(&self, py: Python<'_>, criteria: &Bound<'_, PyTuple>) -> PyResult<Query> {
+    fn filter(&self, py: Python<'_>, criteria: &Bound<'_, PyTuple>) -> PyResult<PyQuery> {
         let mut select = self.select.clone();
         for c in criteria.iter() {
             let e = criterion(&c, "filter()")?;
@@ -141,7 +141,7 @@ impl Query {
 
     /// Adds `column == value` criteria by column name.
     #[pyo3(signature = (**kwargs))]
-    fn filter_by(&self, py: Python<'_>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Query> {
+    fn filter_by(&self, py: Python<'_>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<PyQuery> {
         let mut select = self.select.clone();
         let table = select.table;
         for (k, v) in kwargs.into_iter().flat_map(|d| d.iter()) {
@@ -165,7 +165,7 @@ impl Query {
 
     /// Sorts by columns (`Model.col`, `Model.col.desc()` or a column name); `None` clears.
     #[pyo3(signature = (*clauses))]
-    fn order_by(&self, py: Python<'_>, clauses: &Bound<'_, PyTuple>) -> PyResult<Query> {
+    fn order_by(&self, py: Python<'_>, clauses: &Bound<'_, PyTuple>) -> PyResult<PyQuery> {
         let mut select = self.select.clone();
         let table = select.table;
         for c in clauses.iter() {
@@ -173,9 +173,9 @@ impl Query {
                 select.order_by.clear();
                 continue;
             }
-            let (col, desc) = if let Ok(o) = c.cast::<Ordering>() {
+            let (col, desc) = if let Ok(o) = c.cast::<PyOrdering>() {
                 (o.get().col, o.get().descending)
-            } else if let Ok(col) = c.cast::<Column>() {
+            } else if let Ok(col) = c.cast::<PyColumn>() {
                 (col.get().col, false)
             } else if let Ok(name) = c.cast::<PyString>() {
                 (
@@ -207,14 +207,14 @@ impl Query {
     }
 
     #[pyo3(signature = (limit))]
-    fn limit(&self, py: Python<'_>, limit: Option<i64>) -> PyResult<Query> {
+    fn limit(&self, py: Python<'_>, limit: Option<i64>) -> PyResult<PyQuery> {
         let mut select = self.select.clone();
         select.limit = non_negative(limit, "limit")?;
         Ok(self.with(py, select))
     }
 
     #[pyo3(signature = (offset))]
-    fn offset(&self, py: Python<'_>, offset: Option<i64>) -> PyResult<Query> {
+    fn offset(&self, py: Python<'_>, offset: Option<i64>) -> PyResult<PyQuery> {
         let mut select = self.select.clone();
         select.offset = non_negative(offset, "offset")?;
         Ok(self.with(py, select))
@@ -222,7 +222,7 @@ impl Query {
 
     /// Rows read by this query overwrite the objects the session already tracks (those
     /// without unsaved changes), instead of the identity map returning them as they were.
-    fn populate_existing(&self, py: Python<'_>) -> Query {
+    fn populate_existing(&self, py: Python<'_>) -> PyQuery {
         let mut q = self.with(py, self.select.clone());
         q.overwrite = true;
         q
@@ -330,7 +330,7 @@ impl Query {
     }
 }
 
-impl Query {
+impl PyQuery {
     fn guard_bulk(&self, what: &str) -> PyResult<()> {
         if self.select.limit.is_some()
             || self.select.offset.is_some()

@@ -15,8 +15,8 @@ use crate::error::ErrorKind;
 use crate::expr::{CmpOp, ColRef, Expr};
 use crate::python::convert::{to_value, Purpose};
 use crate::python::errors::raise;
-use crate::python::model::{instantiate, Model, ObjState};
-use crate::python::session::DbSession;
+use crate::python::model::{instantiate, ObjState, PyModel};
+use crate::python::session::PyDbSession;
 use crate::query::Select;
 use crate::schema::{Table, TableId, ACTIVE_CONNECTIONS, APPROVAL_REQUESTS, TABLES};
 use crate::url;
@@ -47,7 +47,7 @@ fn outcome(outcome: Outcome, id: &str) -> PyResult<bool> {
 #[pyo3(name = "approval_resolve", signature = (db, approval_id, resolution, result = None))]
 pub fn resolve(
     py: Python<'_>,
-    db: &Bound<'_, DbSession>,
+    db: &Bound<'_, PyDbSession>,
     approval_id: String,
     resolution: String,
     result: Option<&Bound<'_, PyAny>>,
@@ -73,7 +73,7 @@ pub fn resolve(
 /// Cancels a pending request; True if this call cancelled it. Commits.
 #[pyfunction]
 #[pyo3(name = "approval_cancel")]
-pub fn cancel(py: Python<'_>, db: &Bound<'_, DbSession>, approval_id: String) -> PyResult<bool> {
+pub fn cancel(py: Python<'_>, db: &Bound<'_, PyDbSession>, approval_id: String) -> PyResult<bool> {
     let mut s = db.borrow_mut();
     let id = approval_id.clone();
     let done = s.write_and_commit(py, move |c| approvals::cancel(c, &id, Utc::now()))?;
@@ -87,7 +87,7 @@ pub fn cancel(py: Python<'_>, db: &Bound<'_, DbSession>, approval_id: String) ->
 #[pyo3(name = "approval_expire_overdue", signature = (db, now = None))]
 pub fn expire_overdue(
     py: Python<'_>,
-    db: &Bound<'_, DbSession>,
+    db: &Bound<'_, PyDbSession>,
     now: Option<&Bound<'_, PyDateTime>>,
 ) -> PyResult<Vec<String>> {
     let now = match now {
@@ -113,7 +113,7 @@ pub fn expire_overdue(
 #[pyo3(name = "approval_pending", signature = (db, run_id = None, session_id = None))]
 pub fn pending(
     py: Python<'_>,
-    db: &Bound<'_, DbSession>,
+    db: &Bound<'_, PyDbSession>,
     run_id: Option<String>,
     session_id: Option<String>,
 ) -> PyResult<Vec<Py<PyAny>>> {
@@ -187,7 +187,7 @@ pub fn wait(
         };
         match py.detach(|| waiter.poll(this_slice))? {
             Some(WaitEnd::Resolved(row)) => {
-                let mut model = Model::loaded(APPROVAL_REQUESTS, row, 0);
+                let mut model = PyModel::loaded(APPROVAL_REQUESTS, row, 0);
                 model.state = ObjState::Detached;
                 return instantiate(py, model);
             }
@@ -263,7 +263,7 @@ fn text_arg(col: ColRef, v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<String
 #[pyo3(name = "connection_heartbeat", signature = (db, task_id, server_instance, session_id = None))]
 pub fn heartbeat(
     py: Python<'_>,
-    db: &Bound<'_, DbSession>,
+    db: &Bound<'_, PyDbSession>,
     task_id: &Bound<'_, PyAny>,
     server_instance: &Bound<'_, PyAny>,
     session_id: Option<&Bound<'_, PyAny>>,
@@ -281,7 +281,7 @@ pub fn heartbeat(
     s.merge_row(py, t, row)
 }
 
-fn forget(py: Python<'_>, s: &mut DbSession, removed: &[connections::Removed]) -> PyResult<()> {
+fn forget(py: Python<'_>, s: &mut PyDbSession, removed: &[connections::Removed]) -> PyResult<()> {
     let ids: Vec<String> = removed.iter().map(|(id, _)| id.clone()).collect();
     s.forget_ids(py, ACTIVE_CONNECTIONS, &ids)
 }
@@ -289,7 +289,7 @@ fn forget(py: Python<'_>, s: &mut DbSession, removed: &[connections::Removed]) -
 /// Forgets a task's connection; True if there was one. Commits.
 #[pyfunction]
 #[pyo3(name = "connection_disconnect")]
-pub fn disconnect(py: Python<'_>, db: &Bound<'_, DbSession>, task_id: String) -> PyResult<bool> {
+pub fn disconnect(py: Python<'_>, db: &Bound<'_, PyDbSession>, task_id: String) -> PyResult<bool> {
     let mut s = db.borrow_mut();
     let removed = s.write_and_commit(py, move |c| connections::disconnect(c, &task_id))?;
     forget(py, &mut s, &removed)?;
@@ -302,7 +302,7 @@ pub fn disconnect(py: Python<'_>, db: &Bound<'_, DbSession>, task_id: String) ->
 #[pyo3(name = "connection_release_instance")]
 pub fn release_instance(
     py: Python<'_>,
-    db: &Bound<'_, DbSession>,
+    db: &Bound<'_, PyDbSession>,
     server_instance: String,
 ) -> PyResult<usize> {
     let mut s = db.borrow_mut();
@@ -319,7 +319,7 @@ pub fn release_instance(
 #[pyo3(name = "connection_reap_stale")]
 pub fn reap_stale(
     py: Python<'_>,
-    db: &Bound<'_, DbSession>,
+    db: &Bound<'_, PyDbSession>,
     ttl_seconds: &Bound<'_, PyAny>,
 ) -> PyResult<Vec<String>> {
     let cutoff = ttl(ttl_seconds)?;
@@ -334,7 +334,7 @@ pub fn reap_stale(
 #[pyo3(name = "connection_live", signature = (db, ttl_seconds, session_id = None))]
 pub fn live(
     py: Python<'_>,
-    db: &Bound<'_, DbSession>,
+    db: &Bound<'_, PyDbSession>,
     ttl_seconds: &Bound<'_, PyAny>,
     session_id: Option<String>,
 ) -> PyResult<Vec<Py<PyAny>>> {
@@ -361,7 +361,7 @@ pub fn live(
 #[pyo3(name = "connection_owner")]
 pub fn owner(
     py: Python<'_>,
-    db: &Bound<'_, DbSession>,
+    db: &Bound<'_, PyDbSession>,
     task_id: String,
     ttl_seconds: &Bound<'_, PyAny>,
 ) -> PyResult<Option<String>> {

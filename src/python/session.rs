@@ -19,12 +19,12 @@ use crate::expr::{ColRef, Expr};
 use crate::pool::Pooled;
 use crate::python::convert::{to_py, to_value, Purpose};
 use crate::python::errors::raise;
-use crate::python::expression::Column;
+use crate::python::expression::PyColumn;
 use crate::python::log;
-use crate::python::model::{instantiate, table_of_class, Model, ObjState, Slot};
-use crate::python::query::Query;
+use crate::python::model::{instantiate, table_of_class, ObjState, PyModel, Slot};
+use crate::python::query::PyQuery;
 use crate::query::{self, Select};
-use crate::schema::{ColType, Default, OnDelete, Table, TableId, TABLES};
+use crate::schema::{ColType, ColumnDefault, OnDelete, Table, TableId, TABLES};
 use crate::value::{now_micros, Value};
 
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
@@ -35,7 +35,7 @@ type Identity = (TableId, String);
 type PendingUpdate = (TableId, Vec<usize>, Vec<Value>, Py<PyAny>);
 
 #[pyclass(module = "cmbagent_db", name = "DbSession")]
-pub struct DbSession {
+pub struct PyDbSession {
     engine: Arc<Engine>,
     key: u64,
     /// The connection holding this session's open transaction, if one is open. Reads
@@ -55,8 +55,8 @@ pub struct DbSession {
     failed: Option<String>,
 }
 
-fn model<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, Model>> {
-    obj.cast::<Model>().cloned().map_err(|_| {
+fn model<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyModel>> {
+    obj.cast::<PyModel>().cloned().map_err(|_| {
         raise(
             ErrorKind::InvalidRequest,
             format!(
@@ -93,9 +93,9 @@ fn pk_filter(table: TableId, pks: Vec<String>) -> Expr {
     )
 }
 
-impl DbSession {
-    pub fn open(engine: Arc<Engine>) -> DbSession {
-        DbSession {
+impl PyDbSession {
+    pub fn open(engine: Arc<Engine>) -> PyDbSession {
+        PyDbSession {
             engine,
             key: NEXT_KEY.fetch_add(1, AtomicOrdering::Relaxed),
             conn: Mutex::new(None),
@@ -199,7 +199,7 @@ impl DbSession {
                 Entry::Occupied(tracked) => {
                     let obj = tracked.get().clone_ref(py);
                     if overwrite {
-                        let b = obj.bind(py).cast::<Model>()?.clone();
+                        let b = obj.bind(py).cast::<PyModel>()?.clone();
                         let mut m = b.borrow_mut();
                         if m.dirty == 0 {
                             m.values = row.into_iter().map(Slot::Raw).collect();
@@ -208,7 +208,7 @@ impl DbSession {
                     out.push(obj);
                 }
                 Entry::Vacant(slot) => {
-                    let obj = instantiate(py, Model::loaded(table, row, self.key))?;
+                    let obj = instantiate(py, PyModel::loaded(table, row, self.key))?;
                     out.push(slot.insert(obj).clone_ref(py));
                 }
             }
@@ -266,7 +266,7 @@ impl DbSession {
         let t = &TABLES[table];
         let mut set: Vec<(usize, Value)> = Vec::new();
         for (k, v) in values.iter() {
-            let column = match k.cast::<Column>() {
+            let column = match k.cast::<PyColumn>() {
                 Ok(c) if c.get().col.table == table => c.get().col.column,
                 Ok(c) => {
                     return Err(raise(
@@ -301,7 +301,7 @@ impl DbSession {
         for row in &rows {
             if let Some(Value::Text(pk)) = row.first() {
                 if let Some(obj) = self.identity.get(&(table, pk.clone())) {
-                    let b = obj.bind(py).cast::<Model>()?.clone();
+                    let b = obj.bind(py).cast::<PyModel>()?.clone();
                     let mut m = b.borrow_mut();
                     for (column, v) in &set {
                         m.values[*column] = Slot::Raw(v.clone());
@@ -329,7 +329,7 @@ impl DbSession {
         for row in &rows {
             if let Some(Value::Text(pk)) = row.first() {
                 if let Some(obj) = self.identity.remove(&(table, pk.clone())) {
-                    obj.bind(py).cast::<Model>()?.borrow_mut().state = ObjState::Deleted;
+                    obj.bind(py).cast::<PyModel>()?.borrow_mut().state = ObjState::Deleted;
                     self.tx_deleted.push(obj);
                 }
                 deleted.push((table, pk.clone()));
@@ -345,7 +345,7 @@ impl DbSession {
         while let Some((parent, parent_pk)) = deleted.pop() {
             let mut cascaded = Vec::new();
             for ((table, pk), obj) in &self.identity {
-                let b = obj.bind(py).cast::<Model>()?.clone();
+                let b = obj.bind(py).cast::<PyModel>()?.clone();
                 let mut m = b.borrow_mut();
                 for (column, c) in TABLES[*table].columns.iter().enumerate() {
                     let Some(fk) = c.foreign_key else { continue };
@@ -362,7 +362,7 @@ impl DbSession {
             }
             for key in cascaded {
                 if let Some(obj) = self.identity.remove(&key) {
-                    obj.bind(py).cast::<Model>()?.borrow_mut().state = ObjState::Deleted;
+                    obj.bind(py).cast::<PyModel>()?.borrow_mut().state = ObjState::Deleted;
                     self.tx_deleted.push(obj);
                     deleted.push(key);
                 }
@@ -403,7 +403,7 @@ impl DbSession {
     fn reload(&mut self, py: Python<'_>, objs: Vec<Py<PyAny>>) -> PyResult<()> {
         let mut by_table: HashMap<TableId, Vec<(String, Py<PyAny>)>> = HashMap::new();
         for obj in objs {
-            let m = obj.bind(py).cast::<Model>()?.borrow();
+            let m = obj.bind(py).cast::<PyModel>()?.borrow();
             if let Some(pk) = m.pk(py) {
                 let table = m.table;
                 drop(m);
@@ -426,7 +426,7 @@ impl DbSession {
                 }
             }
             for (pk, obj) in objs {
-                let b = obj.bind(py).cast::<Model>()?.clone();
+                let b = obj.bind(py).cast::<PyModel>()?.clone();
                 match found.remove(&pk) {
                     Some(row) => {
                         let values = row.into_iter().map(Slot::Raw).collect();
@@ -447,7 +447,7 @@ impl DbSession {
     }
 
     fn release(&mut self, obj: &Bound<'_, PyAny>, state: ObjState) -> PyResult<()> {
-        let mut m = obj.cast::<Model>()?.borrow_mut();
+        let mut m = obj.cast::<PyModel>()?.borrow_mut();
         m.state = state;
         m.session = 0;
         Ok(())
@@ -472,7 +472,7 @@ impl DbSession {
             Some(obj) => {
                 let obj = obj.clone_ref(py);
                 let values = row.into_iter().map(Slot::Raw).collect();
-                let b = obj.bind(py).cast::<Model>()?.clone();
+                let b = obj.bind(py).cast::<PyModel>()?.clone();
                 let mut m = b.borrow_mut();
                 m.values = values;
                 m.dirty = 0;
@@ -533,17 +533,17 @@ impl DbSession {
         // Inserts, by table in foreign-key order, in the order added within a table.
         let mut pending: Vec<(TableId, Py<PyAny>)> = Vec::with_capacity(self.pending.len());
         for obj in &self.pending {
-            let table = obj.bind(py).cast::<Model>()?.borrow().table;
+            let table = obj.bind(py).cast::<PyModel>()?.borrow().table;
             pending.push((table, obj.clone_ref(py)));
         }
         pending.sort_by_key(|(t, _)| *t);
         let mut inserts: Vec<(TableId, Vec<Vec<Value>>)> = Vec::new();
         for (table, obj) in &pending {
-            let b = obj.bind(py).cast::<Model>()?.clone();
+            let b = obj.bind(py).cast::<PyModel>()?.clone();
             let mut m = b.borrow_mut();
             let mut row = Vec::with_capacity(m.values.len());
             for (column, c) in TABLES[*table].columns.iter().enumerate() {
-                if c.default == Default::Now && m.is_null(py, column) {
+                if c.default == ColumnDefault::Now && m.is_null(py, column) {
                     let now = Value::Timestamp(now_micros());
                     m.values[column] = Slot::Raw(now.clone());
                     row.push(now);
@@ -564,7 +564,7 @@ impl DbSession {
             if deleting.contains(&(obj.as_ptr() as usize)) {
                 continue;
             }
-            let b = obj.bind(py).cast::<Model>()?.clone();
+            let b = obj.bind(py).cast::<PyModel>()?.clone();
             let mut m = b.borrow_mut();
             if m.dirty == 0 || m.state != ObjState::Persistent {
                 continue;
@@ -589,7 +589,7 @@ impl DbSession {
         // Deletes, children before parents.
         let mut deletes: Vec<(TableId, String, Py<PyAny>)> = Vec::new();
         for obj in &self.to_delete {
-            let m = obj.bind(py).cast::<Model>()?.borrow();
+            let m = obj.bind(py).cast::<PyModel>()?.borrow();
             if let Some(pk) = m.pk(py) {
                 deletes.push((m.table, pk, obj.clone_ref(py)));
             }
@@ -642,7 +642,7 @@ impl DbSession {
         // Written: move the objects to their new states.
         self.pending.clear();
         for (table, obj) in pending {
-            let b = obj.bind(py).cast::<Model>()?.clone();
+            let b = obj.bind(py).cast::<PyModel>()?.clone();
             let mut m = b.borrow_mut();
             m.state = ObjState::Persistent;
             m.dirty = 0;
@@ -653,14 +653,14 @@ impl DbSession {
             self.tx_inserted.push(obj);
         }
         for (_, _, _, obj) in updates {
-            obj.bind(py).cast::<Model>()?.borrow_mut().dirty = 0;
+            obj.bind(py).cast::<PyModel>()?.borrow_mut().dirty = 0;
             self.tx_updated.push(obj);
         }
         self.to_delete.clear();
         let mut deleted = Vec::with_capacity(deletes.len());
         for (table, pk, obj) in deletes {
             self.identity.remove(&(table, pk.clone()));
-            obj.bind(py).cast::<Model>()?.borrow_mut().state = ObjState::Deleted;
+            obj.bind(py).cast::<PyModel>()?.borrow_mut().state = ObjState::Deleted;
             self.tx_deleted.push(obj);
             deleted.push((table, pk));
         }
@@ -679,15 +679,15 @@ impl DbSession {
             self.release(obj.bind(py), ObjState::Transient)?;
         }
         for obj in std::mem::take(&mut self.tx_inserted) {
-            let pk = obj.bind(py).cast::<Model>()?.borrow().pk(py);
-            let table = obj.bind(py).cast::<Model>()?.borrow().table;
+            let pk = obj.bind(py).cast::<PyModel>()?.borrow().pk(py);
+            let table = obj.bind(py).cast::<PyModel>()?.borrow().table;
             if let Some(pk) = pk {
                 self.identity.remove(&(table, pk));
             }
             self.release(obj.bind(py), ObjState::Transient)?;
         }
         for obj in std::mem::take(&mut self.tx_deleted) {
-            let b = obj.bind(py).cast::<Model>()?.clone();
+            let b = obj.bind(py).cast::<PyModel>()?.clone();
             let mut m = b.borrow_mut();
             m.state = ObjState::Persistent;
             if let Some(pk) = m.pk(py) {
@@ -698,7 +698,7 @@ impl DbSession {
         // What the rolled-back transaction changed, or was about to, is read again.
         let mut stale = std::mem::take(&mut self.tx_updated);
         for obj in self.identity.values() {
-            if obj.bind(py).cast::<Model>()?.borrow().dirty != 0 {
+            if obj.bind(py).cast::<PyModel>()?.borrow().dirty != 0 {
                 stale.push(obj.clone_ref(py));
             }
         }
@@ -744,7 +744,7 @@ pub fn column_of(table: TableId, name: &str) -> PyResult<usize> {
 }
 
 #[pymethods]
-impl DbSession {
+impl PyDbSession {
     /// Tracks a new object (inserted at the next flush) or re-attaches a detached one.
     fn add(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
         let py = obj.py();
@@ -916,8 +916,8 @@ impl DbSession {
 
     /// `db.query(Model)` or `db.query(Model.column, ...)`.
     #[pyo3(signature = (*entities))]
-    fn query(slf: &Bound<'_, Self>, entities: &Bound<'_, PyTuple>) -> PyResult<Query> {
-        Query::new(slf.clone().unbind(), entities)
+    fn query(slf: &Bound<'_, Self>, entities: &Bound<'_, PyTuple>) -> PyResult<PyQuery> {
+        PyQuery::new(slf.clone().unbind(), entities)
     }
 
     /// The object of `model` with primary key `ident`, or None.
@@ -965,7 +965,7 @@ impl DbSession {
     fn dirty<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let mut out = Vec::new();
         for obj in self.identity.values() {
-            if obj.bind(py).cast::<Model>()?.borrow().dirty != 0 {
+            if obj.bind(py).cast::<PyModel>()?.borrow().dirty != 0 {
                 out.push(obj.clone_ref(py));
             }
         }
@@ -1003,12 +1003,12 @@ impl DbSession {
     }
 }
 
-impl Drop for DbSession {
+impl Drop for PyDbSession {
     fn drop(&mut self) {
         // Objects outlive their session: let them be added to another one.
         Python::attach(|py| {
             for obj in self.identity.values().chain(&self.pending) {
-                if let Ok(b) = obj.bind(py).cast::<Model>() {
+                if let Ok(b) = obj.bind(py).cast::<PyModel>() {
                     if let Ok(mut m) = b.try_borrow_mut() {
                         if m.session == self.key {
                             m.session = 0;
