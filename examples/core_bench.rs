@@ -90,13 +90,6 @@ fn col(name: &str) -> usize {
         .unwrap_or_else(|| panic!("approval_requests.{name} exists"))
 }
 
-fn shape(table: usize, columns: &[usize]) -> Vec<(&'static str, ColType)> {
-    columns
-        .iter()
-        .map(|&i| (TABLES[table].columns[i].name, TABLES[table].columns[i].ty))
-        .collect()
-}
-
 fn first_text(rows: &[Vec<Value>]) -> Option<String> {
     match rows.first().and_then(|r| r.first()) {
         Some(Value::Text(s)) => Some(s.clone()),
@@ -207,7 +200,7 @@ impl Lookups {
             .query(
                 "SELECT id FROM approval_requests ORDER BY id",
                 &[],
-                &shape(APPROVAL_REQUESTS, &[Table::PK]),
+                &TABLES[APPROVAL_REQUESTS].shape(&[Table::PK]),
             )?
             .into_iter()
             .filter_map(|r| match r.into_iter().next() {
@@ -223,7 +216,7 @@ impl Lookups {
             conn,
             ids,
             rng: Rng(0x9E37_79B9_7F4A_7C15),
-            shape: shape(APPROVAL_REQUESTS, &all),
+            shape: TABLES[APPROVAL_REQUESTS].shape(&all),
         })
     }
 
@@ -262,7 +255,7 @@ fn run_id_of(url: &str) -> AnyResult<String> {
     Ok(first_text(&conn.query(
         "SELECT id FROM workflow_runs ORDER BY id LIMIT 1",
         &[],
-        &shape(WORKFLOW_RUNS, &[Table::PK]),
+        &TABLES[WORKFLOW_RUNS].shape(&[Table::PK]),
     )?)
     .ok_or("the database holds no workflow run to attach approvals to")?)
 }

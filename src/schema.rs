@@ -132,6 +132,13 @@ impl Table {
             .collect::<Vec<_>>()
             .join(", ")
     }
+    /// Names and types of `columns`, the shape a backend decodes a row of them with.
+    pub fn shape(&self, columns: &[usize]) -> Vec<(&'static str, ColType)> {
+        columns
+            .iter()
+            .map(|&i| (self.columns[i].name, self.columns[i].ty))
+            .collect()
+    }
     /// Every table's primary key is its first column, `id`.
     pub const PK: usize = 0;
 }

@@ -67,13 +67,6 @@ fn model<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyModel>> {
     })
 }
 
-fn shape(table: TableId, columns: &[usize]) -> Vec<(&'static str, ColType)> {
-    columns
-        .iter()
-        .map(|&i| (TABLES[table].columns[i].name, TABLES[table].columns[i].ty))
-        .collect()
-}
-
 /// The identity-map key of a row read from the database.
 fn row_pk(row: &Row) -> String {
     match &row[Table::PK] {
@@ -226,7 +219,7 @@ impl PyDbSession {
     ) -> PyResult<Vec<Py<PyAny>>> {
         let (sql, params) = select.render(self.dialect());
         let table = select.table;
-        let shape = shape(table, &select.columns);
+        let shape = TABLES[table].shape(&select.columns);
         let rows = self.read(py, move |c| c.query(&sql, &params, &shape))?;
         if entity {
             return self.load(py, table, rows, overwrite);
@@ -296,7 +289,7 @@ impl PyDbSession {
             }
         }
         let (sql, params) = query::update(self.dialect(), table, &set, filters);
-        let shape = shape(table, &[Table::PK]);
+        let shape = TABLES[table].shape(&[Table::PK]);
         let rows = self.write(py, move |c| c.query(&sql, &params, &shape))?;
         for row in &rows {
             if let Some(Value::Text(pk)) = row.first() {
@@ -323,7 +316,7 @@ impl PyDbSession {
         filters: &[Expr],
     ) -> PyResult<usize> {
         let (sql, params) = query::delete(self.dialect(), table, filters);
-        let shape = shape(table, &[Table::PK]);
+        let shape = TABLES[table].shape(&[Table::PK]);
         let rows = self.write(py, move |c| c.query(&sql, &params, &shape))?;
         let mut deleted = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -417,7 +410,7 @@ impl PyDbSession {
                 objs.iter().map(|(pk, _)| pk.clone()).collect(),
             ));
             let (sql, params) = select.render(self.dialect());
-            let shape = shape(table, &select.columns);
+            let shape = TABLES[table].shape(&select.columns);
             let rows = self.read(py, move |c| c.query(&sql, &params, &shape))?;
             let mut found: HashMap<String, Row> = HashMap::new();
             for row in rows {
