@@ -15,6 +15,7 @@ pub mod pool;
 pub mod query;
 pub mod schema;
 pub mod trace;
+pub mod unit_of_work;
 pub mod url;
 pub mod value;
 

@@ -10,22 +10,8 @@ use crate::expr::ColRef;
 use crate::python::convert::{normalise, to_py, to_value, Purpose};
 use crate::python::expression::PyColumn;
 use crate::schema::{self, ColType, ColumnDefault, NullAs, TableId, TABLES};
+use crate::unit_of_work::ObjState;
 use crate::value::Value;
-
-/// Where an object stands with respect to a session (SQLAlchemy's object states).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ObjState {
-    /// Built, never added to a session.
-    Transient,
-    /// Added, not yet inserted.
-    Pending,
-    /// Has a row, and a session tracks it.
-    Persistent,
-    /// Its row was deleted in the session's open transaction.
-    Deleted,
-    /// Has a row; no session tracks it any more.
-    Detached,
-}
 
 /// One column's value on an object: as read from the database (or defaulted) until Python
 /// first asks for it, then converted once and kept; or as Python assigned it. Rows that are

@@ -15,10 +15,11 @@ use crate::error::ErrorKind;
 use crate::expr::{CmpOp, ColRef, Expr};
 use crate::python::convert::{to_value, Purpose};
 use crate::python::errors::raise;
-use crate::python::model::{instantiate, ObjState, PyModel};
+use crate::python::model::{instantiate, PyModel};
 use crate::python::session::PyDbSession;
 use crate::query::Select;
 use crate::schema::{Table, TableId, ACTIVE_CONNECTIONS, APPROVAL_REQUESTS, TABLES};
+use crate::unit_of_work::ObjState;
 use crate::url;
 use crate::value::Value;
 

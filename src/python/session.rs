@@ -21,18 +21,16 @@ use crate::python::convert::{to_py, to_value, Purpose};
 use crate::python::errors::raise;
 use crate::python::expression::PyColumn;
 use crate::python::log;
-use crate::python::model::{instantiate, table_of_class, ObjState, PyModel, Slot};
+use crate::python::model::{instantiate, table_of_class, PyModel, Slot};
 use crate::python::query::PyQuery;
 use crate::query::{self, Select};
-use crate::schema::{ColType, ColumnDefault, OnDelete, Table, TableId, TABLES};
+use crate::schema::{ColType, Table, TableId, TABLES};
+use crate::unit_of_work::{
+    after_deletes, ChangedRow, Flush, Identity, NewRow, ObjState, References,
+};
 use crate::value::{now_micros, Value};
 
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
-
-type Identity = (TableId, String);
-
-/// An UPDATE the next flush runs: table, changed columns, their values then the key, object.
-type PendingUpdate = (TableId, Vec<usize>, Vec<Value>, Py<PyAny>);
 
 #[pyclass(module = "cmbagent_db", name = "DbSession")]
 pub struct PyDbSession {
@@ -334,31 +332,40 @@ impl PyDbSession {
 
     /// Applies the database's ON DELETE rules to tracked objects once `deleted` rows are
     /// gone: CASCADE children are deleted too, SET NULL references become None.
-    fn follow_deletes(&mut self, py: Python<'_>, mut deleted: Vec<Identity>) -> PyResult<()> {
-        while let Some((parent, parent_pk)) = deleted.pop() {
-            let mut cascaded = Vec::new();
-            for ((table, pk), obj) in &self.identity {
-                let b = obj.bind(py).cast::<PyModel>()?.clone();
-                let mut m = b.borrow_mut();
-                for (column, c) in TABLES[*table].columns.iter().enumerate() {
-                    let Some(fk) = c.foreign_key else { continue };
-                    if fk.table != parent
-                        || m.text(py, column).as_deref() != Some(parent_pk.as_str())
-                    {
-                        continue;
-                    }
-                    match fk.on_delete {
-                        OnDelete::Cascade => cascaded.push((*table, pk.clone())),
-                        OnDelete::SetNull => m.values[column] = Slot::Raw(Value::Null),
-                    }
-                }
+    fn follow_deletes(&mut self, py: Python<'_>, deleted: Vec<Identity>) -> PyResult<()> {
+        if deleted.is_empty() {
+            return Ok(());
+        }
+        let mut tracked = Vec::new();
+        let mut objs = Vec::new();
+        for ((table, pk), obj) in &self.identity {
+            let m = obj.bind(py).cast::<PyModel>()?.borrow();
+            let refs: Vec<(usize, String)> = TABLES[*table]
+                .columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.foreign_key.is_some())
+                .filter_map(|(i, _)| m.text(py, i).map(|v| (i, v)))
+                .collect();
+            if !refs.is_empty() {
+                tracked.push(References {
+                    table: *table,
+                    pk: pk.clone(),
+                    refs,
+                });
+                objs.push(obj.clone_ref(py));
             }
-            for key in cascaded {
-                if let Some(obj) = self.identity.remove(&key) {
-                    obj.bind(py).cast::<PyModel>()?.borrow_mut().state = ObjState::Deleted;
-                    self.tx_deleted.push(obj);
-                    deleted.push(key);
-                }
+        }
+        let effects = after_deletes(&deleted, &tracked);
+        for (n, column) in effects.nulled {
+            objs[n].bind(py).cast::<PyModel>()?.borrow_mut().values[column] =
+                Slot::Raw(Value::Null);
+        }
+        for n in effects.deleted {
+            let r = &tracked[n];
+            if let Some(obj) = self.identity.remove(&(r.table, r.pk.clone())) {
+                obj.bind(py).cast::<PyModel>()?.borrow_mut().state = ObjState::Deleted;
+                self.tx_deleted.push(obj);
             }
         }
         Ok(())
@@ -522,142 +529,93 @@ impl PyDbSession {
 
     fn do_flush(&mut self, py: Python<'_>) -> PyResult<()> {
         self.check_usable()?;
-        let d = self.dialect();
-        // Inserts, by table in foreign-key order, in the order added within a table.
-        let mut pending: Vec<(TableId, Py<PyAny>)> = Vec::with_capacity(self.pending.len());
+        // Collect plain values (checking every assigned one) before anything is written.
+        let mut new = Vec::with_capacity(self.pending.len());
         for obj in &self.pending {
-            let table = obj.bind(py).cast::<PyModel>()?.borrow().table;
-            pending.push((table, obj.clone_ref(py)));
+            let m = obj.bind(py).cast::<PyModel>()?.borrow();
+            let values = (0..m.values.len())
+                .map(|column| m.value(py, column))
+                .collect::<PyResult<Vec<_>>>()?;
+            new.push(NewRow {
+                table: m.table,
+                values,
+            });
         }
-        pending.sort_by_key(|(t, _)| *t);
-        let mut inserts: Vec<(TableId, Vec<Vec<Value>>)> = Vec::new();
-        for (table, obj) in &pending {
-            let b = obj.bind(py).cast::<PyModel>()?.clone();
-            let mut m = b.borrow_mut();
-            let mut row = Vec::with_capacity(m.values.len());
-            for (column, c) in TABLES[*table].columns.iter().enumerate() {
-                if c.default == ColumnDefault::Now && m.is_null(py, column) {
-                    let now = Value::Timestamp(now_micros());
-                    m.values[column] = Slot::Raw(now.clone());
-                    row.push(now);
-                } else {
-                    row.push(m.value(py, column)?);
-                }
-            }
-            match inserts.last_mut() {
-                Some((t, rows)) if t == table => rows.push(row),
-                _ => inserts.push((*table, vec![row])),
-            }
-        }
-        // Updates of changed columns (plus on-update timestamps), keyed by the identity
-        // the row was loaded under.
-        let deleting: HashSet<usize> = self.to_delete.iter().map(|o| o.as_ptr() as usize).collect();
-        let mut updates: Vec<PendingUpdate> = Vec::new();
+        let mut changed = Vec::new();
+        let mut changed_objs = Vec::new();
         for ((table, pk), obj) in &self.identity {
-            if deleting.contains(&(obj.as_ptr() as usize)) {
-                continue;
-            }
-            let b = obj.bind(py).cast::<PyModel>()?.clone();
-            let mut m = b.borrow_mut();
+            let m = obj.bind(py).cast::<PyModel>()?.borrow();
             if m.dirty == 0 || m.state != ObjState::Persistent {
                 continue;
             }
-            let mut columns = Vec::new();
-            let mut values = Vec::new();
-            for (column, c) in TABLES[*table].columns.iter().enumerate() {
-                if m.dirty & (1 << column) != 0 {
-                    columns.push(column);
-                    values.push(m.value(py, column)?);
-                } else if c.on_update_now {
-                    let now = Value::Timestamp(now_micros());
-                    m.values[column] = Slot::Raw(now.clone());
-                    columns.push(column);
-                    values.push(now);
-                }
-            }
-            values.push(Value::Text(pk.clone()));
-            updates.push((*table, columns, values, obj.clone_ref(py)));
+            let columns = (0..m.values.len())
+                .filter(|column| m.dirty & (1 << column) != 0)
+                .map(|column| Ok((column, m.value(py, column)?)))
+                .collect::<PyResult<Vec<_>>>()?;
+            changed.push(ChangedRow {
+                table: *table,
+                pk: pk.clone(),
+                columns,
+            });
+            changed_objs.push(obj.clone_ref(py));
         }
-        updates.sort_by_key(|(t, ..)| *t);
-        // Deletes, children before parents.
-        let mut deletes: Vec<(TableId, String, Py<PyAny>)> = Vec::new();
+        let mut deleted = Vec::with_capacity(self.to_delete.len());
         for obj in &self.to_delete {
             let m = obj.bind(py).cast::<PyModel>()?.borrow();
             if let Some(pk) = m.pk(py) {
-                deletes.push((m.table, pk, obj.clone_ref(py)));
+                deleted.push((m.table, pk));
             }
         }
-        deletes.sort_by_key(|(t, ..)| std::cmp::Reverse(*t));
-        if inserts.is_empty() && updates.is_empty() && deletes.is_empty() {
+        let mut flush = Flush::plan(new, changed, deleted, now_micros);
+        if flush.writes.is_empty() {
             return Ok(());
         }
+        let writes = std::mem::take(&mut flush.writes);
+        self.write(py, move |c| writes.execute(c))?;
 
-        let insert_plan: Vec<(TableId, Vec<usize>, Vec<Vec<Value>>)> = inserts
-            .into_iter()
-            .map(|(table, rows)| (table, (0..TABLES[table].columns.len()).collect(), rows))
-            .collect();
-        let update_plan: Vec<(String, Vec<Value>, String)> = updates
-            .iter()
-            .map(|(table, columns, values, _)| {
-                let pk = match values.last() {
-                    Some(Value::Text(pk)) => pk.clone(),
-                    _ => String::new(),
-                };
-                (
-                    query::update_by_pk(d, *table, columns),
-                    values.clone(),
-                    format!("{} id={pk}", TABLES[*table].name),
-                )
-            })
-            .collect();
-        let delete_plan: Vec<(String, Value)> = deletes
-            .iter()
-            .map(|(table, pk, _)| (query::delete_by_pk(d, *table), Value::Text(pk.clone())))
-            .collect();
-        self.write(py, move |c| {
-            for (table, columns, rows) in insert_plan {
-                c.insert_rows(table, &columns, rows)?;
-            }
-            for (sql, values, what) in &update_plan {
-                if c.execute(sql, values)? == 0 {
-                    return Err(Error::new(
-                        ErrorKind::StaleData,
-                        format!("UPDATE of {what} matched no row: it was deleted (perhaps by ON DELETE CASCADE of its parent) or never written"),
-                    ));
-                }
-            }
-            for (sql, pk) in &delete_plan {
-                c.execute(sql, std::slice::from_ref(pk))?;
-            }
-            Ok(())
-        })?;
-
-        // Written: move the objects to their new states.
-        self.pending.clear();
-        for (table, obj) in pending {
+        // Written: the objects take the values the flush chose and their new states.
+        let pending = std::mem::take(&mut self.pending);
+        for f in flush.filled_new {
+            pending[f.object]
+                .bind(py)
+                .cast::<PyModel>()?
+                .borrow_mut()
+                .values[f.column] = Slot::Raw(f.value);
+        }
+        for obj in pending {
             let b = obj.bind(py).cast::<PyModel>()?.clone();
             let mut m = b.borrow_mut();
             m.state = ObjState::Persistent;
             m.dirty = 0;
             if let Some(pk) = m.pk(py) {
-                self.identity.insert((table, pk), obj.clone_ref(py));
+                self.identity.insert((m.table, pk), obj.clone_ref(py));
             }
             drop(m);
             self.tx_inserted.push(obj);
         }
-        for (_, _, _, obj) in updates {
+        for f in flush.filled_changed {
+            changed_objs[f.object]
+                .bind(py)
+                .cast::<PyModel>()?
+                .borrow_mut()
+                .values[f.column] = Slot::Raw(f.value);
+        }
+        for n in flush.update_order {
+            let obj = changed_objs[n].clone_ref(py);
             obj.bind(py).cast::<PyModel>()?.borrow_mut().dirty = 0;
             self.tx_updated.push(obj);
         }
-        self.to_delete.clear();
-        let mut deleted = Vec::with_capacity(deletes.len());
-        for (table, pk, obj) in deletes {
-            self.identity.remove(&(table, pk.clone()));
-            obj.bind(py).cast::<PyModel>()?.borrow_mut().state = ObjState::Deleted;
+        for obj in std::mem::take(&mut self.to_delete) {
+            let b = obj.bind(py).cast::<PyModel>()?.clone();
+            let mut m = b.borrow_mut();
+            if let Some(pk) = m.pk(py) {
+                self.identity.remove(&(m.table, pk));
+            }
+            m.state = ObjState::Deleted;
+            drop(m);
             self.tx_deleted.push(obj);
-            deleted.push((table, pk));
         }
-        self.follow_deletes(py, deleted)
+        self.follow_deletes(py, flush.deleted)
     }
 
     fn do_rollback(&mut self, py: Python<'_>) -> PyResult<()> {
