@@ -78,6 +78,78 @@ pub struct Index {
     pub since: u8,
 }
 
+/// Which side of a foreign key a relationship attribute sits on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelKind {
+    /// On the referencing table: `approval.run` is the row `run_id` names.
+    ToParent,
+    /// On the referenced table: `run.approval_requests` are the rows naming it.
+    ToChildren,
+}
+
+/// A relationship attribute, as SQLAlchemy's `relationship()` declares it. Both sides of
+/// one foreign key are kept in step in memory (`back_populates`): appending to
+/// `run.approval_requests` sets `approval.run`, and the other way round.
+#[derive(Debug)]
+pub struct Relationship {
+    pub name: &'static str,
+    pub kind: RelKind,
+    /// The referencing table and its foreign-key column.
+    pub child: TableId,
+    pub column: &'static str,
+    /// `cascade="all, delete-orphan"`: a child removed from the collection is deleted.
+    pub delete_orphan: bool,
+}
+
+impl Relationship {
+    /// The foreign-key column's index in the child table.
+    pub fn column_index(&self) -> usize {
+        TABLES[self.child]
+            .column_index(self.column)
+            .unwrap_or(Table::PK)
+    }
+
+    /// The referenced table.
+    pub fn parent(&self) -> TableId {
+        TABLES[self.child].columns[self.column_index()]
+            .foreign_key
+            .map_or(self.child, |fk| fk.table)
+    }
+
+    /// The table of the objects this attribute holds.
+    pub fn target(&self) -> TableId {
+        match self.kind {
+            RelKind::ToParent => self.parent(),
+            RelKind::ToChildren => self.child,
+        }
+    }
+}
+
+const fn to_parent(name: &'static str, child: TableId, column: &'static str) -> Relationship {
+    Relationship {
+        name,
+        kind: RelKind::ToParent,
+        child,
+        column,
+        delete_orphan: false,
+    }
+}
+
+const fn to_children(
+    name: &'static str,
+    child: TableId,
+    column: &'static str,
+    delete_orphan: bool,
+) -> Relationship {
+    Relationship {
+        name,
+        kind: RelKind::ToChildren,
+        child,
+        column,
+        delete_orphan,
+    }
+}
+
 #[derive(Debug)]
 pub struct Table {
     pub name: &'static str,
@@ -91,6 +163,7 @@ pub struct Table {
     pub indexes: &'static [Index],
     /// The revision that creates the table.
     pub since: u8,
+    pub relationships: &'static [Relationship],
 }
 
 /// One of the five tables: its position in [`TABLES`], which is also its place in
@@ -236,6 +309,11 @@ pub static TABLES: [Table; 5] = [
             index("idx_sessions_user_status", &["user_id", "status"]),
         ],
         since: 0,
+        relationships: &[
+            to_children("session_states", SESSION_STATES, "session_id", true),
+            to_children("workflow_runs", WORKFLOW_RUNS, "session_id", true),
+            to_children("approval_requests", APPROVAL_REQUESTS, "session_id", false),
+        ],
     },
     Table {
         name: "workflow_runs",
@@ -317,6 +395,10 @@ pub static TABLES: [Table; 5] = [
             ),
         ],
         since: 0,
+        relationships: &[
+            to_parent("session", WORKFLOW_RUNS, "session_id"),
+            to_children("approval_requests", APPROVAL_REQUESTS, "run_id", true),
+        ],
     },
     Table {
         name: "session_states",
@@ -375,6 +457,7 @@ pub static TABLES: [Table; 5] = [
             index("ix_session_states_updated_at", &["updated_at"]),
         ],
         since: 1,
+        relationships: &[to_parent("session", SESSION_STATES, "session_id")],
     },
     Table {
         name: "approval_requests",
@@ -435,6 +518,13 @@ pub static TABLES: [Table; 5] = [
             },
         ],
         since: 2,
+        // `run` is cmbagent's name and `workflow_run` the other one in use: the same
+        // attribute under two names.
+        relationships: &[
+            to_parent("run", APPROVAL_REQUESTS, "run_id"),
+            to_parent("workflow_run", APPROVAL_REQUESTS, "run_id"),
+            to_parent("session", APPROVAL_REQUESTS, "session_id"),
+        ],
     },
     Table {
         name: "active_connections",
@@ -463,6 +553,7 @@ pub static TABLES: [Table; 5] = [
             index("idx_connection_heartbeat", &["last_heartbeat"]),
         ],
         since: 2,
+        relationships: &[],
     },
 ];
 
@@ -505,6 +596,23 @@ mod tests {
             }
             for name in t.repr {
                 assert!(t.column_index(name).is_some(), "{}.{name}", t.name);
+            }
+            for r in t.relationships {
+                let fk = TABLES[r.child]
+                    .column_index(r.column)
+                    .and_then(|c| TABLES[r.child].columns[c].foreign_key);
+                assert!(
+                    fk.is_some(),
+                    "{}.{} is not a foreign key",
+                    r.child.index(),
+                    r.column
+                );
+                assert!(
+                    t.column_index(r.name).is_none(),
+                    "{}.{} is a column too",
+                    t.name,
+                    r.name
+                );
             }
         }
     }

@@ -65,14 +65,14 @@ fn warn_drift(py: Python<'_>, url: &str, drifted: &[String]) -> PyResult<()> {
 /// brings its database to head unless the URL says `auto_migrate=false`.
 #[pyfunction]
 #[pyo3(signature = (url = None))]
-pub fn get_db_session(py: Python<'_>, url: Option<String>) -> PyResult<PyDbSession> {
+pub fn get_db_session(py: Python<'_>, url: Option<String>) -> PyResult<Py<PyDbSession>> {
     let url = resolve_url(url)?;
     let engine = engine::engine(&url)?;
     let drifted = py.detach(|| engine.ensure_ready())?;
     if !drifted.is_empty() {
         warn_drift(py, engine.display_url(), &drifted)?;
     }
-    Ok(PyDbSession::open(engine))
+    PyDbSession::open(py, engine)
 }
 
 /// Brings the database to `target` (head, base, a revision, +N, -N); returns the revision

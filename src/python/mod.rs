@@ -12,6 +12,7 @@ mod json;
 mod log;
 mod model;
 mod query;
+mod relationship;
 mod services;
 mod session;
 
@@ -21,6 +22,7 @@ use pyo3::prelude::*;
 #[pyo3(name = "_native")]
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     model::register(m)?;
+    relationship::register(m)?;
     m.add_class::<expression::PyColumn>()?;
     m.add_class::<expression::PyExpression>()?;
     m.add_class::<expression::PyOrdering>()?;

@@ -2,13 +2,18 @@
 //! unit of work needs, and one subclass per table, all driven by `schema::TABLES`.
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::gc::{PyTraverseError, PyVisit};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyType};
+use pyo3::types::{
+    PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyType, PyWeakrefMethods, PyWeakrefReference,
+};
 use pyo3::PyTypeInfo;
 
 use crate::expr::ColRef;
 use crate::python::convert::{normalise, to_py, to_value, Purpose};
 use crate::python::expression::PyColumn;
+use crate::python::relationship::RelKey;
+use crate::python::session::PyDbSession;
 use crate::schema::{self, ColType, ColumnDefault, NullAs, TableId, TABLES};
 use crate::unit_of_work::ObjState;
 use crate::value::Value;
@@ -32,8 +37,10 @@ pub struct PyModel {
     /// One bit per column assigned since the object was last written.
     pub dirty: u64,
     pub state: ObjState,
-    /// The key of the session tracking the object, 0 for none.
-    pub session: u64,
+    /// The session tracking the object, if one does.
+    pub session: Option<Py<PyWeakrefReference>>,
+    /// Related objects loaded or assigned: a parent object or a collection per key.
+    pub related: Vec<(RelKey, Py<PyAny>)>,
 }
 
 fn default_value(d: ColumnDefault) -> Value {
@@ -74,19 +81,45 @@ impl PyModel {
             values,
             dirty: 0,
             state: ObjState::Transient,
-            session: 0,
+            session: None,
+            related: Vec::new(),
         })
     }
 
     /// An object for a row just read from the database.
-    pub fn loaded(table: TableId, row: Vec<Value>, session: u64) -> PyModel {
+    pub fn loaded(
+        table: TableId,
+        row: Vec<Value>,
+        session: Option<Py<PyWeakrefReference>>,
+    ) -> PyModel {
         PyModel {
             table,
             values: row.into_iter().map(Slot::Raw).collect(),
             dirty: 0,
             state: ObjState::Persistent,
             session,
+            related: Vec::new(),
         }
+    }
+
+    /// The related object or collection cached under `key`.
+    pub fn cached(&self, key: RelKey) -> Option<&Py<PyAny>> {
+        self.related.iter().find(|(k, _)| *k == key).map(|(_, o)| o)
+    }
+
+    /// Caches `obj` under `key`, or forgets what was cached with `None`.
+    pub fn set_cached(&mut self, key: RelKey, obj: Option<Py<PyAny>>) {
+        self.related.retain(|(k, _)| *k != key);
+        if let Some(obj) = obj {
+            self.related.push((key, obj));
+        }
+    }
+
+    /// The session tracking the object, while it is open.
+    pub fn session<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyDbSession>> {
+        let weak = self.session.as_ref()?.bind(py);
+        let alive = weak.upgrade()?;
+        alive.cast_into::<PyDbSession>().ok()
     }
 
     /// Assigns a checked Python value to the named column (as the constructor does).
@@ -164,6 +197,22 @@ impl PyModel {
 
 #[pymethods]
 impl PyModel {
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        for slot in &self.values {
+            if let Slot::Py(o) = slot {
+                visit.call(o)?;
+            }
+        }
+        for (_, o) in &self.related {
+            visit.call(o)?;
+        }
+        Ok(())
+    }
+
+    fn __clear__(&mut self) {
+        self.related.clear();
+    }
+
     /// The object as a dict for API responses: timestamps as ISO strings.
     #[pyo3(name = "to_dict")]
     fn dict<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -237,32 +286,78 @@ fn timeout_seconds(v: &Bound<'_, PyAny>) -> PyResult<f64> {
     Ok(secs)
 }
 
-macro_rules! model_class {
-    ($rust:ident, $name:literal, $table:expr, { $($extra:tt)* }) => {
-        #[pyclass(extends = PyModel, module = "cmbagent_db.models", name = $name)]
-        pub struct $rust;
+/// The one list of model classes: `models! { RustName = "PythonName", TABLE { methods } ... }`
+/// defines each class and generates `instantiate`, `add_classes` and `class_table` from
+/// the same list, so a table added to the schema is added here once.
+macro_rules! models {
+    ($($rust:ident = $name:literal, $table:expr, { $($extra:tt)* };)*) => {
+        $(
+            #[pyclass(extends = PyModel, module = "cmbagent_db.models", name = $name)]
+            pub struct $rust;
 
-        #[pymethods]
-        impl $rust {
-            #[new]
-            #[pyo3(signature = (**kwargs))]
-            fn new(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<PyClassInitializer<Self>> {
-                Ok(PyClassInitializer::from(PyModel::build($table, kwargs)?).add_subclass($rust))
+            #[pymethods]
+            impl $rust {
+                #[new]
+                #[pyo3(signature = (**kwargs))]
+                fn new(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<PyClassInitializer<Self>> {
+                    Ok(PyClassInitializer::from(PyModel::build($table, kwargs)?).add_subclass($rust))
+                }
+
+                #[classattr]
+                fn __tablename__() -> &'static str {
+                    TABLES[$table].name
+                }
+
+                $($extra)*
             }
+        )*
 
-            #[classattr]
-            fn __tablename__() -> &'static str {
-                TABLES[$table].name
-            }
+        /// A Python object of the right model class for a row read from the database.
+        pub fn instantiate(py: Python<'_>, model: PyModel) -> PyResult<Py<PyAny>> {
+            let table = model.table;
+            let init = PyClassInitializer::from(model);
+            $(
+                if table == $table {
+                    return Ok(Py::new(py, init.add_subclass($rust))?.into_any());
+                }
+            )*
+            Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
+                "no model class is registered for table {}",
+                TABLES[table].name
+            )))
+        }
 
-            $($extra)*
+        /// Adds every model class to the module, each under the name the schema gives it.
+        fn add_classes(m: &Bound<'_, PyModule>) -> PyResult<()> {
+            $(
+                if TABLES[$table].model != $name {
+                    return Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
+                        "model class {} is registered for table {}, whose model is {}",
+                        $name, TABLES[$table].name, TABLES[$table].model
+                    )));
+                }
+                m.add_class::<$rust>()?;
+            )*
+            Ok(())
+        }
+
+        /// The table of one of the model classes themselves (not a Python subclass).
+        fn class_table(cls: &Bound<'_, PyAny>) -> Option<TableId> {
+            let py = cls.py();
+            $(
+                if cls.is($rust::type_object(py)) {
+                    return Some($table);
+                }
+            )*
+            None
         }
     };
 }
 
-model_class!(PySession, "Session", schema::SESSIONS, {});
-model_class!(PyWorkflowRun, "WorkflowRun", schema::WORKFLOW_RUNS, {});
-model_class!(PySessionState, "SessionState", schema::SESSION_STATES, {
+models! {
+    PySession = "Session", schema::SESSIONS, {};
+    PyWorkflowRun = "WorkflowRun", schema::WORKFLOW_RUNS, {};
+    PySessionState = "SessionState", schema::SESSION_STATES, {
     /// An unsaved, active state for a session, with empty history and context.
     #[classmethod]
     #[pyo3(signature = (session_id, mode, **kwargs))]
@@ -298,12 +393,8 @@ model_class!(PySessionState, "SessionState", schema::SESSION_STATES, {
         args.set_item("status", "active")?;
         cls.call((), Some(&args))
     }
-});
-model_class!(
-    PyApprovalRequest,
-    "ApprovalRequest",
-    schema::APPROVAL_REQUESTS,
-    {
+};
+    PyApprovalRequest = "ApprovalRequest", schema::APPROVAL_REQUESTS, {
         /// A pending request that expires `timeout_seconds` from now.
         #[classmethod]
         #[pyo3(signature = (run_id, approval_type, context, timeout_seconds = Timeout(300.0), session_id = None, step_id = None))]
@@ -355,36 +446,14 @@ model_class!(
             args.set_item("expires_at", expires)?;
             cls.call((), Some(&args))
         }
-    }
-);
-model_class!(
-    PyActiveConnection,
-    "ActiveConnection",
-    schema::ACTIVE_CONNECTIONS,
-    {}
-);
-
-/// A Python object of the right model class for a row read from the database.
-pub fn instantiate(py: Python<'_>, model: PyModel) -> PyResult<Py<PyAny>> {
-    let table = model.table;
-    let init = PyClassInitializer::from(model);
-    Ok(match table {
-        schema::SESSIONS => Py::new(py, init.add_subclass(PySession))?.into_any(),
-        schema::WORKFLOW_RUNS => Py::new(py, init.add_subclass(PyWorkflowRun))?.into_any(),
-        schema::SESSION_STATES => Py::new(py, init.add_subclass(PySessionState))?.into_any(),
-        schema::APPROVAL_REQUESTS => Py::new(py, init.add_subclass(PyApprovalRequest))?.into_any(),
-        _ => Py::new(py, init.add_subclass(PyActiveConnection))?.into_any(),
-    })
+    };
+    PyActiveConnection = "ActiveConnection", schema::ACTIVE_CONNECTIONS, {};
 }
 
 /// Registers the model classes and puts a [`PyColumn`] descriptor on each for every column.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyModel>()?;
-    m.add_class::<PySession>()?;
-    m.add_class::<PyWorkflowRun>()?;
-    m.add_class::<PySessionState>()?;
-    m.add_class::<PyApprovalRequest>()?;
-    m.add_class::<PyActiveConnection>()?;
+    add_classes(m)?;
     for (table, t) in TableId::all() {
         let cls = m.getattr(t.model)?;
         for (column, c) in t.columns.iter().enumerate() {
@@ -402,22 +471,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// The table of a model class given to `query()` / `get()`.
 pub fn table_of_class(cls: &Bound<'_, PyAny>) -> Option<TableId> {
     let py = cls.py();
-    // The five classes themselves, by identity: every query names one of them.
-    let known = [
-        (schema::SESSIONS, PySession::type_object(py)),
-        (schema::WORKFLOW_RUNS, PyWorkflowRun::type_object(py)),
-        (schema::SESSION_STATES, PySessionState::type_object(py)),
-        (
-            schema::APPROVAL_REQUESTS,
-            PyApprovalRequest::type_object(py),
-        ),
-        (
-            schema::ACTIVE_CONNECTIONS,
-            PyActiveConnection::type_object(py),
-        ),
-    ];
-    if let Some((table, _)) = known.iter().find(|(_, t)| cls.is(t)) {
-        return Some(*table);
+    // The classes themselves, by identity: nearly every query names one of them.
+    if let Some(table) = class_table(cls) {
+        return Some(table);
     }
     // A Python subclass of one of them.
     let cls = cls.cast::<PyType>().ok()?;

@@ -188,7 +188,7 @@ pub fn wait(
         };
         match py.detach(|| waiter.poll(this_slice))? {
             Some(WaitEnd::Resolved(row)) => {
-                let mut model = PyModel::loaded(APPROVAL_REQUESTS, row, 0);
+                let mut model = PyModel::loaded(APPROVAL_REQUESTS, row, None);
                 model.state = ObjState::Detached;
                 return instantiate(py, model);
             }

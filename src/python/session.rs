@@ -5,11 +5,10 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyTuple};
+use pyo3::types::{PyDict, PyList, PyTuple, PyWeakrefReference};
 
 use crate::backend::{Conn, Row};
 use crate::dialect::Dialect;
@@ -24,18 +23,19 @@ use crate::python::log;
 use crate::python::model::{instantiate, table_of_class, PyModel, Slot};
 use crate::python::query::PyQuery;
 use crate::query::{self, Select};
-use crate::schema::{ColType, Table, TableId, TABLES};
+use crate::schema::{ColType, Relationship, Table, TableId, TABLES};
 use crate::unit_of_work::{
     after_deletes, ChangedRow, Flush, Identity, NewRow, ObjState, References,
 };
 use crate::value::{now_micros, Value};
 
-static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
-
-#[pyclass(module = "cmbagent_db", name = "DbSession")]
+#[pyclass(module = "cmbagent_db", name = "DbSession", weakref)]
 pub struct PyDbSession {
     engine: Arc<Engine>,
-    key: u64,
+    /// A weak reference to this session, which every object it tracks holds: objects reach
+    /// their session through it (to load a relationship), and the session knows its own
+    /// objects by it.
+    this: Option<Py<PyWeakrefReference>>,
     /// The connection holding this session's open transaction, if one is open. Reads
     /// outside a transaction borrow a pooled connection for the one statement.
     /// (A Mutex only to make the class `Sync`; `&mut self` access uses `get_mut`.)
@@ -85,10 +85,17 @@ fn pk_filter(table: TableId, pks: Vec<String>) -> Expr {
 }
 
 impl PyDbSession {
-    pub fn open(engine: Arc<Engine>) -> PyDbSession {
+    pub fn open(py: Python<'_>, engine: Arc<Engine>) -> PyResult<Py<PyDbSession>> {
+        let session = Py::new(py, PyDbSession::new(engine))?;
+        let this = PyWeakrefReference::new(session.bind(py))?.unbind();
+        session.borrow_mut(py).this = Some(this);
+        Ok(session)
+    }
+
+    fn new(engine: Arc<Engine>) -> PyDbSession {
         PyDbSession {
             engine,
-            key: NEXT_KEY.fetch_add(1, AtomicOrdering::Relaxed),
+            this: None,
             conn: Mutex::new(None),
             identity: HashMap::new(),
             pending: Vec::new(),
@@ -97,6 +104,19 @@ impl PyDbSession {
             tx_updated: Vec::new(),
             tx_deleted: Vec::new(),
             failed: None,
+        }
+    }
+
+    /// The link objects tracked by this session hold.
+    fn link(&self, py: Python<'_>) -> Option<Py<PyWeakrefReference>> {
+        self.this.as_ref().map(|w| w.clone_ref(py))
+    }
+
+    /// Whether `m` is tracked by this session.
+    fn owns(&self, m: &PyModel) -> bool {
+        match (&m.session, &self.this) {
+            (Some(a), Some(b)) => a.is(b),
+            _ => false,
         }
     }
 
@@ -185,6 +205,7 @@ impl PyDbSession {
         overwrite: bool,
     ) -> PyResult<Vec<Py<PyAny>>> {
         let mut out = Vec::with_capacity(rows.len());
+        let this = &self.this;
         for row in rows {
             match self.identity.entry((table, row_pk(&row))) {
                 Entry::Occupied(tracked) => {
@@ -194,12 +215,16 @@ impl PyDbSession {
                         let mut m = b.borrow_mut();
                         if m.dirty == 0 {
                             m.values = row.into_iter().map(Slot::Raw).collect();
+                            m.related.clear();
                         }
                     }
                     out.push(obj);
                 }
                 Entry::Vacant(slot) => {
-                    let obj = instantiate(py, PyModel::loaded(table, row, self.key))?;
+                    let obj = instantiate(
+                        py,
+                        PyModel::loaded(table, row, this.as_ref().map(|w| w.clone_ref(py))),
+                    )?;
                     out.push(slot.insert(obj).clone_ref(py));
                 }
             }
@@ -371,6 +396,41 @@ impl PyDbSession {
         Ok(())
     }
 
+    /// The children each of `parents` has through `r` (a one-to-many relationship), one
+    /// list per parent key in order, each ordered by primary key; a few queries for any
+    /// number of parents.
+    pub fn children(
+        &mut self,
+        py: Python<'_>,
+        r: &Relationship,
+        parents: &[String],
+    ) -> PyResult<Vec<Vec<Py<PyAny>>>> {
+        let column = r.column_index();
+        let mut by_parent: HashMap<&str, Vec<Py<PyAny>>> = HashMap::new();
+        for chunk in parents.chunks(500) {
+            let mut select = Select::all_columns(r.child);
+            select.filters.push(Expr::In(
+                ColRef {
+                    table: r.child,
+                    column,
+                },
+                chunk.iter().cloned().map(Value::Text).collect(),
+                false,
+            ));
+            select.order_by.push((Table::PK, false));
+            for obj in self.fetch(py, &select, true, false)? {
+                let fk = obj.bind(py).cast::<PyModel>()?.borrow().text(py, column);
+                if let Some(pk) = fk.and_then(|fk| parents.iter().find(|p| **p == fk)) {
+                    by_parent.entry(pk.as_str()).or_default().push(obj);
+                }
+            }
+        }
+        Ok(parents
+            .iter()
+            .map(|p| by_parent.remove(p.as_str()).unwrap_or_default())
+            .collect())
+    }
+
     /// The object with primary key `pk`, from the identity map or the database.
     pub fn get_by_pk(
         &mut self,
@@ -433,12 +493,13 @@ impl PyDbSession {
                         let mut m = b.borrow_mut();
                         m.values = values;
                         m.dirty = 0;
+                        m.related.clear();
                     }
                     None => {
                         self.identity.remove(&(table, pk));
                         let mut m = b.borrow_mut();
                         m.state = ObjState::Transient;
-                        m.session = 0;
+                        m.session = None;
                     }
                 }
             }
@@ -449,7 +510,7 @@ impl PyDbSession {
     fn release(&mut self, obj: &Bound<'_, PyAny>, state: ObjState) -> PyResult<()> {
         let mut m = obj.cast::<PyModel>()?.borrow_mut();
         m.state = state;
-        m.session = 0;
+        m.session = None;
         Ok(())
     }
 
@@ -697,11 +758,11 @@ pub fn column_of(table: TableId, name: &str) -> PyResult<usize> {
 #[pymethods]
 impl PyDbSession {
     /// Tracks a new object (inserted at the next flush) or re-attaches a detached one.
-    fn add(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+    pub(crate) fn add(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
         let py = obj.py();
         let b = model(obj)?;
         let mut m = b.borrow_mut();
-        if m.session != 0 && m.session != self.key {
+        if !self.owns(&m) && m.session(py).is_some() {
             return Err(raise(
                 ErrorKind::InvalidRequest,
                 format!(
@@ -713,7 +774,7 @@ impl PyDbSession {
         match m.state {
             ObjState::Transient => {
                 m.state = ObjState::Pending;
-                m.session = self.key;
+                m.session = self.link(py);
                 self.pending.push(obj.clone().unbind());
             }
             ObjState::Detached => {
@@ -730,7 +791,7 @@ impl PyDbSession {
                     }
                 }
                 m.state = ObjState::Persistent;
-                m.session = self.key;
+                m.session = self.link(py);
                 self.identity.insert((m.table, pk), obj.clone().unbind());
             }
             ObjState::Deleted => {
@@ -757,7 +818,7 @@ impl PyDbSession {
     }
 
     /// Marks a persistent object for deletion at the next flush.
-    fn delete(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+    pub(crate) fn delete(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
         let b = model(obj)?;
         let state = b.borrow().state;
         match state {
@@ -800,7 +861,7 @@ impl PyDbSession {
         result
     }
 
-    fn expunge(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+    pub(crate) fn expunge(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
         let py = obj.py();
         let b = model(obj)?;
         let (table, pk) = {
@@ -842,7 +903,7 @@ impl PyDbSession {
             (
                 m.table,
                 m.pk(py),
-                m.session == self.key && m.state == ObjState::Persistent,
+                self.owns(&m) && m.state == ObjState::Persistent,
             )
         };
         if !tracked {
@@ -852,7 +913,7 @@ impl PyDbSession {
             ));
         }
         self.reload(py, vec![obj.clone().unbind()])?;
-        if b.borrow().session != self.key {
+        if !self.owns(&b.borrow()) {
             return Err(raise(
                 ErrorKind::InvalidRequest,
                 format!(
@@ -942,7 +1003,7 @@ impl PyDbSession {
     fn __contains__(&self, obj: &Bound<'_, PyAny>) -> PyResult<bool> {
         let b = model(obj)?;
         let m = b.borrow();
-        Ok(m.session == self.key && matches!(m.state, ObjState::Pending | ObjState::Persistent))
+        Ok(self.owns(&m) && matches!(m.state, ObjState::Pending | ObjState::Persistent))
     }
 
     fn __repr__(&self) -> String {
@@ -961,8 +1022,8 @@ impl Drop for PyDbSession {
             for obj in self.identity.values().chain(&self.pending) {
                 if let Ok(b) = obj.bind(py).cast::<PyModel>() {
                     if let Ok(mut m) = b.try_borrow_mut() {
-                        if m.session == self.key {
-                            m.session = 0;
+                        if self.owns(&m) {
+                            m.session = None;
                             if m.state == ObjState::Persistent {
                                 m.state = ObjState::Detached;
                             } else if m.state == ObjState::Pending {
