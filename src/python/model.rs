@@ -12,9 +12,9 @@ use pyo3::PyTypeInfo;
 use crate::expr::ColRef;
 use crate::python::convert::{normalise, to_py, to_value, Purpose};
 use crate::python::expression::PyColumn;
-use crate::python::relationship::RelKey;
+use crate::python::relationship::{key_of, RelKey};
 use crate::python::session::PyDbSession;
-use crate::schema::{self, ColType, ColumnDefault, NullAs, TableId, TABLES};
+use crate::schema::{self, ColType, ColumnDefault, NullAs, RelKind, Relationship, TableId, TABLES};
 use crate::unit_of_work::ObjState;
 use crate::value::Value;
 
@@ -63,26 +63,40 @@ impl PyModel {
             .iter()
             .map(|c| Slot::Raw(default_value(c.default)))
             .collect();
+        let mut related = Vec::new();
         if let Some(kwargs) = kwargs {
             for (k, v) in kwargs.iter() {
                 let name = k.cast::<PyString>()?.to_str()?.to_owned();
-                let column = t.column_index(&name).ok_or_else(|| {
-                    PyTypeError::new_err(format!(
+                if let Some(column) = t.column_index(&name) {
+                    values[column] = Slot::Py(normalise(ColRef { table, column }, &v)?);
+                    continue;
+                }
+                let r = t.relationships.iter().find(|r| r.name == name);
+                let Some((key, parent)) = r.map(|r| initial_parent(r, &v)).transpose()? else {
+                    return Err(PyTypeError::new_err(format!(
                         "{name:?} is an invalid keyword argument for {}; its columns are {}",
                         t.model,
                         t.column_names()
-                    ))
-                })?;
-                values[column] = Slot::Py(normalise(ColRef { table, column }, &v)?);
+                    )));
+                };
+                let fk = match &parent {
+                    Some((pk, _)) => Value::Text(pk.clone()),
+                    None => Value::Null,
+                };
+                values[key.2] = Slot::Raw(fk);
+                related.retain(|(k, _)| *k != key);
+                if let Some((_, obj)) = parent {
+                    related.push((key, obj));
+                }
             }
         }
         Ok(PyModel {
             table,
             values,
+            related,
             dirty: 0,
             state: ObjState::Transient,
             session: None,
-            related: Vec::new(),
         })
     }
 
@@ -252,6 +266,40 @@ impl PyModel {
             }
         }
         Ok(format!("<{} {}>", t.model, parts.join(" ")))
+    }
+}
+
+/// A many-to-one relationship given to a constructor (`WorkflowRun(session=s)`): the
+/// parent's key and the parent, or `None` for `None`. A collection cannot be given there.
+#[allow(clippy::type_complexity)]
+fn initial_parent(
+    r: &Relationship,
+    v: &Bound<'_, PyAny>,
+) -> PyResult<(RelKey, Option<(String, Py<PyAny>)>)> {
+    let what = format!("{}.{}", TABLES[r.child].model, r.name);
+    if r.kind == RelKind::ToChildren {
+        return Err(PyTypeError::new_err(format!(
+            "{} is a collection; append to it after building the object",
+            r.name
+        )));
+    }
+    let key = key_of(r);
+    if v.is_none() {
+        return Ok((key, None));
+    }
+    let py = v.py();
+    match v.cast::<PyModel>() {
+        Ok(m) if m.borrow().table == r.parent() => {
+            let pk = m.borrow().pk(py).ok_or_else(|| {
+                PyValueError::new_err(format!("{what} was given an object without an id"))
+            })?;
+            Ok((key, Some((pk, v.clone().unbind()))))
+        }
+        _ => Err(PyTypeError::new_err(format!(
+            "{what} takes {} objects, got {}",
+            TABLES[r.parent()].model,
+            v.repr()?
+        ))),
     }
 }
 

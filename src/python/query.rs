@@ -11,9 +11,10 @@ use crate::python::convert::{to_value, Purpose};
 use crate::python::errors::raise;
 use crate::python::expression::{criterion, PyColumn, PyOrdering};
 use crate::python::model::table_of_class;
+use crate::python::relationship::{preload, PyLoadOption};
 use crate::python::session::{column_of, PyDbSession};
 use crate::query::Select;
-use crate::schema::TABLES;
+use crate::schema::{TableId, TABLES};
 
 #[pyclass(module = "cmbagent_db", name = "Query")]
 pub struct PyQuery {
@@ -23,6 +24,8 @@ pub struct PyQuery {
     entity: bool,
     /// Whether rows overwrite objects the session already tracks (`populate_existing()`).
     overwrite: bool,
+    /// Relationships loaded for every object returned: (table, relationship index).
+    eager: Vec<(TableId, usize)>,
 }
 
 impl PyQuery {
@@ -42,6 +45,7 @@ impl PyQuery {
                 select: Select::all_columns(table),
                 entity: true,
                 overwrite: false,
+                eager: Vec::new(),
             });
         }
         let mut columns = Vec::new();
@@ -69,6 +73,7 @@ impl PyQuery {
             select,
             entity: false,
             overwrite: false,
+            eager: Vec::new(),
         })
     }
 
@@ -78,6 +83,7 @@ impl PyQuery {
             select,
             entity: self.entity,
             overwrite: self.overwrite,
+            eager: self.eager.clone(),
         }
     }
 
@@ -102,10 +108,14 @@ impl PyQuery {
     }
 
     fn run(&self, py: Python<'_>, select: &Select) -> PyResult<Vec<Py<PyAny>>> {
-        self.session
-            .bind(py)
+        let session = self.session.bind(py);
+        let objs = session
             .borrow_mut()
-            .fetch(py, select, self.entity, self.overwrite)
+            .fetch(py, select, self.entity, self.overwrite)?;
+        for &(table, index) in &self.eager {
+            preload(py, session, &objs, table, index, self.overwrite)?;
+        }
+        Ok(objs)
     }
 
     fn limited(&self, n: u64) -> Select {
@@ -226,6 +236,32 @@ impl PyQuery {
         let mut q = self.with(py, self.select.clone());
         q.overwrite = true;
         q
+    }
+
+    /// Loader options: `selectinload(WorkflowRun.approval_requests)`, ...
+    #[pyo3(signature = (*options))]
+    fn options(&self, py: Python<'_>, options: &Bound<'_, PyTuple>) -> PyResult<PyQuery> {
+        let mut q = self.with(py, self.select.clone());
+        for o in options.iter() {
+            let o = o.cast::<PyLoadOption>().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "options() takes selectinload(...) / joinedload(...), got {}",
+                    o.repr().map(|r| r.to_string()).unwrap_or_default()
+                ))
+            })?;
+            let (table, index) = (o.get().table, o.get().index);
+            if !self.entity || table != self.select.table {
+                return Err(raise(
+                    ErrorKind::InvalidRequest,
+                    format!(
+                        "{}.{} is not a relationship of what this query returns",
+                        TABLES[table].model, TABLES[table].relationships[index].name
+                    ),
+                ));
+            }
+            q.eager.push((table, index));
+        }
+        Ok(q)
     }
 
     fn all<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {

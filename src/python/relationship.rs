@@ -11,6 +11,7 @@ use pyo3::types::{PyList, PyString};
 use crate::error::ErrorKind;
 use crate::python::errors::raise;
 use crate::python::model::{PyModel, Slot};
+use crate::python::session::PyDbSession;
 use crate::schema::{RelKind, Relationship, TableId, TABLES};
 use crate::unit_of_work::ObjState;
 use crate::value::Value;
@@ -377,6 +378,10 @@ impl PyRelationshipList {
 }
 
 impl PyRelationshipList {
+    pub fn items(&self, py: Python<'_>) -> Vec<Py<PyAny>> {
+        self.items.iter().map(|o| o.clone_ref(py)).collect()
+    }
+
     fn as_list<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         PyList::new(py, self.items.iter().map(|o| o.clone_ref(py)))
     }
@@ -518,8 +523,9 @@ impl PyRelationship {
                 let parent = model_of(value, r.parent(), &describe(r, this.table))?;
                 same_session(py, obj, &parent)?;
                 repoint(py, obj, key, Some(&parent))?;
-                cascade_add(py, obj, &parent)?;
-                cascade_add(py, &parent, obj)
+                // SQLAlchemy 2's cascade: a tracked child brings its new parent into the
+                // session; a tracked parent does not pull in a child that names it.
+                cascade_add(py, obj, &parent)
             }
             RelKind::ToChildren => {
                 // Load what is there first, so the children left out are detached.
@@ -535,6 +541,91 @@ impl PyRelationship {
     }
 }
 
+/// `selectinload(Model.relationship)` / `joinedload(...)`: load the relationship of every
+/// object a query returns with one more query per 500 objects, instead of one per object.
+#[pyclass(module = "cmbagent_db", name = "LoadOption", frozen)]
+pub struct PyLoadOption {
+    pub table: TableId,
+    pub index: usize,
+}
+
+fn load_option(attr: &Bound<'_, PyAny>, what: &str) -> PyResult<PyLoadOption> {
+    match attr.cast::<PyRelationship>() {
+        Ok(r) => Ok(PyLoadOption {
+            table: r.get().table,
+            index: r.get().index,
+        }),
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "{what}() takes a relationship attribute such as WorkflowRun.approval_requests, got {}",
+            attr.repr()?
+        ))),
+    }
+}
+
+/// Loads the relationship for every object of the query in one more query.
+#[pyfunction]
+pub fn selectinload(attr: &Bound<'_, PyAny>) -> PyResult<PyLoadOption> {
+    load_option(attr, "selectinload")
+}
+
+/// The same as `selectinload`: the related rows come in one more query, not a JOIN, so
+/// `limit()` still counts parent rows.
+#[pyfunction]
+pub fn joinedload(attr: &Bound<'_, PyAny>) -> PyResult<PyLoadOption> {
+    load_option(attr, "joinedload")
+}
+
+/// Fills relationship `index` of `table` on each of `objs` (objects of that table), as
+/// one query per 500 objects. With `overwrite`, loaded collections are read again.
+pub fn preload(
+    py: Python<'_>,
+    session: &Bound<'_, PyDbSession>,
+    objs: &[Py<PyAny>],
+    table: TableId,
+    index: usize,
+    overwrite: bool,
+) -> PyResult<()> {
+    let r = &TABLES[table].relationships[index];
+    let key = key_of(r);
+    let mut todo = Vec::new();
+    let mut keys = Vec::new();
+    for obj in objs {
+        let m = obj.bind(py).cast::<PyModel>()?.clone();
+        if !overwrite && m.borrow().cached(key).is_some() {
+            continue;
+        }
+        let k = match r.kind {
+            RelKind::ToParent => m.borrow().text(py, key.2),
+            RelKind::ToChildren => m.borrow().pk(py),
+        };
+        if let Some(k) = k {
+            keys.push(k);
+            todo.push(m);
+        } else if r.kind == RelKind::ToParent {
+            m.borrow_mut().set_cached(key, None);
+        }
+    }
+    if todo.is_empty() {
+        return Ok(());
+    }
+    match r.kind {
+        RelKind::ToChildren => {
+            let lists = session.borrow_mut().children(py, r, &keys)?;
+            for (m, items) in todo.iter().zip(lists) {
+                set_collection(py, m, key, items)?;
+            }
+        }
+        RelKind::ToParent => {
+            let parents = session.borrow_mut().by_pks(py, r.parent(), &keys)?;
+            for (m, k) in todo.iter().zip(&keys) {
+                m.borrow_mut()
+                    .set_cached(key, parents.get(k).map(|p| p.clone_ref(py)));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Puts a [`PyRelationship`] on each model class for each relationship of its table.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     for (table, t) in TableId::all() {
@@ -545,5 +636,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     }
     m.add_class::<PyRelationship>()?;
     m.add_class::<PyRelationshipList>()?;
+    m.add_class::<PyLoadOption>()?;
+    m.add_function(wrap_pyfunction!(selectinload, m)?)?;
+    m.add_function(wrap_pyfunction!(joinedload, m)?)?;
     Ok(())
 }

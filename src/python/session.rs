@@ -22,6 +22,7 @@ use crate::python::expression::PyColumn;
 use crate::python::log;
 use crate::python::model::{instantiate, table_of_class, PyModel, Slot};
 use crate::python::query::PyQuery;
+use crate::python::relationship::PyRelationshipList;
 use crate::query::{self, Select};
 use crate::schema::{ColType, Relationship, Table, TableId, TABLES};
 use crate::unit_of_work::{
@@ -431,6 +432,39 @@ impl PyDbSession {
             .collect())
     }
 
+    /// The objects of `table` with these keys, from the identity map or, for the ones not
+    /// tracked, from one query per 500 keys; a key without a row is left out.
+    pub fn by_pks(
+        &mut self,
+        py: Python<'_>,
+        table: TableId,
+        pks: &[String],
+    ) -> PyResult<HashMap<String, Py<PyAny>>> {
+        self.check_usable()?;
+        let mut found = HashMap::new();
+        let mut missing = Vec::new();
+        for pk in pks {
+            match self.identity.get(&(table, pk.clone())) {
+                Some(obj) => {
+                    found.insert(pk.clone(), obj.clone_ref(py));
+                }
+                None => missing.push(pk.clone()),
+            }
+        }
+        missing.sort();
+        missing.dedup();
+        for chunk in missing.chunks(500) {
+            let mut select = Select::all_columns(table);
+            select.filters.push(pk_filter(table, chunk.to_vec()));
+            for obj in self.fetch(py, &select, true, false)? {
+                if let Some(pk) = obj.bind(py).cast::<PyModel>()?.borrow().pk(py) {
+                    found.insert(pk, obj);
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// The object with primary key `pk`, from the identity map or the database.
     pub fn get_by_pk(
         &mut self,
@@ -761,6 +795,37 @@ impl PyDbSession {
     pub(crate) fn add(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
         let py = obj.py();
         let b = model(obj)?;
+        let was_transient = b.borrow().state == ObjState::Transient;
+        self.track(obj, &b)?;
+        if was_transient {
+            // Save-update cascade: new objects it refers to, or holds in a collection,
+            // are added with it.
+            let related: Vec<Py<PyAny>> = b
+                .borrow()
+                .related
+                .iter()
+                .map(|(_, o)| o.clone_ref(py))
+                .collect();
+            for r in related {
+                let r = r.bind(py);
+                let members: Vec<Py<PyAny>> = match r.cast::<PyRelationshipList>() {
+                    Ok(list) => list.borrow().items(py),
+                    Err(_) => vec![r.clone().unbind()],
+                };
+                for o in members {
+                    let o = o.bind(py);
+                    if o.cast::<PyModel>()?.borrow().state == ObjState::Transient {
+                        self.add(o)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `add` for one object, without the cascade.
+    fn track(&mut self, obj: &Bound<'_, PyAny>, b: &Bound<'_, PyModel>) -> PyResult<()> {
+        let py = obj.py();
         let mut m = b.borrow_mut();
         if !self.owns(&m) && m.session(py).is_some() {
             return Err(raise(
