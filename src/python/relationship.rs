@@ -413,6 +413,16 @@ pub fn set_collection(
 ) -> PyResult<()> {
     let table = owner.borrow().table;
     let index = relationship_index(table, key).unwrap_or_default();
+    // Each child knows its parent from now on, with no query (back_populates).
+    for item in &items {
+        item.bind(py)
+            .cast::<PyModel>()?
+            .borrow_mut()
+            .set_cached(
+                (RelKind::ToParent, key.1, key.2),
+                Some(owner.clone().into_any().unbind()),
+            );
+    }
     let list = Py::new(
         py,
         PyRelationshipList::new(owner.clone().into_any().unbind(), table, index, items),
