@@ -14,6 +14,8 @@ pub mod migrate;
 pub mod pool;
 pub mod query;
 pub mod schema;
+#[cfg(test)]
+mod stubs;
 pub mod trace;
 pub mod unit_of_work;
 pub mod url;

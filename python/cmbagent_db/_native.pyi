@@ -19,6 +19,11 @@ __all__ = [
     "Column",
     "Expression",
     "Ordering",
+    "Relationship",
+    "RelationshipList",
+    "LoadOption",
+    "selectinload",
+    "joinedload",
     "DbSession",
     "Query",
     "and_",
@@ -85,6 +90,39 @@ class Column(Generic[_T]):
     def between(self, low: Any, high: Any) -> Expression: ...
 
 @final
+class Relationship(Generic[_T]):
+    """A relationship attribute: the related object or collection on an instance."""
+
+    @overload
+    def __get__(self, instance: None, owner: Any = None, /) -> Relationship[_T]: ...
+    @overload
+    def __get__(self, instance: Model, owner: Any = None, /) -> _T: ...
+    def __set__(self, instance: Model, value: Any, /) -> None: ...
+
+@final
+class RelationshipList(Generic[_M]):
+    """A loaded one-to-many collection; changing it sets or clears each child's key."""
+
+    def append(self, child: _M) -> None: ...
+    def extend(self, children: Iterable[_M]) -> None: ...
+    def remove(self, child: _M) -> None: ...
+    def pop(self, index: int = ...) -> _M: ...
+    def clear(self) -> None: ...
+    def __len__(self) -> int: ...
+    def __bool__(self) -> bool: ...
+    def __getitem__(self, index: Any, /) -> Any: ...
+    def __iter__(self) -> Iterator[_M]: ...
+    def __contains__(self, obj: object, /) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
+
+@final
+class LoadOption:
+    """What `selectinload` / `joinedload` return, for `Query.options`."""
+
+def selectinload(attr: Relationship[Any], /) -> LoadOption: ...
+def joinedload(attr: Relationship[Any], /) -> LoadOption: ...
+
+@final
 class Expression:
     """A filter criterion."""
 
@@ -111,6 +149,7 @@ class Model:
 
 @final
 class Session(Model):
+    # generated from the schema description: begin
     __tablename__: str
     id: Column[str]
     user_id: Column[str | None]
@@ -120,10 +159,15 @@ class Session(Model):
     status: Column[str]
     meta: Column[Any]
     resource_limits: Column[Any]
+    session_states: Relationship[RelationshipList[SessionState]]
+    workflow_runs: Relationship[RelationshipList[WorkflowRun]]
+    approval_requests: Relationship[RelationshipList[ApprovalRequest]]
     def __new__(cls, *, id: str = ..., user_id: str | None = ..., name: str = ..., created_at: datetime | None = ..., last_active_at: datetime | None = ..., status: str = ..., meta: Any = ..., resource_limits: Any = ...) -> Self: ...
+    # generated from the schema description: end
 
 @final
 class WorkflowRun(Model):
+    # generated from the schema description: begin
     __tablename__: str
     id: Column[str]
     session_id: Column[str]
@@ -144,10 +188,14 @@ class WorkflowRun(Model):
     parent_run_id: Column[str | None]
     stage_number: Column[int | None]
     stage_name: Column[str | None]
-    def __new__(cls, *, id: str = ..., session_id: str = ..., project_id: str | None = ..., mode: str = ..., agent: str = ..., model: str = ..., status: str = ..., started_at: datetime | None = ..., completed_at: datetime | None = ..., last_heartbeat_at: datetime | None = ..., checkpoint_frequency_minutes: int = ..., task_description: str | None = ..., meta: Any = ..., branch_parent_id: str | None = ..., is_branch: bool = ..., branch_depth: int = ..., parent_run_id: str | None = ..., stage_number: int | None = ..., stage_name: str | None = ...) -> Self: ...
+    session: Relationship[Session | None]
+    approval_requests: Relationship[RelationshipList[ApprovalRequest]]
+    def __new__(cls, *, id: str = ..., session_id: str = ..., project_id: str | None = ..., mode: str = ..., agent: str = ..., model: str = ..., status: str = ..., started_at: datetime | None = ..., completed_at: datetime | None = ..., last_heartbeat_at: datetime | None = ..., checkpoint_frequency_minutes: int = ..., task_description: str | None = ..., meta: Any = ..., branch_parent_id: str | None = ..., is_branch: bool = ..., branch_depth: int = ..., parent_run_id: str | None = ..., stage_number: int | None = ..., stage_name: str | None = ..., session: Session | None = ...) -> Self: ...
+    # generated from the schema description: end
 
 @final
 class SessionState(Model):
+    # generated from the schema description: begin
     __tablename__: str
     id: Column[str]
     session_id: Column[str]
@@ -162,12 +210,15 @@ class SessionState(Model):
     updated_at: Column[datetime | None]
     expires_at: Column[datetime | None]
     version: Column[int | None]
-    def __new__(cls, *, id: str = ..., session_id: str = ..., mode: str = ..., conversation_history: Any = ..., context_variables: Any = ..., plan_data: Any = ..., current_phase: str | None = ..., current_step: int | None = ..., status: str | None = ..., created_at: datetime | None = ..., updated_at: datetime | None = ..., expires_at: datetime | None = ..., version: int | None = ...) -> Self: ...
+    session: Relationship[Session | None]
+    def __new__(cls, *, id: str = ..., session_id: str = ..., mode: str = ..., conversation_history: Any = ..., context_variables: Any = ..., plan_data: Any = ..., current_phase: str | None = ..., current_step: int | None = ..., status: str | None = ..., created_at: datetime | None = ..., updated_at: datetime | None = ..., expires_at: datetime | None = ..., version: int | None = ..., session: Session | None = ...) -> Self: ...
+    # generated from the schema description: end
     @classmethod
     def create_for_session(cls, session_id: str, mode: str, **kwargs: Any) -> Self: ...
 
 @final
 class ApprovalRequest(Model):
+    # generated from the schema description: begin
     __tablename__: str
     id: Column[str]
     run_id: Column[str]
@@ -184,12 +235,17 @@ class ApprovalRequest(Model):
     requested_at: Column[datetime | None]
     context_snapshot: Column[Any]
     user_feedback: Column[str | None]
-    def __new__(cls, *, id: str = ..., run_id: str = ..., session_id: str | None = ..., approval_type: str = ..., context: Any = ..., status: str | None = ..., resolution: str | None = ..., result: Any = ..., created_at: datetime | None = ..., expires_at: datetime = ..., resolved_at: datetime | None = ..., step_id: str | None = ..., requested_at: datetime | None = ..., context_snapshot: Any = ..., user_feedback: str | None = ...) -> Self: ...
+    run: Relationship[WorkflowRun | None]
+    workflow_run: Relationship[WorkflowRun | None]
+    session: Relationship[Session | None]
+    def __new__(cls, *, id: str = ..., run_id: str = ..., session_id: str | None = ..., approval_type: str = ..., context: Any = ..., status: str | None = ..., resolution: str | None = ..., result: Any = ..., created_at: datetime | None = ..., expires_at: datetime = ..., resolved_at: datetime | None = ..., step_id: str | None = ..., requested_at: datetime | None = ..., context_snapshot: Any = ..., user_feedback: str | None = ..., run: WorkflowRun | None = ..., workflow_run: WorkflowRun | None = ..., session: Session | None = ...) -> Self: ...
+    # generated from the schema description: end
     @classmethod
     def create_pending(cls, run_id: str, approval_type: str, context: Any, timeout_seconds: float = ..., session_id: str | None = None, step_id: str | None = None) -> Self: ...
 
 @final
 class ActiveConnection(Model):
+    # generated from the schema description: begin
     __tablename__: str
     id: Column[str]
     task_id: Column[str]
@@ -198,6 +254,7 @@ class ActiveConnection(Model):
     connected_at: Column[datetime | None]
     last_heartbeat: Column[datetime | None]
     def __new__(cls, *, id: str = ..., task_id: str = ..., session_id: str | None = ..., server_instance: str | None = ..., connected_at: datetime | None = ..., last_heartbeat: datetime | None = ...) -> Self: ...
+    # generated from the schema description: end
 
 @final
 class Query(Generic[_T]):
@@ -209,6 +266,7 @@ class Query(Generic[_T]):
     def limit(self, limit: int | None) -> Query[_T]: ...
     def offset(self, offset: int | None) -> Query[_T]: ...
     def populate_existing(self) -> Query[_T]: ...
+    def options(self, *options: LoadOption) -> Query[_T]: ...
     def all(self) -> list[_T]: ...
     def __iter__(self) -> Iterator[_T]: ...
     def first(self) -> _T | None: ...

@@ -415,13 +415,10 @@ pub fn set_collection(
     let index = relationship_index(table, key).unwrap_or_default();
     // Each child knows its parent from now on, with no query (back_populates).
     for item in &items {
-        item.bind(py)
-            .cast::<PyModel>()?
-            .borrow_mut()
-            .set_cached(
-                (RelKind::ToParent, key.1, key.2),
-                Some(owner.clone().into_any().unbind()),
-            );
+        item.bind(py).cast::<PyModel>()?.borrow_mut().set_cached(
+            (RelKind::ToParent, key.1, key.2),
+            Some(owner.clone().into_any().unbind()),
+        );
     }
     let list = Py::new(
         py,
@@ -574,6 +571,7 @@ fn load_option(attr: &Bound<'_, PyAny>, what: &str) -> PyResult<PyLoadOption> {
 
 /// Loads the relationship for every object of the query in one more query.
 #[pyfunction]
+#[pyo3(signature = (attr, /))]
 pub fn selectinload(attr: &Bound<'_, PyAny>) -> PyResult<PyLoadOption> {
     load_option(attr, "selectinload")
 }
@@ -581,6 +579,7 @@ pub fn selectinload(attr: &Bound<'_, PyAny>) -> PyResult<PyLoadOption> {
 /// The same as `selectinload`: the related rows come in one more query, not a JOIN, so
 /// `limit()` still counts parent rows.
 #[pyfunction]
+#[pyo3(signature = (attr, /))]
 pub fn joinedload(attr: &Bound<'_, PyAny>) -> PyResult<PyLoadOption> {
     load_option(attr, "joinedload")
 }

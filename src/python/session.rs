@@ -769,6 +769,58 @@ impl PyDbSession {
         self.tx_deleted.clear();
         Ok(())
     }
+
+    /// `add` for one object, without the cascade.
+    fn track(&mut self, obj: &Bound<'_, PyAny>, b: &Bound<'_, PyModel>) -> PyResult<()> {
+        let py = obj.py();
+        let mut m = b.borrow_mut();
+        if !self.owns(&m) && m.session(py).is_some() {
+            return Err(raise(
+                ErrorKind::InvalidRequest,
+                format!(
+                    "{} is already attached to another session; close that one or expunge it first",
+                    TABLES[m.table].model
+                ),
+            ));
+        }
+        match m.state {
+            ObjState::Transient => {
+                m.state = ObjState::Pending;
+                m.session = self.link(py);
+                self.pending.push(obj.clone().unbind());
+            }
+            ObjState::Detached => {
+                let pk = m.pk(py).unwrap_or_default();
+                if let Some(other) = self.identity.get(&(m.table, pk.clone())) {
+                    if !other.is(obj) {
+                        return Err(raise(
+                            ErrorKind::InvalidRequest,
+                            format!(
+                                "another {} with id {pk:?} is already in this session",
+                                TABLES[m.table].model
+                            ),
+                        ));
+                    }
+                }
+                m.state = ObjState::Persistent;
+                m.session = self.link(py);
+                self.identity.insert((m.table, pk), obj.clone().unbind());
+            }
+            ObjState::Deleted => {
+                return Err(raise(
+                    ErrorKind::InvalidRequest,
+                    format!(
+                        "{} was deleted in this transaction; commit or roll back first",
+                        TABLES[m.table].model
+                    ),
+                ))
+            }
+            ObjState::Pending | ObjState::Persistent => {
+                self.to_delete.retain(|o| !o.is(obj));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn unknown_column(table: TableId, name: &str) -> PyErr {
@@ -818,58 +870,6 @@ impl PyDbSession {
                         self.add(o)?;
                     }
                 }
-            }
-        }
-        Ok(())
-    }
-
-    /// `add` for one object, without the cascade.
-    fn track(&mut self, obj: &Bound<'_, PyAny>, b: &Bound<'_, PyModel>) -> PyResult<()> {
-        let py = obj.py();
-        let mut m = b.borrow_mut();
-        if !self.owns(&m) && m.session(py).is_some() {
-            return Err(raise(
-                ErrorKind::InvalidRequest,
-                format!(
-                    "{} is already attached to another session; close that one or expunge it first",
-                    TABLES[m.table].model
-                ),
-            ));
-        }
-        match m.state {
-            ObjState::Transient => {
-                m.state = ObjState::Pending;
-                m.session = self.link(py);
-                self.pending.push(obj.clone().unbind());
-            }
-            ObjState::Detached => {
-                let pk = m.pk(py).unwrap_or_default();
-                if let Some(other) = self.identity.get(&(m.table, pk.clone())) {
-                    if !other.is(obj) {
-                        return Err(raise(
-                            ErrorKind::InvalidRequest,
-                            format!(
-                                "another {} with id {pk:?} is already in this session",
-                                TABLES[m.table].model
-                            ),
-                        ));
-                    }
-                }
-                m.state = ObjState::Persistent;
-                m.session = self.link(py);
-                self.identity.insert((m.table, pk), obj.clone().unbind());
-            }
-            ObjState::Deleted => {
-                return Err(raise(
-                    ErrorKind::InvalidRequest,
-                    format!(
-                        "{} was deleted in this transaction; commit or roll back first",
-                        TABLES[m.table].model
-                    ),
-                ))
-            }
-            ObjState::Pending | ObjState::Persistent => {
-                self.to_delete.retain(|o| !o.is(obj));
             }
         }
         Ok(())
