@@ -127,13 +127,15 @@ fn loaded_collection<'py>(
     c.bind(py).cast::<PyRelationshipList>().ok().cloned()
 }
 
-/// Points `child`'s foreign key at `parent` (or at nothing), keeping the parent's loaded
-/// collections in step: it leaves the old parent's and joins the new one's.
+/// Points `child`'s foreign key at `parent` (or at nothing), keeping the parents' loaded
+/// collections in step: it leaves the old parent's and, with `join`, joins the new one's
+/// (a caller changing that collection itself passes `false`: it is borrowed already).
 fn repoint(
     py: Python<'_>,
     child: &Bound<'_, PyModel>,
     key: RelKey,
     parent: Option<&Bound<'_, PyModel>>,
+    join: bool,
 ) -> PyResult<()> {
     let reverse = (RelKind::ToChildren, key.1, key.2);
     let old = child
@@ -160,7 +162,7 @@ fn repoint(
             parent.map(|p| p.clone().into_any().unbind()),
         );
     }
-    if let Some(p) = parent {
+    if let Some(p) = parent.filter(|_| join) {
         if let Some(list) = loaded_collection(py, p, reverse) {
             let mut l = list.borrow_mut();
             if !l.items.iter().any(|o| o.is(child)) {
@@ -192,30 +194,14 @@ impl PyRelationshipList {
     fn attach(&mut self, py: Python<'_>, child: &Bound<'_, PyModel>) -> PyResult<()> {
         let r = self.rel();
         let owner = self.owner.bind(py).cast::<PyModel>()?.clone();
-        // Out of another parent's loaded list first (this list is borrowed already, so
-        // it is not looked up through the owner).
-        let old = child
-            .borrow()
-            .cached((RelKind::ToParent, r.child, r.column_index()))
-            .map(|o| o.clone_ref(py));
-        if let Some(old) = old {
-            let old = old.bind(py).cast::<PyModel>()?.clone();
-            if !old.is(&owner) {
-                if let Some(list) = loaded_collection(py, &old, key_of(r)) {
-                    list.borrow_mut().items.retain(|o| !o.is(child));
-                }
-            }
-        }
+        repoint(
+            py,
+            child,
+            (RelKind::ToParent, r.child, r.column_index()),
+            Some(&owner),
+            false,
+        )?;
         self.items.retain(|o| !o.is(child));
-        let fk = Value::Text(pk_of(py, &owner)?);
-        {
-            let mut m = child.borrow_mut();
-            set_fk(&mut m, r.column_index(), fk);
-            m.set_cached(
-                (RelKind::ToParent, r.child, r.column_index()),
-                Some(owner.clone().into_any().unbind()),
-            );
-        }
         self.items.push(child.clone().into_any().unbind());
         cascade_add(py, &owner, child)
     }
@@ -525,11 +511,11 @@ impl PyRelationship {
         match r.kind {
             RelKind::ToParent => {
                 if value.is_none() {
-                    return repoint(py, obj, key, None);
+                    return repoint(py, obj, key, None, true);
                 }
                 let parent = model_of(value, r.parent(), &describe(r, this.table))?;
                 same_session(py, obj, &parent)?;
-                repoint(py, obj, key, Some(&parent))?;
+                repoint(py, obj, key, Some(&parent), true)?;
                 // SQLAlchemy 2's cascade: a tracked child brings its new parent into the
                 // session; a tracked parent does not pull in a child that names it.
                 cascade_add(py, obj, &parent)
