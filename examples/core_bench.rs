@@ -226,10 +226,7 @@ impl Lookups {
             .map(|_| self.ids[self.rng.below(self.ids.len())].clone())
             .collect();
         let dialect = self.conn.dialect();
-        let id_col = ColRef {
-            table: APPROVAL_REQUESTS,
-            column: Table::PK,
-        };
+        let id_col = ColRef::new(APPROVAL_REQUESTS, Table::PK);
         let t0 = Instant::now();
         let mut found = 0usize;
         for id in picks {

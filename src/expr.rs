@@ -6,19 +6,90 @@ use crate::dialect::Dialect;
 use crate::schema::{TableId, TABLES};
 use crate::value::Value;
 
+/// A table as a query reads it: under its own name (`alias` 0) or under an alias
+/// (`aliased(WorkflowRun)`), rendered `workflow_runs_<alias>` so that self-joins can name
+/// both sides.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Source {
+    pub table: TableId,
+    pub alias: u32,
+}
+
+impl Source {
+    pub const fn of(table: TableId) -> Self {
+        Source { table, alias: 0 }
+    }
+
+    /// The name columns are qualified with.
+    pub fn push_name(self, sql: &mut String) {
+        sql.push_str(TABLES[self.table].name);
+        if self.alias != 0 {
+            sql.push('_');
+            sql.push_str(&self.alias.to_string());
+        }
+    }
+
+    /// The FROM / JOIN item: `workflow_runs` or `workflow_runs AS workflow_runs_1`.
+    pub fn push_from(self, sql: &mut String) {
+        sql.push_str(TABLES[self.table].name);
+        if self.alias != 0 {
+            sql.push_str(" AS ");
+            self.push_name(sql);
+        }
+    }
+
+    /// `WorkflowRun` or `aliased(WorkflowRun)`, for messages.
+    pub fn describe(self) -> String {
+        let model = TABLES[self.table].model;
+        if self.alias == 0 {
+            model.to_owned()
+        } else {
+            format!("aliased({model})")
+        }
+    }
+}
+
+/// A column of a table as a query reads it (see [`Source`] for `alias`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ColRef {
     pub table: TableId,
     pub column: usize,
+    pub alias: u32,
 }
 
 impl ColRef {
+    pub const fn new(table: TableId, column: usize) -> Self {
+        ColRef {
+            table,
+            column,
+            alias: 0,
+        }
+    }
+    pub fn source(self) -> Source {
+        Source {
+            table: self.table,
+            alias: self.alias,
+        }
+    }
     pub fn name(self) -> &'static str {
         TABLES[self.table].columns[self.column].name
     }
     /// `table.column`, the form used in error messages.
     pub fn qualified(self) -> String {
-        format!("{}.{}", TABLES[self.table].name, self.name())
+        let mut s = String::new();
+        self.source().push_name(&mut s);
+        s.push('.');
+        s.push_str(self.name());
+        s
+    }
+    /// The column in SQL: qualified by its table (or alias) when the statement reads
+    /// more than one table.
+    pub fn push_sql(self, sql: &mut String, qualify: bool) {
+        if qualify {
+            self.source().push_name(sql);
+            sql.push('.');
+        }
+        sql.push_str(self.name());
     }
 }
 
@@ -48,6 +119,8 @@ impl CmpOp {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Expr {
     Compare(ColRef, CmpOp, Value),
+    /// Two columns compared, as join conditions are: `Session.id == SessionState.session_id`.
+    CompareColumns(ColRef, CmpOp, ColRef),
     /// `IS NULL`, or `IS NOT NULL` when negated.
     IsNull(ColRef, bool),
     /// `IN (...)`, or `NOT IN (...)` when negated.
@@ -64,6 +137,8 @@ pub enum Expr {
 pub struct Params {
     pub dialect: Dialect,
     pub values: Vec<Value>,
+    /// Whether columns are written `table.column` (statements over several tables).
+    pub qualify: bool,
 }
 
 impl Params {
@@ -71,6 +146,7 @@ impl Params {
         Params {
             dialect,
             values: Vec::new(),
+            qualify: false,
         }
     }
     pub fn bind(&mut self, v: Value) -> String {
@@ -93,6 +169,10 @@ impl Expr {
             Expr::Compare(c, ..) | Expr::IsNull(c, _) | Expr::In(c, ..) | Expr::Like(c, ..) => {
                 f(*c)
             }
+            Expr::CompareColumns(a, _, b) => {
+                f(*a);
+                f(*b)
+            }
             Expr::And(xs) | Expr::Or(xs) => xs.iter().for_each(|x| x.for_each_column(f)),
             Expr::Not(x) => x.for_each_column(f),
         }
@@ -101,14 +181,21 @@ impl Expr {
     pub fn render(&self, sql: &mut String, params: &mut Params) {
         match self {
             Expr::Compare(c, op, v) => {
-                sql.push_str(c.name());
+                c.push_sql(sql, params.qualify);
                 sql.push(' ');
                 sql.push_str(op.sql());
                 sql.push(' ');
                 params.push(v.clone(), sql);
             }
+            Expr::CompareColumns(a, op, b) => {
+                a.push_sql(sql, params.qualify);
+                sql.push(' ');
+                sql.push_str(op.sql());
+                sql.push(' ');
+                b.push_sql(sql, params.qualify);
+            }
             Expr::IsNull(c, negated) => {
-                sql.push_str(c.name());
+                c.push_sql(sql, params.qualify);
                 sql.push_str(if *negated { " IS NOT NULL" } else { " IS NULL" });
             }
             Expr::In(c, values, negated) => {
@@ -117,7 +204,7 @@ impl Expr {
                     sql.push_str(if *negated { "1 = 1" } else { "1 = 0" });
                     return;
                 }
-                sql.push_str(c.name());
+                c.push_sql(sql, params.qualify);
                 sql.push_str(if *negated { " NOT IN (" } else { " IN (" });
                 for (i, v) in values.iter().enumerate() {
                     if i > 0 {
@@ -128,11 +215,18 @@ impl Expr {
                 sql.push(')');
             }
             Expr::Like(c, pattern, insensitive) => {
-                let p = params.bind(Value::Text(pattern.clone()));
                 if *insensitive {
-                    sql.push_str(&format!("lower({}) LIKE lower({p})", c.name()));
+                    sql.push_str("lower(");
+                }
+                c.push_sql(sql, params.qualify);
+                sql.push_str(if *insensitive {
+                    ") LIKE lower("
                 } else {
-                    sql.push_str(&format!("{} LIKE {p}", c.name()));
+                    " LIKE "
+                });
+                params.push(Value::Text(pattern.clone()), sql);
+                if *insensitive {
+                    sql.push(')');
                 }
             }
             Expr::And(xs) | Expr::Or(xs) => {
@@ -176,10 +270,10 @@ mod tests {
     use crate::schema::APPROVAL_REQUESTS;
 
     fn c(name: &str) -> ColRef {
-        ColRef {
-            table: APPROVAL_REQUESTS,
-            column: TABLES[APPROVAL_REQUESTS].column_index(name).unwrap(),
-        }
+        ColRef::new(
+            APPROVAL_REQUESTS,
+            TABLES[APPROVAL_REQUESTS].column_index(name).unwrap(),
+        )
     }
 
     #[test]

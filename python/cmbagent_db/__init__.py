@@ -9,6 +9,8 @@ statement run by the Rust core (SQLite embedded, PostgreSQL for several server i
 
 from cmbagent_db import approvals, connections, models
 from cmbagent_db._native import (
+    Aggregate,
+    AliasedClass,
     Column,
     DbSession,
     Expression,
@@ -18,6 +20,7 @@ from cmbagent_db._native import (
     Relationship,
     RelationshipList,
     __version__,
+    aliased,
     and_,
     applied,
     check,
@@ -25,6 +28,7 @@ from cmbagent_db._native import (
     default_url,
     dispose_engines,
     foreign_revisions,
+    func,
     get_db_session,
     history,
     init_database,
@@ -92,6 +96,8 @@ __all__ = [
     "and_",
     "or_",
     "not_",
+    "func",
+    "aliased",
     "selectinload",
     "joinedload",
     "DbSession",
@@ -99,6 +105,8 @@ __all__ = [
     "Column",
     "Expression",
     "Ordering",
+    "Aggregate",
+    "AliasedClass",
     "Relationship",
     "RelationshipList",
     "LoadOption",

@@ -2,14 +2,18 @@
 //! on instances, and builds filter expressions and orderings on the class.
 
 use pyo3::basic::CompareOp;
-use pyo3::exceptions::PyTypeError;
+use pyo3::exceptions::{PyAttributeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
 use crate::dialect::Dialect;
-use crate::expr::{CmpOp, ColRef, Expr, Params};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::expr::{CmpOp, ColRef, Expr, Params, Source};
 use crate::python::convert::{normalise, to_value, Purpose};
+use crate::python::model::table_of_class;
 use crate::python::model::{PyModel, Slot};
+use crate::query::{Aggregate, Item};
 use crate::schema::{ColType, TABLES};
 
 /// A mapped column: `ApprovalRequest.status`.
@@ -24,12 +28,33 @@ pub struct PyExpression {
     pub expr: Expr,
 }
 
-/// A column with a sort direction: `ApprovalRequest.created_at.desc()`.
+/// A column or aggregate with a sort direction: `ApprovalRequest.created_at.desc()`.
 #[pyclass(module = "cmbagent_db", name = "Ordering", frozen)]
 pub struct PyOrdering {
-    pub col: ColRef,
+    pub item: Item,
     pub descending: bool,
 }
+
+/// An aggregate to select or sort by: `func.count(WorkflowRun.id)`, `func.max(...)`.
+#[pyclass(module = "cmbagent_db", name = "Aggregate", frozen)]
+pub struct PyAggregate {
+    pub item: Item,
+}
+
+/// `func`: the aggregates queries can select (`func.count`, `func.max`, `func.min`,
+/// `func.sum`).
+#[pyclass(module = "cmbagent_db", name = "FunctionNamespace", frozen)]
+pub struct PyFunctionNamespace;
+
+/// A model under another name, for joining a table to itself:
+/// `parent = aliased(WorkflowRun)`; `parent.id` is that copy's column.
+#[pyclass(module = "cmbagent_db", name = "AliasedClass", frozen)]
+pub struct PyAliased {
+    pub source: Source,
+}
+
+/// Numbers aliases so that every `aliased()` call names a distinct copy of its table.
+static NEXT_ALIAS: AtomicU32 = AtomicU32::new(1);
 
 fn expression(expr: Expr) -> PyExpression {
     PyExpression { expr }
@@ -39,7 +64,7 @@ impl PyColumn {
     fn value(&self, v: &Bound<'_, PyAny>) -> PyResult<crate::value::Value> {
         if v.cast::<PyColumn>().is_ok() {
             return Err(PyTypeError::new_err(format!(
-                "comparing {} with another column is not supported; compare with a value",
+                "{} takes values here, not another column",
                 self.col.qualified()
             )));
         }
@@ -107,15 +132,20 @@ impl PyColumn {
             CompareOp::Gt => CmpOp::Gt,
             CompareOp::Ge => CmpOp::Ge,
         };
+        if let Ok(c) = other.cast::<PyColumn>() {
+            return Ok(expression(Expr::CompareColumns(self.col, op, c.get().col)));
+        }
         Ok(expression(Expr::Compare(self.col, op, self.value(other)?)))
     }
 
     fn __hash__(&self) -> u64 {
-        (self.col.table.index() as u64) << 32 | self.col.column as u64
+        (self.col.alias as u64) << 40
+            | (self.col.table.index() as u64) << 32
+            | self.col.column as u64
     }
 
     fn __repr__(&self) -> String {
-        format!("{}.{}", TABLES[self.col.table].model, self.col.name())
+        format!("{}.{}", self.col.source().describe(), self.col.name())
     }
 
     /// The column's name.
@@ -131,14 +161,14 @@ impl PyColumn {
 
     fn asc(&self) -> PyOrdering {
         PyOrdering {
-            col: self.col,
+            item: Item::Column(self.col),
             descending: false,
         }
     }
 
     fn desc(&self) -> PyOrdering {
         PyOrdering {
-            col: self.col,
+            item: Item::Column(self.col),
             descending: true,
         }
     }
@@ -254,11 +284,128 @@ impl PyExpression {
 impl PyOrdering {
     fn __repr__(&self) -> String {
         format!(
-            "{}.{}.{}()",
-            TABLES[self.col.table].model,
-            self.col.name(),
-            if self.descending { "desc" } else { "asc" }
+            "<Ordering {}{}>",
+            self.item.describe(),
+            if self.descending { " DESC" } else { "" }
         )
+    }
+}
+
+#[pymethods]
+impl PyAggregate {
+    fn asc(&self) -> PyOrdering {
+        PyOrdering {
+            item: self.item,
+            descending: false,
+        }
+    }
+
+    fn desc(&self) -> PyOrdering {
+        PyOrdering {
+            item: self.item,
+            descending: true,
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<Aggregate {}>", self.item.describe())
+    }
+}
+
+fn aggregate(a: Aggregate, column: &Bound<'_, PyAny>) -> PyResult<PyAggregate> {
+    let c = column.cast::<PyColumn>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "func.{}() takes a mapped column such as WorkflowRun.started_at, got {}",
+            a.name(),
+            column.repr().map(|r| r.to_string()).unwrap_or_default()
+        ))
+    })?;
+    let col = c.get().col;
+    if a == Aggregate::Sum {
+        let ty = TABLES[col.table].columns[col.column].ty;
+        if !matches!(ty, ColType::Integer | ColType::BigInt) {
+            return Err(PyTypeError::new_err(format!(
+                "func.sum() needs a numeric column; {} is not one",
+                col.qualified()
+            )));
+        }
+    }
+    Ok(PyAggregate {
+        item: Item::Aggregate(a, Some(col)),
+    })
+}
+
+#[pymethods]
+impl PyFunctionNamespace {
+    /// `count(column)` (rows where it is not NULL), or `count(*)` without an argument.
+    #[pyo3(signature = (column = None))]
+    fn count(&self, column: Option<&Bound<'_, PyAny>>) -> PyResult<PyAggregate> {
+        match column {
+            None => Ok(PyAggregate {
+                item: Item::Aggregate(Aggregate::Count, None),
+            }),
+            Some(c) => aggregate(Aggregate::Count, c),
+        }
+    }
+
+    fn max(&self, column: &Bound<'_, PyAny>) -> PyResult<PyAggregate> {
+        aggregate(Aggregate::Max, column)
+    }
+
+    fn min(&self, column: &Bound<'_, PyAny>) -> PyResult<PyAggregate> {
+        aggregate(Aggregate::Min, column)
+    }
+
+    fn sum(&self, column: &Bound<'_, PyAny>) -> PyResult<PyAggregate> {
+        aggregate(Aggregate::Sum, column)
+    }
+
+    fn __getattr__(&self, name: &str) -> PyResult<()> {
+        Err(PyAttributeError::new_err(format!(
+            "func.{name} is not supported; queries can select func.count, func.max, func.min \
+             and func.sum"
+        )))
+    }
+}
+
+/// `aliased(WorkflowRun)`: a second copy of a model's table for self-joins.
+#[pyfunction]
+pub fn aliased(model: &Bound<'_, PyAny>) -> PyResult<PyAliased> {
+    let table = table_of_class(model).ok_or_else(|| {
+        PyTypeError::new_err(format!(
+            "aliased() takes a model class such as WorkflowRun, got {}",
+            model.repr().map(|r| r.to_string()).unwrap_or_default()
+        ))
+    })?;
+    Ok(PyAliased {
+        source: Source {
+            table,
+            alias: NEXT_ALIAS.fetch_add(1, Ordering::Relaxed).max(1),
+        },
+    })
+}
+
+#[pymethods]
+impl PyAliased {
+    /// The aliased copy's column `name`.
+    fn __getattr__(&self, name: &str) -> PyResult<PyColumn> {
+        let s = self.source;
+        match TABLES[s.table].column_index(name) {
+            Some(column) => Ok(PyColumn {
+                col: ColRef {
+                    alias: s.alias,
+                    ..ColRef::new(s.table, column)
+                },
+            }),
+            None => Err(PyAttributeError::new_err(format!(
+                "aliased({}) has no column {name:?}",
+                TABLES[s.table].model
+            ))),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        self.source.describe()
     }
 }
 

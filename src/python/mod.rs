@@ -26,11 +26,16 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<expression::PyColumn>()?;
     m.add_class::<expression::PyExpression>()?;
     m.add_class::<expression::PyOrdering>()?;
+    m.add_class::<expression::PyAggregate>()?;
+    m.add_class::<expression::PyAliased>()?;
+    m.add_class::<expression::PyFunctionNamespace>()?;
+    m.add("func", expression::PyFunctionNamespace)?;
     m.add_class::<session::PyDbSession>()?;
     m.add_class::<query::PyQuery>()?;
     m.add_function(wrap_pyfunction!(expression::and_, m)?)?;
     m.add_function(wrap_pyfunction!(expression::or_, m)?)?;
     m.add_function(wrap_pyfunction!(expression::not_, m)?)?;
+    m.add_function(wrap_pyfunction!(expression::aliased, m)?)?;
     m.add_function(wrap_pyfunction!(functions::get_db_session, m)?)?;
     m.add_function(wrap_pyfunction!(functions::init_database, m)?)?;
     m.add_function(wrap_pyfunction!(functions::migrate, m)?)?;

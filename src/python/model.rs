@@ -68,7 +68,7 @@ impl PyModel {
             for (k, v) in kwargs.iter() {
                 let name = k.cast::<PyString>()?.to_str()?.to_owned();
                 if let Some(column) = t.column_index(&name) {
-                    values[column] = Slot::Py(normalise(ColRef { table, column }, &v)?);
+                    values[column] = Slot::Py(normalise(ColRef::new(table, column), &v)?);
                     continue;
                 }
                 let r = t.relationships.iter().find(|r| r.name == name);
@@ -144,13 +144,7 @@ impl PyModel {
                 TABLES[self.table].name
             ))
         })?;
-        self.values[column] = Slot::Py(normalise(
-            ColRef {
-                table: self.table,
-                column,
-            },
-            v,
-        )?);
+        self.values[column] = Slot::Py(normalise(ColRef::new(self.table, column), v)?);
         Ok(())
     }
 
@@ -179,14 +173,7 @@ impl PyModel {
     pub fn value(&self, py: Python<'_>, column: usize) -> PyResult<Value> {
         match &self.values[column] {
             Slot::Raw(v) => Ok(v.clone()),
-            Slot::Py(o) => to_value(
-                ColRef {
-                    table: self.table,
-                    column,
-                },
-                o.bind(py),
-                Purpose::Store,
-            ),
+            Slot::Py(o) => to_value(ColRef::new(self.table, column), o.bind(py), Purpose::Store),
         }
     }
 
@@ -195,14 +182,7 @@ impl PyModel {
     pub fn get(&mut self, py: Python<'_>, column: usize) -> PyResult<Py<PyAny>> {
         let obj = match &self.values[column] {
             Slot::Py(o) => return Ok(o.clone_ref(py)),
-            Slot::Raw(v) => to_py(
-                py,
-                v,
-                ColRef {
-                    table: self.table,
-                    column,
-                },
-            )?,
+            Slot::Raw(v) => to_py(py, v, ColRef::new(self.table, column))?,
         };
         self.values[column] = Slot::Py(obj.clone_ref(py));
         Ok(obj)
@@ -508,7 +488,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
             cls.setattr(
                 c.name,
                 PyColumn {
-                    col: ColRef { table, column },
+                    col: ColRef::new(table, column),
                 },
             )?;
         }

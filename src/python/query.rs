@@ -6,72 +6,90 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
 use crate::error::ErrorKind;
-use crate::expr::{ColRef, Expr};
+use crate::expr::{CmpOp, ColRef, Expr, Source};
 use crate::python::convert::{to_value, Purpose};
 use crate::python::errors::raise;
-use crate::python::expression::{criterion, PyColumn, PyOrdering};
+use crate::python::expression::{criterion, PyAggregate, PyAliased, PyColumn, PyOrdering};
 use crate::python::model::table_of_class;
-use crate::python::relationship::{preload, PyLoadOption};
+use crate::python::relationship::{preload, PyLoadOption, PyRelationship};
 use crate::python::session::{column_of, PyDbSession};
-use crate::query::Select;
-use crate::schema::{TableId, TABLES};
+use crate::query::{entity_items, Item, Join, Output, Select};
+use crate::schema::{Relationship, Table, TableId, TABLES};
 
 #[pyclass(module = "cmbagent_db", name = "Query")]
 pub struct PyQuery {
     session: Py<PyDbSession>,
     select: Select,
-    /// Whether rows become model objects (`query(Model)`) or tuples (`query(Model.col)`).
-    entity: bool,
+    /// What each row returned holds: model objects and values, from the selected items.
+    outputs: Vec<Output>,
     /// Whether rows overwrite objects the session already tracks (`populate_existing()`).
     overwrite: bool,
     /// Relationships loaded for every object returned: (table, relationship index).
     eager: Vec<(TableId, usize)>,
 }
 
+/// What `query()` takes: a model class, `aliased(Model)`, a column or an aggregate.
+fn entity_source(e: &Bound<'_, PyAny>) -> Option<Source> {
+    if let Some(table) = table_of_class(e) {
+        return Some(Source::of(table));
+    }
+    e.cast::<PyAliased>().ok().map(|a| a.get().source)
+}
+
+/// A join target: a model class, `aliased(Model)`, or a relationship (`WorkflowRun.approval_requests`).
+fn join_target(e: &Bound<'_, PyAny>) -> PyResult<(Source, Option<&'static Relationship>)> {
+    if let Some(s) = entity_source(e) {
+        return Ok((s, None));
+    }
+    if let Ok(r) = e.cast::<PyRelationship>() {
+        let rel = r.get().rel();
+        return Ok((Source::of(rel.target()), Some(rel)));
+    }
+    Err(PyTypeError::new_err(format!(
+        "join() takes a model class, aliased(Model) or a relationship, got {}",
+        e.repr().map(|r| r.to_string()).unwrap_or_default()
+    )))
+}
+
 impl PyQuery {
     pub fn new(session: Py<PyDbSession>, entities: &Bound<'_, PyTuple>) -> PyResult<PyQuery> {
-        let first = entities.get_item(0).map_err(|_| {
-            PyTypeError::new_err("query() needs a model class or one or more columns")
-        })?;
-        if let Some(table) = table_of_class(&first) {
-            if entities.len() > 1 {
-                return Err(raise(
-                    ErrorKind::InvalidRequest,
-                    "query() takes one model class (joins are not supported)",
-                ));
-            }
-            return Ok(PyQuery {
-                session,
-                select: Select::all_columns(table),
-                entity: true,
-                overwrite: false,
-                eager: Vec::new(),
-            });
-        }
-        let mut columns = Vec::new();
-        let mut table = None;
+        let mut select = Select::default();
+        let mut outputs = Vec::with_capacity(entities.len());
+        let mut from = None;
         for e in entities.iter() {
-            let c = e.cast::<PyColumn>().map_err(|_| {
-                PyTypeError::new_err(format!(
-                    "query() takes a model class or its columns, got {}",
-                    e.repr().map(|r| r.to_string()).unwrap_or_default()
-                ))
-            })?;
-            let col = c.get().col;
-            if *table.get_or_insert(col.table) != col.table {
-                return Err(raise(
-                    ErrorKind::InvalidRequest,
-                    "query() columns must all come from one model (joins are not supported)",
-                ));
+            if let Some(source) = entity_source(&e) {
+                from.get_or_insert(source);
+                outputs.push(Output::Entity {
+                    table: source.table,
+                    start: select.items.len(),
+                });
+                select.items.extend(entity_items(source));
+                continue;
             }
-            columns.push(col.column);
+            let item = if let Ok(c) = e.cast::<PyColumn>() {
+                Item::Column(c.get().col)
+            } else if let Ok(a) = e.cast::<PyAggregate>() {
+                a.get().item
+            } else {
+                return Err(PyTypeError::new_err(format!(
+                    "query() takes model classes, aliased(...) models, columns and func \
+                     aggregates, got {}",
+                    e.repr().map(|r| r.to_string()).unwrap_or_default()
+                )));
+            };
+            if let Some(c) = item.column() {
+                from.get_or_insert(c.source());
+            }
+            outputs.push(Output::Value(select.items.len()));
+            select.items.push(item);
         }
-        let mut select = Select::all_columns(table.unwrap_or_default());
-        select.columns = columns;
+        select.from = from.ok_or_else(|| {
+            PyTypeError::new_err("query() needs a model class or a column to read from")
+        })?;
         Ok(PyQuery {
             session,
             select,
-            entity: false,
+            outputs,
             overwrite: false,
             eager: Vec::new(),
         })
@@ -81,37 +99,42 @@ impl PyQuery {
         PyQuery {
             session: self.session.clone_ref(py),
             select,
-            entity: self.entity,
+            outputs: self.outputs.clone(),
             overwrite: self.overwrite,
             eager: self.eager.clone(),
         }
     }
 
-    fn check_table(&self, e: &Expr) -> PyResult<()> {
-        let mut wrong = None;
-        e.for_each_column(&mut |c: ColRef| {
-            if c.table != self.select.table {
-                wrong = Some(c);
-            }
-        });
-        match wrong {
-            Some(c) => Err(raise(
-                ErrorKind::InvalidRequest,
-                format!(
-                    "a query of {} cannot filter on {} (joins are not supported)",
-                    TABLES[self.select.table].model,
-                    c.qualified()
-                ),
-            )),
-            None => Ok(()),
+    /// The model, when the query returns objects of one model rather than tuples.
+    fn single_entity(&self) -> Option<TableId> {
+        match self.outputs[..] {
+            [Output::Entity { table, start: 0 }] => Some(table),
+            _ => None,
         }
     }
 
+    /// Where name-based arguments (`filter_by`, `order_by("name")`) look a column up:
+    /// the last model joined, else the first one queried, as in SQLAlchemy.
+    fn current_source(&self) -> Source {
+        self.select
+            .joins
+            .last()
+            .map_or(self.select.from, |j| j.target)
+    }
+
     fn run(&self, py: Python<'_>, select: &Select) -> PyResult<Vec<Py<PyAny>>> {
+        select
+            .check()
+            .map_err(|m| raise(ErrorKind::InvalidRequest, m))?;
         let session = self.session.bind(py);
-        let objs = session
-            .borrow_mut()
-            .fetch(py, select, self.entity, self.overwrite)?;
+        let single = self.single_entity();
+        let objs = if single.is_some() && select.joins.is_empty() && select.from.alias == 0 {
+            session.borrow_mut().fetch(py, select, self.overwrite)?
+        } else {
+            session
+                .borrow_mut()
+                .fetch_rows(py, select, &self.outputs, self.overwrite)?
+        };
         for &(table, index) in &self.eager {
             preload(py, session, &objs, table, index, self.overwrite)?;
         }
@@ -122,6 +145,44 @@ impl PyQuery {
         let mut s = self.select.clone();
         s.limit = Some(s.limit.map_or(n, |l| l.min(n)));
         s
+    }
+
+    fn join_to(
+        &self,
+        py: Python<'_>,
+        target: &Bound<'_, PyAny>,
+        on: Option<&Bound<'_, PyAny>>,
+        outer: bool,
+    ) -> PyResult<PyQuery> {
+        let (target, rel) = join_target(target)?;
+        let mut select = self.select.clone();
+        let join = match (on, rel) {
+            (Some(on), _) => Join {
+                target,
+                on: criterion(on, "join()")?,
+                outer,
+            },
+            (None, Some(rel)) => {
+                let fk = ColRef::new(rel.child, rel.column_index());
+                let pk = ColRef::new(rel.parent(), Table::PK);
+                Join {
+                    target,
+                    on: Expr::CompareColumns(pk, CmpOp::Eq, fk),
+                    outer,
+                }
+            }
+            (None, None) => {
+                let mut joined = vec![select.from];
+                joined.extend(select.joins.iter().map(|j| j.target));
+                Join::along_foreign_key(&joined, target, outer)
+                    .map_err(|m| raise(ErrorKind::InvalidRequest, m))?
+            }
+        };
+        select.joins.push(join);
+        select
+            .check()
+            .map_err(|m| raise(ErrorKind::InvalidRequest, m))?;
+        Ok(self.with(py, select))
     }
 }
 
@@ -142,9 +203,7 @@ impl PyQuery {
     fn filter(&self, py: Python<'_>, criteria: &Bound<'_, PyTuple>) -> PyResult<PyQuery> {
         let mut select = self.select.clone();
         for c in criteria.iter() {
-            let e = criterion(&c, "filter()")?;
-            self.check_table(&e)?;
-            select.filters.push(e);
+            select.filters.push(criterion(&c, "filter()")?);
         }
         Ok(self.with(py, select))
     }
@@ -153,12 +212,12 @@ impl PyQuery {
     #[pyo3(signature = (**kwargs))]
     fn filter_by(&self, py: Python<'_>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<PyQuery> {
         let mut select = self.select.clone();
-        let table = select.table;
+        let source = self.current_source();
         for (k, v) in kwargs.into_iter().flat_map(|d| d.iter()) {
             let name = k.cast::<PyString>()?.to_str()?.to_owned();
             let col = ColRef {
-                table,
-                column: column_of(table, &name)?,
+                alias: source.alias,
+                ..ColRef::new(source.table, column_of(source.table, &name)?)
             };
             select.filters.push(if v.is_none() {
                 Expr::IsNull(col, false)
@@ -177,22 +236,25 @@ impl PyQuery {
     #[pyo3(signature = (*clauses))]
     fn order_by(&self, py: Python<'_>, clauses: &Bound<'_, PyTuple>) -> PyResult<PyQuery> {
         let mut select = self.select.clone();
-        let table = select.table;
+        let from = select.from;
         for c in clauses.iter() {
             if c.is_none() {
                 select.order_by.clear();
                 continue;
             }
-            let (col, desc) = if let Ok(o) = c.cast::<PyOrdering>() {
-                (o.get().col, o.get().descending)
+            let ordering = if let Ok(o) = c.cast::<PyOrdering>() {
+                (o.get().item, o.get().descending)
             } else if let Ok(col) = c.cast::<PyColumn>() {
-                (col.get().col, false)
+                (Item::Column(col.get().col), false)
+            } else if let Ok(a) = c.cast::<PyAggregate>() {
+                (a.get().item, false)
             } else if let Ok(name) = c.cast::<PyString>() {
+                let column = column_of(from.table, name.to_str()?)?;
                 (
-                    ColRef {
-                        table,
-                        column: column_of(table, name.to_str()?)?,
-                    },
+                    Item::Column(ColRef {
+                        alias: from.alias,
+                        ..ColRef::new(from.table, column)
+                    }),
                     false,
                 )
             } else {
@@ -201,19 +263,55 @@ impl PyQuery {
                     c.repr()?
                 )));
             };
-            if col.table != table {
-                return Err(raise(
-                    ErrorKind::InvalidRequest,
-                    format!(
-                        "cannot order a query of {} by {}",
-                        TABLES[table].model,
-                        col.qualified()
-                    ),
-                ));
-            }
-            select.order_by.push((col.column, desc));
+            select.order_by.push(ordering);
         }
         Ok(self.with(py, select))
+    }
+
+    /// Inner join: `join(SessionState, Session.id == SessionState.session_id)`, or
+    /// `join(SessionState)` / `join(Session.session_states)` along the foreign key.
+    #[pyo3(signature = (target, on = None))]
+    fn join(
+        &self,
+        py: Python<'_>,
+        target: &Bound<'_, PyAny>,
+        on: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyQuery> {
+        self.join_to(py, target, on, false)
+    }
+
+    /// `LEFT OUTER JOIN`: rows without a match keep None for the joined model's values.
+    #[pyo3(signature = (target, on = None))]
+    fn outerjoin(
+        &self,
+        py: Python<'_>,
+        target: &Bound<'_, PyAny>,
+        on: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyQuery> {
+        self.join_to(py, target, on, true)
+    }
+
+    /// `GROUP BY` these columns (with aggregates such as `func.count(...)` selected).
+    #[pyo3(signature = (*columns))]
+    fn group_by(&self, py: Python<'_>, columns: &Bound<'_, PyTuple>) -> PyResult<PyQuery> {
+        let mut select = self.select.clone();
+        for c in columns.iter() {
+            let col = c.cast::<PyColumn>().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "group_by() takes columns such as WorkflowRun.status, got {}",
+                    c.repr().map(|r| r.to_string()).unwrap_or_default()
+                ))
+            })?;
+            select.group_by.push(col.get().col);
+        }
+        Ok(self.with(py, select))
+    }
+
+    /// `SELECT DISTINCT`.
+    fn distinct(&self, py: Python<'_>) -> PyQuery {
+        let mut select = self.select.clone();
+        select.distinct = true;
+        self.with(py, select)
     }
 
     #[pyo3(signature = (limit))]
@@ -250,7 +348,7 @@ impl PyQuery {
                 ))
             })?;
             let (table, index) = (o.get().table, o.get().index);
-            if !self.entity || table != self.select.table {
+            if self.single_entity() != Some(table) {
                 return Err(raise(
                     ErrorKind::InvalidRequest,
                     format!(
@@ -284,7 +382,7 @@ impl PyQuery {
                 ErrorKind::NoResultFound,
                 format!(
                     "no {} row matched the query",
-                    TABLES[self.select.table].name
+                    TABLES[self.select.from.table].name
                 ),
             )
         })
@@ -298,7 +396,7 @@ impl PyQuery {
                 ErrorKind::MultipleResultsFound,
                 format!(
                     "several {} rows matched a query that expected one",
-                    TABLES[self.select.table].name
+                    TABLES[self.select.from.table].name
                 ),
             ));
         }
@@ -308,12 +406,17 @@ impl PyQuery {
     /// The first column of the first row, or None.
     fn scalar(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         match self.first(py)? {
-            Some(row) if !self.entity => Ok(Some(row.bind(py).get_item(0)?.unbind())),
+            Some(row) if self.single_entity().is_none() => {
+                Ok(Some(row.bind(py).get_item(0)?.unbind()))
+            }
             other => Ok(other),
         }
     }
 
     fn count(&self, py: Python<'_>) -> PyResult<i64> {
+        self.select
+            .check()
+            .map_err(|m| raise(ErrorKind::InvalidRequest, m))?;
         self.session.bind(py).borrow_mut().count(py, &self.select)
     }
 
@@ -322,7 +425,7 @@ impl PyQuery {
         self.session
             .bind(py)
             .borrow_mut()
-            .get_by_pk(py, self.select.table, ident)
+            .get_by_pk(py, self.select.from.table, ident)
     }
 
     /// Sets columns on every matching row in one UPDATE; returns the number matched.
@@ -338,7 +441,7 @@ impl PyQuery {
         self.guard_bulk("update")?;
         self.session.bind(py).borrow_mut().bulk_update(
             py,
-            self.select.table,
+            self.select.from.table,
             &self.select.filters,
             values,
         )
@@ -354,10 +457,11 @@ impl PyQuery {
     ) -> PyResult<usize> {
         let _ = synchronize_session;
         self.guard_bulk("delete")?;
-        self.session
-            .bind(py)
-            .borrow_mut()
-            .bulk_delete(py, self.select.table, &self.select.filters)
+        self.session.bind(py).borrow_mut().bulk_delete(
+            py,
+            self.select.from.table,
+            &self.select.filters,
+        )
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
@@ -368,6 +472,19 @@ impl PyQuery {
 
 impl PyQuery {
     fn guard_bulk(&self, what: &str) -> PyResult<()> {
+        if self.single_entity().is_none()
+            || !self.select.joins.is_empty()
+            || !self.select.group_by.is_empty()
+            || self.select.distinct
+        {
+            return Err(raise(
+                ErrorKind::InvalidRequest,
+                format!(
+                    "{what}() works on a query of one model without joins, group_by() or \
+                     distinct(); filter that model's rows instead"
+                ),
+            ));
+        }
         if self.select.limit.is_some()
             || self.select.offset.is_some()
             || !self.select.order_by.is_empty()

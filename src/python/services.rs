@@ -17,17 +17,14 @@ use crate::python::convert::{to_value, Purpose};
 use crate::python::errors::raise;
 use crate::python::model::{instantiate, PyModel};
 use crate::python::session::PyDbSession;
-use crate::query::Select;
+use crate::query::{Item, Select};
 use crate::schema::{Table, TableId, ACTIVE_CONNECTIONS, APPROVAL_REQUESTS, TABLES};
 use crate::unit_of_work::ObjState;
 use crate::url;
 use crate::value::Value;
 
 fn column(table: TableId, name: &str) -> ColRef {
-    ColRef {
-        table,
-        column: TABLES[table].column_index(name).unwrap_or(Table::PK),
-    }
+    ColRef::new(table, TABLES[table].column_index(name).unwrap_or(Table::PK))
 }
 
 fn outcome(outcome: Outcome, id: &str) -> PyResult<bool> {
@@ -146,8 +143,8 @@ pub fn pending(
     }
     select
         .order_by
-        .push((column(t, "created_at").column, false));
-    db.borrow_mut().fetch(py, &select, true, false)
+        .push((Item::Column(column(t, "created_at")), false));
+    db.borrow_mut().fetch(py, &select, false)
 }
 
 /// Blocks until the request is resolved and returns it (detached from any session),
@@ -353,8 +350,10 @@ pub fn live(
             Value::Text(sid),
         ));
     }
-    select.order_by.push((column(t, "task_id").column, false));
-    db.borrow_mut().fetch(py, &select, true, false)
+    select
+        .order_by
+        .push((Item::Column(column(t, "task_id")), false));
+    db.borrow_mut().fetch(py, &select, false)
 }
 
 /// The server instance holding `task_id`, or None when its heartbeat is older than the TTL.

@@ -16,14 +16,14 @@ use crate::engine::Engine;
 use crate::error::{Error, ErrorKind, Result};
 use crate::expr::{ColRef, Expr};
 use crate::pool::Pooled;
-use crate::python::convert::{to_py, to_value, Purpose};
+use crate::python::convert::{to_py_from, to_value, Purpose};
 use crate::python::errors::raise;
 use crate::python::expression::PyColumn;
 use crate::python::log;
 use crate::python::model::{instantiate, table_of_class, PyModel, Slot};
 use crate::python::query::PyQuery;
 use crate::python::relationship::PyRelationshipList;
-use crate::query::{self, Select};
+use crate::query::{self, Item, Output, Select};
 use crate::schema::{ColType, Relationship, Table, TableId, TABLES};
 use crate::unit_of_work::{
     after_deletes, ChangedRow, Flush, Identity, NewRow, ObjState, References,
@@ -76,10 +76,7 @@ fn row_pk(row: &Row) -> String {
 
 fn pk_filter(table: TableId, pks: Vec<String>) -> Expr {
     Expr::In(
-        ColRef {
-            table,
-            column: Table::PK,
-        },
+        ColRef::new(table, Table::PK),
         pks.into_iter().map(Value::Text).collect(),
         false,
     )
@@ -205,59 +202,117 @@ impl PyDbSession {
         rows: Vec<Row>,
         overwrite: bool,
     ) -> PyResult<Vec<Py<PyAny>>> {
-        let mut out = Vec::with_capacity(rows.len());
-        let this = &self.this;
-        for row in rows {
-            match self.identity.entry((table, row_pk(&row))) {
-                Entry::Occupied(tracked) => {
-                    let obj = tracked.get().clone_ref(py);
-                    if overwrite {
-                        let b = obj.bind(py).cast::<PyModel>()?.clone();
-                        let mut m = b.borrow_mut();
-                        if m.dirty == 0 {
-                            m.values = row.into_iter().map(Slot::Raw).collect();
-                            m.related.clear();
-                        }
-                    }
-                    out.push(obj);
-                }
-                Entry::Vacant(slot) => {
-                    let obj = instantiate(
-                        py,
-                        PyModel::loaded(table, row, this.as_ref().map(|w| w.clone_ref(py))),
-                    )?;
-                    out.push(slot.insert(obj).clone_ref(py));
-                }
-            }
-        }
-        Ok(out)
+        rows.into_iter()
+            .map(|row| self.object(py, table, row, overwrite))
+            .collect()
     }
 
-    /// Rows of `select` as model objects (every column selected) or as tuples.
+    /// The object for one row of `table` (all columns), through the identity map.
+    fn object(
+        &mut self,
+        py: Python<'_>,
+        table: TableId,
+        row: Row,
+        overwrite: bool,
+    ) -> PyResult<Py<PyAny>> {
+        match self.identity.entry((table, row_pk(&row))) {
+            Entry::Occupied(tracked) => {
+                let obj = tracked.get().clone_ref(py);
+                if overwrite {
+                    let b = obj.bind(py).cast::<PyModel>()?.clone();
+                    let mut m = b.borrow_mut();
+                    if m.dirty == 0 {
+                        m.values = row.into_iter().map(Slot::Raw).collect();
+                        m.related.clear();
+                    }
+                }
+                Ok(obj)
+            }
+            Entry::Vacant(slot) => {
+                let link = self.this.as_ref().map(|w| w.clone_ref(py));
+                let obj = instantiate(py, PyModel::loaded(table, row, link))?;
+                Ok(slot.insert(obj).clone_ref(py))
+            }
+        }
+    }
+
+    /// Objects for the rows of `select`, which reads every column of one model.
     pub fn fetch(
         &mut self,
         py: Python<'_>,
         select: &Select,
-        entity: bool,
         overwrite: bool,
     ) -> PyResult<Vec<Py<PyAny>>> {
         let (sql, params) = select.render(self.dialect());
-        let table = select.table;
-        let shape = TABLES[table].shape(&select.columns);
+        let shape = select.shape();
         let rows = self.read(py, move |c| c.query(&sql, &params, &shape))?;
-        if entity {
-            return self.load(py, table, rows, overwrite);
+        self.load(py, select.from.table, rows, overwrite)
+    }
+
+    /// What a query of several entities or columns returns: for each row, the objects
+    /// and values `outputs` describe (a tuple), or the object alone when the query is of
+    /// one model; those are returned once each however many joined rows repeat them, as
+    /// SQLAlchemy's `Query` does. An entity whose key is NULL (an outer join that found
+    /// nothing) is None.
+    pub fn fetch_rows(
+        &mut self,
+        py: Python<'_>,
+        select: &Select,
+        outputs: &[Output],
+        overwrite: bool,
+    ) -> PyResult<Vec<Py<PyAny>>> {
+        let (sql, params) = select.render(self.dialect());
+        let shape = select.shape();
+        let rows = self.read(py, move |c| c.query(&sql, &params, &shape))?;
+        if let [Output::Entity { table, start: 0 }] = outputs {
+            let mut seen = HashSet::new();
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                if let Some(obj) = self.entity(py, *table, row, overwrite)? {
+                    if seen.insert(obj.as_ptr() as usize) {
+                        out.push(obj);
+                    }
+                }
+            }
+            return Ok(out);
         }
-        rows.into_iter()
-            .map(|row| {
-                let items = row
-                    .into_iter()
-                    .zip(&select.columns)
-                    .map(|(v, &column)| to_py(py, &v, ColRef { table, column }))
-                    .collect::<PyResult<Vec<_>>>()?;
-                Ok(PyTuple::new(py, items)?.into_any().unbind())
-            })
-            .collect()
+        let mut out = Vec::with_capacity(rows.len());
+        for mut row in rows {
+            let mut items = Vec::with_capacity(outputs.len());
+            for &o in outputs {
+                items.push(match o {
+                    Output::Entity { table, start } => {
+                        let end = start + TABLES[table].columns.len();
+                        let values = row[start..end]
+                            .iter_mut()
+                            .map(|v| std::mem::replace(v, Value::Null))
+                            .collect();
+                        self.entity(py, table, values, overwrite)?
+                            .unwrap_or_else(|| py.None())
+                    }
+                    Output::Value(i) => {
+                        let item = select.items[i];
+                        to_py_from(py, &row[i], &|| item.describe())?
+                    }
+                });
+            }
+            out.push(PyTuple::new(py, items)?.into_any().unbind());
+        }
+        Ok(out)
+    }
+
+    /// An object for a row of `table`, or None when its primary key is NULL.
+    fn entity(
+        &mut self,
+        py: Python<'_>,
+        table: TableId,
+        row: Row,
+        overwrite: bool,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        if matches!(row.get(Table::PK), None | Some(Value::Null)) {
+            return Ok(None);
+        }
+        self.object(py, table, row, overwrite).map(Some)
     }
 
     pub fn count(&mut self, py: Python<'_>, select: &Select) -> PyResult<i64> {
@@ -301,7 +356,7 @@ impl PyDbSession {
                         .ok_or_else(|| unknown_column(table, &name))?
                 }
             };
-            let col = ColRef { table, column };
+            let col = ColRef::new(table, column);
             set.push((column, to_value(col, &v, Purpose::Store)?));
         }
         if set.is_empty() {
@@ -411,15 +466,14 @@ impl PyDbSession {
         for chunk in parents.chunks(500) {
             let mut select = Select::all_columns(r.child);
             select.filters.push(Expr::In(
-                ColRef {
-                    table: r.child,
-                    column,
-                },
+                ColRef::new(r.child, column),
                 chunk.iter().cloned().map(Value::Text).collect(),
                 false,
             ));
-            select.order_by.push((Table::PK, false));
-            for obj in self.fetch(py, &select, true, false)? {
+            select
+                .order_by
+                .push((Item::Column(ColRef::new(r.child, Table::PK)), false));
+            for obj in self.fetch(py, &select, false)? {
                 let fk = obj.bind(py).cast::<PyModel>()?.borrow().text(py, column);
                 if let Some(pk) = fk.and_then(|fk| parents.iter().find(|p| **p == fk)) {
                     by_parent.entry(pk.as_str()).or_default().push(obj);
@@ -456,7 +510,7 @@ impl PyDbSession {
         for chunk in missing.chunks(500) {
             let mut select = Select::all_columns(table);
             select.filters.push(pk_filter(table, chunk.to_vec()));
-            for obj in self.fetch(py, &select, true, false)? {
+            for obj in self.fetch(py, &select, false)? {
                 if let Some(pk) = obj.bind(py).cast::<PyModel>()?.borrow().pk(py) {
                     found.insert(pk, obj);
                 }
@@ -473,14 +527,7 @@ impl PyDbSession {
         pk: &Bound<'_, PyAny>,
     ) -> PyResult<Option<Py<PyAny>>> {
         self.check_usable()?;
-        let key = match to_value(
-            ColRef {
-                table,
-                column: Table::PK,
-            },
-            pk,
-            Purpose::Compare,
-        )? {
+        let key = match to_value(ColRef::new(table, Table::PK), pk, Purpose::Compare)? {
             Value::Text(s) => s,
             _ => return Ok(None),
         };
@@ -489,7 +536,7 @@ impl PyDbSession {
         }
         let mut select = Select::all_columns(table);
         select.filters.push(pk_filter(table, vec![key]));
-        Ok(self.fetch(py, &select, true, false)?.into_iter().next())
+        Ok(self.fetch(py, &select, false)?.into_iter().next())
     }
 
     /// Reloads tracked objects from their rows; objects whose row is gone are dropped
@@ -511,7 +558,7 @@ impl PyDbSession {
                 objs.iter().map(|(pk, _)| pk.clone()).collect(),
             ));
             let (sql, params) = select.render(self.dialect());
-            let shape = TABLES[table].shape(&select.columns);
+            let shape = select.shape();
             let rows = self.read(py, move |c| c.query(&sql, &params, &shape))?;
             let mut found: HashMap<String, Row> = HashMap::new();
             for row in rows {
@@ -573,7 +620,7 @@ impl PyDbSession {
                 m.dirty = 0;
                 Ok(obj.clone_ref(py))
             }
-            None => Ok(self.load(py, table, vec![row], false)?.remove(0)),
+            None => self.object(py, table, row, false),
         }
     }
 
