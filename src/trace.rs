@@ -1,5 +1,8 @@
-//! Statement tracing for Python's `logging`: every statement when a URL asks for
-//! `echo=true` (SQLAlchemy's `echo`), and always the slow and the failed ones.
+//! Statement tracing for Python's `logging`: every statement, and the failed ones, when a
+//! URL asks for `echo=true` (SQLAlchemy's `echo`), and the slow ones always. Bound values
+//! (approval contexts, `meta`, feedback) are logged only with echo on and
+//! `hide_parameters` off; without echo a failed statement logs nothing (the exception
+//! tells the caller), since a driver's message can quote values.
 //!
 //! Connections run with the GIL released, so they cannot log themselves: they record into
 //! a process-wide buffer, and the binding drains it into the `cmbagent_db.sql` logger when
@@ -17,6 +20,28 @@ pub const SLOW: Duration = Duration::from_secs(1);
 /// At most this many records wait for the binding; older ones are dropped first.
 const CAPACITY: usize = 10_000;
 
+/// What a connection logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Echo {
+    /// Only slow statements, without their values.
+    #[default]
+    Off,
+    /// Every statement and failure, without values (`echo=true&hide_parameters=true`).
+    Statements,
+    /// Every statement and failure with its values (`echo=true`).
+    WithValues,
+}
+
+impl Echo {
+    pub fn new(echo: bool, hide_parameters: bool) -> Echo {
+        match (echo, hide_parameters) {
+            (false, _) => Echo::Off,
+            (true, true) => Echo::Statements,
+            (true, false) => Echo::WithValues,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Level {
     /// Echo of a statement that went well.
@@ -29,15 +54,16 @@ pub enum Level {
 pub struct Record {
     pub level: Level,
     pub sql: String,
-    pub params: Vec<Value>,
+    /// The bound values, where the URL lets them be logged.
+    pub params: Option<Vec<Value>>,
     pub elapsed: Duration,
 }
 
 static RECORDS: Mutex<Vec<Record>> = Mutex::new(Vec::new());
 
-/// Runs one statement, recording it when `echo` is on, it was slow, or it failed.
+/// Runs one statement, recording it as `echo` asks, and when it was slow.
 pub fn traced<T>(
-    echo: bool,
+    echo: Echo,
     sql: &str,
     params: &[Value],
     run: impl FnOnce() -> Result<T>,
@@ -46,9 +72,13 @@ pub fn traced<T>(
     let result = run();
     let elapsed = started.elapsed();
     let level = match &result {
-        Err(e) => Some(Level::Failed(e.message.clone())),
+        // A driver's message can quote values (PostgreSQL's "Key (id)=(...)"): without
+        // values, only the exception's class.
+        Err(e) if echo == Echo::WithValues => Some(Level::Failed(e.message.clone())),
+        Err(e) if echo == Echo::Statements => Some(Level::Failed(e.kind.class_name().to_string())),
+        Err(_) => None,
         Ok(_) if elapsed >= SLOW => Some(Level::Slow),
-        Ok(_) if echo => Some(Level::Info),
+        Ok(_) if echo != Echo::Off => Some(Level::Info),
         Ok(_) => None,
     };
     if let Some(level) = level {
@@ -59,7 +89,7 @@ pub fn traced<T>(
         records.push(Record {
             level,
             sql: sql.to_string(),
-            params: params.to_vec(),
+            params: (echo == Echo::WithValues).then(|| params.to_vec()),
             elapsed,
         });
     }
@@ -74,21 +104,42 @@ pub fn drain() -> Vec<Record> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Error;
+    use crate::error::{Error, ErrorKind};
 
+    fn fail(echo: Echo) {
+        let _ = traced(
+            echo,
+            "SELECT ?1",
+            &[Value::Text("secret".into())],
+            || -> Result<()> {
+                Err(Error::new(
+                    ErrorKind::Integrity,
+                    "Key (task_id)=(secret) already exists",
+                ))
+            },
+        );
+    }
+
+    // One test: the record buffer is process-wide.
     #[test]
-    fn records_echoed_and_failed_statements_only() {
+    fn values_and_failures_are_recorded_only_as_echo_asks() {
         drain();
-        traced(false, "SELECT 1", &[], || Ok(())).unwrap();
+        traced(Echo::Off, "SELECT 1", &[], || Ok(())).unwrap();
+        fail(Echo::Off);
         assert!(drain().is_empty());
-        traced(true, "SELECT ?1", &[Value::Int(1)], || Ok(())).unwrap();
-        let _ = traced(false, "SELECT nope", &[], || -> Result<()> {
-            Err(Error::operational("no such column: nope"))
-        });
+        traced(Echo::WithValues, "SELECT ?1", &[Value::Int(1)], || Ok(())).unwrap();
+        fail(Echo::WithValues);
+        traced(Echo::Statements, "SELECT ?1", &[Value::Int(2)], || Ok(())).unwrap();
+        fail(Echo::Statements);
         let got = drain();
-        assert_eq!(got.len(), 2);
+        assert_eq!(got.len(), 4);
         assert_eq!(got[0].level, Level::Info);
-        assert_eq!(got[0].params, vec![Value::Int(1)]);
-        assert_eq!(got[1].level, Level::Failed("no such column: nope".into()));
+        assert_eq!(got[0].params, Some(vec![Value::Int(1)]));
+        assert!(matches!(&got[1].level, Level::Failed(m) if m.contains("already exists")));
+        assert_eq!(got[1].params, Some(vec![Value::Text("secret".into())]));
+        assert_eq!(
+            (got[2].params.as_ref(), got[3].params.as_ref()),
+            (None, None)
+        );
     }
 }

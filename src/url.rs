@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::trace::Echo;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Synchronous {
@@ -47,8 +48,8 @@ pub struct DbUrl {
     pub target: Target,
     /// Bring the database to head on the first session of this URL in a process.
     pub auto_migrate: bool,
-    /// Log every statement with its parameters (SQLAlchemy's `echo`).
-    pub echo: bool,
+    /// What the connections log (`echo`, `hide_parameters`, as SQLAlchemy's engine takes them).
+    pub echo: Echo,
     /// The URL with its password masked: the only form that goes into messages.
     pub display: String,
 }
@@ -145,6 +146,7 @@ pub fn parse(url: &str) -> Result<DbUrl> {
     let (rest, params) = split_query(rest);
     let mut auto_migrate = true;
     let mut echo = false;
+    let mut hide_parameters = false;
     match scheme.to_ascii_lowercase().as_str() {
         "sqlite" | "sqlite+pysqlite" => {
             let mut busy_timeout = Duration::from_secs(5);
@@ -173,9 +175,10 @@ pub fn parse(url: &str) -> Result<DbUrl> {
                     }
                     "auto_migrate" => auto_migrate = parse_bool(k, v)?,
                     "echo" => echo = parse_bool(k, v)?,
+                    "hide_parameters" => hide_parameters = parse_bool(k, v)?,
                     _ => {
                         return Err(Error::interface(format!(
-                            "unknown URL parameter {k:?} in {display:?} (SQLite takes timeout, synchronous, auto_migrate, echo)"
+                            "unknown URL parameter {k:?} in {display:?} (SQLite takes timeout, synchronous, auto_migrate, echo, hide_parameters)"
                         )))
                     }
                 }
@@ -197,7 +200,7 @@ pub fn parse(url: &str) -> Result<DbUrl> {
                     synchronous,
                 },
                 auto_migrate,
-                echo,
+                echo: Echo::new(echo, hide_parameters),
                 display,
             })
         }
@@ -208,6 +211,8 @@ pub fn parse(url: &str) -> Result<DbUrl> {
                     auto_migrate = parse_bool(k, v)?;
                 } else if k == "echo" {
                     echo = parse_bool(k, v)?;
+                } else if k == "hide_parameters" {
+                    hide_parameters = parse_bool(k, v)?;
                 } else if PG_PARAMS.contains(&k) {
                     passed.push(format!("{k}={v}"));
                 } else {
@@ -229,7 +234,7 @@ pub fn parse(url: &str) -> Result<DbUrl> {
             Ok(DbUrl {
                 target: Target::Postgres { conninfo },
                 auto_migrate,
-                echo,
+                echo: Echo::new(echo, hide_parameters),
                 display,
             })
         }

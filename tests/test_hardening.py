@@ -1312,6 +1312,41 @@ def test_password_not_logged_on_success(pg_url, caplog):
     db.close()
 
 
+def _with_query(url, extra):
+    return url + ("&" if "?" in url else "?") + extra
+
+
+def test_bound_values_are_logged_only_with_echo(migrated_url, caplog):
+    """A failed statement logs nothing without echo (the exception tells the caller);
+    with echo and hide_parameters the statement but no value; with echo, the values."""
+    caplog.set_level(logging.DEBUG)
+    secret = "tok-" + uuid.uuid4().hex[:24]
+
+    def fail(url):
+        db = get_db_session(url)
+        db.add(WorkflowRun(session_id="missing-" + secret, meta={"auth_token": secret}))
+        with pytest.raises(IntegrityError):
+            db.commit()
+        db.rollback()
+        db.close()
+
+    def sql_lines():
+        return [r.getMessage() for r in caplog.records if r.name == "cmbagent_db.sql"]
+
+    fail(migrated_url)
+    assert sql_lines() == []
+    assert secret not in caplog.text
+    caplog.clear()
+    fail(_with_query(migrated_url, "echo=true&hide_parameters=true"))
+    lines = sql_lines()
+    assert any("INSERT INTO workflow_runs" in m and "values hidden" in m for m in lines), lines
+    assert any("statement failed (IntegrityError)" in m for m in lines), lines
+    assert secret not in caplog.text
+    caplog.clear()
+    fail(_with_query(migrated_url, "echo=true"))
+    assert any(secret in m for m in sql_lines())
+
+
 # ======================================================================================
 # Exceptions: one test per class, with the real condition
 # ======================================================================================

@@ -9,7 +9,7 @@ use crate::dialect::Dialect;
 use crate::error::Result;
 use crate::query;
 use crate::schema::{ColType, TableId};
-use crate::trace::traced;
+use crate::trace::{traced, Echo};
 use crate::url::{DbUrl, SqlitePath, Target};
 use crate::value::Value;
 
@@ -33,7 +33,7 @@ enum Inner {
 pub struct Conn {
     inner: Inner,
     in_transaction: bool,
-    echo: bool,
+    echo: Echo,
     /// A SQLite database file, whose WAL the background checkpoint drains.
     wal_database: Option<checkpoint::WalFile>,
 }

@@ -1,6 +1,6 @@
 //! Drains the core's statement records into Python's `logging`, under `cmbagent_db.sql`:
-//! INFO for echoed statements, WARNING for slow or failed ones. Values are shown
-//! shortened; URLs in messages are already redacted.
+//! INFO for echoed statements, WARNING for slow or failed ones. Values, where the URL lets
+//! them be logged (see `trace`), are shown shortened; URLs in messages are already redacted.
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -43,9 +43,14 @@ pub fn flush(py: Python<'_>) {
     };
     let logger = logger.bind(py);
     for r in records {
-        let params: Vec<String> = r.params.iter().map(shown).collect();
         let ms = r.elapsed.as_secs_f64() * 1000.0;
-        let params = format!("[{}]", params.join(", "));
+        let params = match &r.params {
+            Some(values) => {
+                let shown: Vec<String> = values.iter().map(shown).collect();
+                format!("[{}]", shown.join(", "))
+            }
+            None => "[values hidden]".to_string(),
+        };
         let _ = match r.level {
             Level::Info => logger.call_method1("info", ("%s %s (%.3f ms)", r.sql, params, ms)),
             Level::Slow => logger.call_method1(
