@@ -6,6 +6,8 @@ Kinds:
     base        10 sessions, 100 workflow runs, 200 active connections, no approvals
     big:<n>     base plus <n> approvals, of which 1,000 pending and overdue, 1,000 pending
                 and not yet due, the rest resolved / expired / cancelled, in random order
+    rel         base plus more runs, 1,000 workflow runs in all, each with the same few
+                approvals (3 by default), for the relationship loads
 
 A descriptor (what workers get) is a dict: backend, path (SQLite) or dsn + dbname
 (PostgreSQL), run_id and session_id to attach new approvals to.
@@ -97,6 +99,29 @@ def approval_rows(n: int, now: datetime, seed: int = 42) -> Iterator[Tuple[Any, 
                 resolved_at = created + timedelta(seconds=rng.uniform(1.0, 290.0))
         yield (_uuid(rng), run_id, session_id, atype, ctx, status, resolution, result,
                created, expires, resolved_at)
+
+
+def rel_rows(runs: List[Tuple[str, str]], per_run: int, now: datetime,
+             seed: int = 99) -> Iterator[Tuple[Any, ...]]:
+    """per_run approvals for each run (same column order as approval_rows), mostly resolved,
+    the last of each run pending and not yet due: a run's history of approvals."""
+    rng = random.Random(seed)
+    k = 0
+    for run_id, session_id in runs:
+        for j in range(per_run):
+            created = now - timedelta(seconds=rng.uniform(3600.0, 30 * 86400.0))
+            atype = APPROVAL_TYPES[k % len(APPROVAL_TYPES)]
+            ctx = json.dumps(make_context(k))
+            if j < per_run - 1:
+                yield (_uuid(rng), run_id, session_id, atype, ctx, "resolved",
+                       RESOLUTIONS[k % 3], json.dumps({"feedback": f"looks fine ({k})"}),
+                       created, created + timedelta(seconds=300),
+                       created + timedelta(seconds=rng.uniform(1.0, 290.0)))
+            else:
+                created = now - timedelta(seconds=rng.uniform(0.0, 60.0))
+                yield (_uuid(rng), run_id, session_id, atype, ctx, "pending", None, None,
+                       created, now + timedelta(days=7), None)
+            k += 1
 
 
 def _sqlite_row(row: Tuple[Any, ...]) -> Tuple[Any, ...]:
@@ -213,9 +238,60 @@ class Datasets:
         key = f"big:{n}"
         t0 = time.perf_counter()
         d = self.copy("base", master_name=f"big{n}")
-        rows = approval_rows(n, self.now)
         c = self._raw(d)
         cur = c.cursor()
+        self._load_approvals(cur, approval_rows(n, self.now))
+        c.commit()
+        cur.execute("SELECT count(*) FROM approval_requests")
+        count = cur.fetchone()[0]
+        if count != n:
+            raise RuntimeError(f"{key}: {count} rows loaded, expected {n}")
+        self._tidy(c)
+        c.close()
+        self._copies.remove(d)  # a master, not a throwaway copy
+        self.masters[key] = d
+        self.log(f"  [{self.backend}] {n:,} approvals loaded ({time.perf_counter() - t0:.1f}s)")
+        return d
+
+    def build_rel(self, runs: int = 1000, per_run: int = 3) -> Dict[str, Any]:
+        """Base plus runs, ``runs`` in all (the base's 100 among them), each with ``per_run``
+        approvals: the data of the relationship loads."""
+        t0 = time.perf_counter()
+        d = self.copy("base", master_name="rel")
+        rng = random.Random(11)
+        extra = [(_uuid(rng), PARENTS.sessions[i % N_SESSIONS])
+                 for i in range(max(0, runs - len(PARENTS.runs)))]
+        all_runs = (PARENTS.runs + extra)[:runs]
+        c = self._raw(d)
+        cur = c.cursor()
+        ph = "?" if self.backend == "sqlite" else "%s"
+        cur.executemany(
+            "INSERT INTO workflow_runs (id, session_id, mode, agent, model, status, "
+            "checkpoint_frequency_minutes, task_description, is_branch, branch_depth) "
+            f"VALUES ({ph}, {ph}, 'one_shot', 'engineer', 'gpt-4o', 'completed', 10, {ph}, "
+            f"{'0' if self.backend == 'sqlite' else 'false'}, 0)",
+            [(r, s, f"benchmark run {len(PARENTS.runs) + i}") for i, (r, s) in enumerate(extra)],
+        )
+        self._load_approvals(cur, rel_rows(all_runs, per_run, self.now))
+        c.commit()
+        cur.execute("SELECT count(*), count(DISTINCT run_id) FROM approval_requests")
+        count, with_children = cur.fetchone()
+        cur.execute("SELECT count(*) FROM workflow_runs")
+        nruns = cur.fetchone()[0]
+        if (nruns, with_children, count) != (runs, runs, runs * per_run):
+            raise RuntimeError(f"rel: {nruns} runs, {with_children} with approvals, {count} "
+                               f"approvals; expected {runs}, {runs}, {runs * per_run}")
+        self._tidy(c)
+        c.close()
+        self._copies.remove(d)
+        self.masters["rel"] = d
+        self.log(f"  [{self.backend}] {runs:,} runs with {per_run} approvals each loaded "
+                 f"({time.perf_counter() - t0:.1f}s)")
+        return d
+
+    def _load_approvals(self, cur, rows: Iterator[Tuple[Any, ...]]) -> None:
+        """Inserts approval rows (approval_rows' column order) in chunks, by executemany
+        (SQLite) or COPY (PostgreSQL)."""
         chunk = 50_000
         if self.backend == "sqlite":
             sql = ("INSERT INTO approval_requests (id, run_id, session_id, approval_type, "
@@ -234,17 +310,6 @@ class Datasets:
                 if buf.getvalue() == "":
                     break
                 cur.copy_from(buf, "approval_requests", columns=cols)
-        c.commit()
-        cur.execute("SELECT count(*) FROM approval_requests")
-        count = cur.fetchone()[0]
-        if count != n:
-            raise RuntimeError(f"{key}: {count} rows loaded, expected {n}")
-        self._tidy(c)
-        c.close()
-        self._copies.remove(d)  # a master, not a throwaway copy
-        self.masters[key] = d
-        self.log(f"  [{self.backend}] {n:,} approvals loaded ({time.perf_counter() - t0:.1f}s)")
-        return d
 
     # -- copies --------------------------------------------------------------------------
     def copy(self, kind: str, master_name: Optional[str] = None) -> Dict[str, Any]:

@@ -5,10 +5,10 @@
 
 Measures, on one machine, with the same settings (SQLite: WAL, foreign_keys ON,
 synchronous=FULL on every side; PostgreSQL: fsync and synchronous_commit on) and the same
-data, seven workloads for three systems:
+data, eight workloads for three systems:
 
   cmbagent_db   its public Python API, exactly as cmbagent calls it
-  SQLAlchemy    SQLAlchemy 2 ORM with the seed's own models (tests/reference_models.py),
+  SQLAlchemy    SQLAlchemy 2 ORM with cmbagent's own models (tests/reference_models.py),
                 sessionmaker(autoflush=False, expire_on_commit=False)
   raw           sqlite3 / psycopg2 with hand-written SQL: the floor
 
@@ -57,6 +57,7 @@ FULL = {
     "overdue": {"k": 5, "reps": 12},
     "sweep": {"reps": 12},
     "load_all": {"runs": 6},
+    "relationship": {"runs": 1_000, "per_run": 3, "reps": 12},
     "table": 100_000,
     "sweep_sizes": (100_000, 1_000_000),
 }
@@ -68,6 +69,7 @@ QUICK = {
     "overdue": {"k": 3, "reps": 4},
     "sweep": {"reps": 3},
     "load_all": {"runs": 1},
+    "relationship": {"runs": 1_000, "per_run": 3, "reps": 3},
     "table": 100_000,
     "sweep_sizes": (10_000, 100_000),
 }
@@ -258,6 +260,9 @@ def run_backend(backend: str, cfg: Dict[str, Any], work: str, server,
         table_n = cfg["table"]
         for n in sorted(set(cfg["sweep_sizes"]) | {table_n}):
             ds.build_big(n)
+        rel = cfg.get("relationship")
+        if rel:
+            ds.build_rel(rel["runs"], rel["per_run"])
         big = ds.masters[f"big:{table_n}"]
 
         # 1. one approval per transaction: a fresh copy of base per system.
@@ -357,6 +362,16 @@ def run_backend(backend: str, cfg: Dict[str, Any], work: str, server,
                 "hwm_reset": all(r.get("hwm_reset") for r in rs),
             }
         record("load_all", out)
+
+        # 8. relationship loads over the runs: lazy (N+1) and selectinload; read-only,
+        # every system on the same master, one process per system and mode.
+        if rel:
+            for mode in ("lazy", "selectin", "join"):
+                log(f"[{backend}] 8. relationship load, {mode}")
+                p = dict(rel, mode=mode)
+                record(f"rel:{mode}", run_interleaved(
+                    {s: Worker.python(spec(s, "relationship", [ds.masters["rel"]], p))
+                     for s in SYSTEMS}, p["reps"]))
     finally:
         ds.cleanup()
 
@@ -587,6 +602,21 @@ def build_rows(results, backends: List[str], cfg) -> List[Row]:
         v, e = vals(b, "load_all", lambda r: r["peak_delta_kb"] * 1024.0)
         rows.append(Row(b, f"7b. .all() of {table_n:,} approvals: peak RSS growth", "mem", "MB", v,
                         [("sqlalchemy", "<=", 0.5)] if sq else [], e))
+        rel = cfg.get("relationship") or {}
+        for mode, label, note in (
+            ("lazy", "8a", "lazy: each run's first access of .approval_requests runs its own "
+                           "query (N+1); raw: one SELECT per run by hand"),
+            ("selectin", "8b", "query(WorkflowRun).options(selectinload(WorkflowRun.approval_requests))"
+                               "; raw: one IN query per 500 runs, grouped by hand"),
+            ("join", "8c", "query(ApprovalRequest, WorkflowRun).join(WorkflowRun, ...).all(): "
+                           "(approval, run) pairs, each run one object; raw: the same JOIN"),
+        ):
+            if not any((b, f"rel:{mode}", s) in results for s in SYSTEMS):
+                continue  # a run saved before this workload existed
+            v, e = vals(b, f"rel:{mode}", lambda r: median(r["secs"]))
+            rows.append(Row(b, f"{label}. relationship load over {rel.get('runs', 1000):,} runs "
+                            f"({rel.get('per_run', 3)} approvals each): {mode}", "time", "ms",
+                            v, [], e, note=note, secs=dict(secs)))
     return rows
 
 
@@ -722,9 +752,11 @@ def machine_info(server) -> Dict[str, str]:
 
 def write_report(path: Path, info, rows, results, backends, cfg, command, quick, elapsed) -> str:
     machine = "\n".join(f"- {k}: {v}" for k, v in info.items())
+    rel = cfg.get("relationship") or {}
+    rel_runs, rel_per = rel.get("runs", 1000), rel.get("per_run", 3)
     md = f"""# Benchmarks
 
-cmbagent_db against SQLAlchemy 2 (the seed's models) and the raw drivers.
+cmbagent_db against SQLAlchemy 2 (cmbagent's models) and the raw drivers.
 Ratios measured in one run are what these shared machines can compare; absolute numbers
 move from run to run.
 
@@ -801,6 +833,17 @@ warm-up; run time {elapsed / 60:.1f} min.
 - Peak memory of `.all()`: a fresh process per measurement; peak RSS (`VmHWM`, reset through
   `/proc/self/clear_refs` just before the load) minus RSS before it, so allocations made in
   Rust count as well as Python's. Median of {cfg['load_all']['runs']} processes.
+- Relationship loads and joins (rows 8a, 8b, 8c): a database of {rel_runs:,} workflow runs (the 100 above and
+  more of the same sessions), each with {rel_per:,} approvals, read by every system; per
+  repetition a fresh session runs `query(WorkflowRun).all()` and iterates every run's
+  `run.approval_requests` (SQLAlchemy: cmbagent's `relationship()`, no `order_by`;
+  cmbagent_db orders each collection by id), then closes the session, all inside the timing.
+  Lazy: each collection loads on first access, one query per run. selectinload: the runs'
+  collections in one more query per 500 runs (both ORMs batch by 500). The raw drivers:
+  the same SELECTs by hand, tuples grouped in a dict for the eager case. Join (8c): one
+  `query(ApprovalRequest, WorkflowRun).join(WorkflowRun, ApprovalRequest.run_id == WorkflowRun.id)`
+  returning every (approval, run) pair, each run one object however many approvals repeat it;
+  the raw drivers run the same JOIN and return tuples.
 - Rust core (examples/core_bench.rs; `cargo build --release --example core_bench` at the
   start of the run, then its binary with `--serve`, interleaved with the Python systems like a
   fourth one; standalone: `cargo run --release --example core_bench -- <sqlite path>`): the

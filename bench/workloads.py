@@ -1,5 +1,5 @@
-"""The seven workloads, written once per system: cmbagent_db through its public API, as
-cmbagent calls it; SQLAlchemy 2 with the seed's own models (tests/reference_models.py);
+"""The eight workloads, written once per system: cmbagent_db through its public API, as
+cmbagent calls it; SQLAlchemy 2 with cmbagent's own models (tests/reference_models.py);
 and the raw drivers (``sqlite3`` / ``psycopg2``) with hand-written SQL.
 
 Each system gets a database *descriptor* (a dict: ``{"backend": "sqlite", "path": ...}`` or
@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# What every approval in these workloads carries: the seed's create_pending arguments.
+# What every approval in these workloads carries: cmbagent's create_pending arguments.
 APPROVAL_TYPE = "plan_approval"
 TIMEOUT_SECONDS = 300
 SERVER_INSTANCE = "worker-1"
@@ -36,6 +36,23 @@ APPROVAL_COLUMNS = (
     "id, run_id, session_id, approval_type, context, status, resolution, result, "
     "created_at, expires_at, resolved_at"
 )
+
+# Every column of workflow_runs (what the ORMs load for a run), for the raw drivers.
+RUN_COLUMNS = (
+    "id, session_id, project_id, mode, agent, model, status, started_at, completed_at, "
+    "last_heartbeat_at, checkpoint_frequency_minutes, task_description, meta, "
+    "branch_parent_id, is_branch, branch_depth, parent_run_id, stage_number, stage_name"
+)
+
+# The joined read of row 8c, as the raw drivers write it: every approval with its run.
+JOIN_SQL = (
+    "SELECT " + ", ".join(f"a.{c.strip()}" for c in APPROVAL_COLUMNS.split(","))
+    + ", " + ", ".join(f"r.{c.strip()}" for c in RUN_COLUMNS.split(","))
+    + " FROM approval_requests a JOIN workflow_runs r ON a.run_id = r.id"
+)
+
+# selectinload's batch size (SQLAlchemy's and cmbagent_db's): one IN query per 500 parents.
+SELECTIN_BATCH = 500
 
 
 def make_context(i: int) -> Dict[str, Any]:
@@ -81,6 +98,26 @@ def check_sqlite_settings(cursor_execute: Callable[[str], Any], who: str) -> Non
 # --------------------------------------------------------------------------------------
 
 
+
+def orm_relationship_load(db, WR, AR, selectinload, mode: str) -> "tuple[int, int]":
+    """``System.relationship_load`` through an ORM session (cmbagent_db's or SQLAlchemy's:
+    the same calls)."""
+    try:
+        if mode == "join":
+            pairs = db.query(AR, WR).join(WR, AR.run_id == WR.id).all()
+            return len({id(run) for _a, run in pairs}), len(pairs)
+        q = db.query(WR)
+        if mode == "selectin":
+            q = q.options(selectinload(WR.approval_requests))
+        runs = q.all()
+        touched = 0
+        for run in runs:
+            for _a in run.approval_requests:
+                touched += 1
+        return len(runs), touched
+    finally:
+        db.close()
+
 class System:
     name = ""
 
@@ -113,6 +150,12 @@ class System:
     def load_all(self) -> Any:
         raise NotImplementedError
 
+    def relationship_load(self, mode: str) -> "tuple[int, int]":
+        """Loads every workflow run with its approval requests: ``lazy`` touches each run's
+        collection (one query per run: N+1), ``selectin`` loads them with selectinload,
+        ``join`` reads (approval, run) pairs in one joined query; returns (runs, approvals)."""
+        raise NotImplementedError
+
     def warm(self) -> None:
         """Open the connection (pool) and run a first query, outside the timing."""
 
@@ -128,12 +171,13 @@ class CmbagentDb(System):
         super().__init__(db)
         import cmbagent_db
         from cmbagent_db import get_db_session
-        from cmbagent_db.models import ActiveConnection, ApprovalRequest
+        from cmbagent_db.models import ActiveConnection, ApprovalRequest, WorkflowRun
 
         self.cmbagent_db = cmbagent_db
         self.get_db_session = get_db_session
         self.ApprovalRequest = ApprovalRequest
         self.ActiveConnection = ActiveConnection
+        self.WorkflowRun = WorkflowRun
         if self.backend == "sqlite":
             # synchronous=FULL is cmbagent_db's default; said explicitly so that a change
             # of default cannot quietly lower this side's durability.
@@ -247,6 +291,10 @@ class CmbagentDb(System):
         self._session = self.get_db_session(self.url)
         return self._session.query(self.ApprovalRequest).all()
 
+    def relationship_load(self, mode):
+        return orm_relationship_load(self.get_db_session(self.url), self.WorkflowRun,
+                                     self.ApprovalRequest, self.cmbagent_db.selectinload, mode)
+
     def close(self):
         s = getattr(self, "_session", None)
         if s is not None:
@@ -255,7 +303,7 @@ class CmbagentDb(System):
 
 
 class SqlAlchemy(System):
-    """SQLAlchemy 2 ORM with the seed's models, as cmbagent uses it today."""
+    """SQLAlchemy 2 ORM with cmbagent's models, as cmbagent uses it today."""
 
     name = "SQLAlchemy"
 
@@ -264,12 +312,14 @@ class SqlAlchemy(System):
         tests = str(ROOT / "tests")
         if tests not in sys.path:
             sys.path.insert(0, tests)
-        from reference_models import ActiveConnection, ApprovalRequest
+        from reference_models import ActiveConnection, ApprovalRequest, WorkflowRun
         from sqlalchemy import create_engine, event
-        from sqlalchemy.orm import sessionmaker
+        from sqlalchemy.orm import selectinload, sessionmaker
 
         self.ApprovalRequest = ApprovalRequest
         self.ActiveConnection = ActiveConnection
+        self.WorkflowRun = WorkflowRun
+        self.selectinload = selectinload
         if self.backend == "sqlite":
             self.engine = create_engine(f"sqlite:///{db['path']}")
 
@@ -366,6 +416,10 @@ class SqlAlchemy(System):
         self._session = self.Session()
         return self._session.query(self.ApprovalRequest).all()
 
+    def relationship_load(self, mode):
+        return orm_relationship_load(self.Session(), self.WorkflowRun, self.ApprovalRequest,
+                                     self.selectinload, mode)
+
     def close(self):
         s = getattr(self, "_session", None)
         if s is not None:
@@ -449,6 +503,34 @@ class RawSqlite(System):
 
     def load_all(self):
         return self.conn.execute(f"SELECT {APPROVAL_COLUMNS} FROM approval_requests").fetchall()
+
+    def relationship_load(self, mode):
+        ex = self.conn.execute
+        if mode == "join":
+            pairs = ex(JOIN_SQL).fetchall()
+            self.conn.commit()
+            return len({r[1] for r in pairs}), len(pairs)
+        runs = ex(f"SELECT {RUN_COLUMNS} FROM workflow_runs").fetchall()
+        touched = 0
+        if mode == "selectin":
+            # What selectinload does by hand: one IN query per 500 runs, grouped by run.
+            ids = [r[0] for r in runs]
+            by_run: Dict[str, list] = {}
+            for i in range(0, len(ids), SELECTIN_BATCH):
+                chunk = ids[i:i + SELECTIN_BATCH]
+                for row in ex(f"SELECT {APPROVAL_COLUMNS} FROM approval_requests WHERE run_id IN "
+                              f"({', '.join('?' * len(chunk))})", chunk).fetchall():
+                    by_run.setdefault(row[1], []).append(row)
+            for r in runs:
+                for _a in by_run.get(r[0], ()):
+                    touched += 1
+        else:
+            sql = f"SELECT {APPROVAL_COLUMNS} FROM approval_requests WHERE run_id = ?"
+            for r in runs:
+                for _a in ex(sql, (r[0],)).fetchall():
+                    touched += 1
+        self.conn.commit()
+        return len(runs), touched
 
     def close(self):
         self.conn.close()
@@ -547,6 +629,37 @@ class RawPsycopg2(System):
         cur = self.conn.cursor()
         cur.execute(f"SELECT {APPROVAL_COLUMNS} FROM approval_requests")
         return cur.fetchall()
+
+    def relationship_load(self, mode):
+        cur = self.conn.cursor()
+        if mode == "join":
+            cur.execute(JOIN_SQL)
+            pairs = cur.fetchall()
+            self.conn.commit()
+            return len({r[1] for r in pairs}), len(pairs)
+        cur.execute(f"SELECT {RUN_COLUMNS} FROM workflow_runs")
+        runs = cur.fetchall()
+        touched = 0
+        if mode == "selectin":
+            # What selectinload does by hand: one query per 500 runs, grouped by run.
+            ids = [r[0] for r in runs]
+            by_run: Dict[str, list] = {}
+            for i in range(0, len(ids), SELECTIN_BATCH):
+                cur.execute(f"SELECT {APPROVAL_COLUMNS} FROM approval_requests "
+                            "WHERE run_id = ANY(%s)", (ids[i:i + SELECTIN_BATCH],))
+                for row in cur.fetchall():
+                    by_run.setdefault(row[1], []).append(row)
+            for r in runs:
+                for _a in by_run.get(r[0], ()):
+                    touched += 1
+        else:
+            sql = f"SELECT {APPROVAL_COLUMNS} FROM approval_requests WHERE run_id = %s"
+            for r in runs:
+                cur.execute(sql, (r[0],))
+                for _a in cur.fetchall():
+                    touched += 1
+        self.conn.commit()
+        return len(runs), touched
 
     def close(self):
         self.conn.close()
@@ -753,6 +866,8 @@ class Runner:
             self._heartbeat_rep(self.task_ids[:10])
         elif w == "load_all":
             gc.collect()
+        elif w == "relationship":
+            self._relationship_rep()
         else:
             raise ValueError(f"unknown workload {w!r}")
 
@@ -829,6 +944,17 @@ class Runner:
             raise RuntimeError(f"{fresh} of {len(task_ids)} heartbeats were written")
         return secs
 
+    def _relationship_rep(self) -> float:
+        assert self.sysm is not None
+        mode = self.p["mode"]
+        secs, (runs, touched) = _timed(lambda: self.sysm.relationship_load(mode))
+        want_runs = int(self.p["runs"])
+        want = want_runs * int(self.p["per_run"])
+        if runs != want_runs or touched != want:
+            raise RuntimeError(f"relationship load gave {runs} runs and {touched} approvals, "
+                               f"expected {want_runs} and {want}")
+        return secs
+
     def _load_rep(self) -> float:
         # One measured load per process: a fresh process is the honest memory baseline.
         assert self.sysm is not None
@@ -867,6 +993,8 @@ class Runner:
             secs = self._heartbeat_rep(self.task_ids)
         elif w == "load_all":
             secs = self._load_rep()
+        elif w == "relationship":
+            secs = self._relationship_rep()
         else:
             raise ValueError(w)
         if self.returned is not None and self.dbs[0]["backend"] == "sqlite":
