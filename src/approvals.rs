@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 
 use crate::backend::{Conn, Row};
 use crate::dialect::Dialect;
@@ -83,6 +83,27 @@ fn why_not(conn: &mut Conn, id: &str, now: DateTime<Utc>) -> Result<Outcome> {
         None => Outcome::NotFound,
         Some(s) => Outcome::AlreadyFinal(s),
     })
+}
+
+/// The deadline `secs` seconds after `now` (`create_pending`'s `timeout_seconds`). It must
+/// be a time Python's `datetime` can hold (year 9999 at most), or reading `expires_at`
+/// back would fail.
+pub fn deadline(now: DateTime<Utc>, secs: f64) -> Result<DateTime<Utc>> {
+    let too_large = || {
+        Error::new(
+            ErrorKind::Value,
+            format!(
+                "timeout_seconds={secs} is too large: the deadline must fall before the year 10000"
+            ),
+        )
+    };
+    // `as` saturates: a huge number becomes i64::MAX microseconds, refused below.
+    let delta = chrono::TimeDelta::microseconds((secs * 1e6) as i64);
+    let at = now.checked_add_signed(delta).ok_or_else(too_large)?;
+    if at.year() > 9999 {
+        return Err(too_large());
+    }
+    Ok(at)
 }
 
 /// Refuses a resolution value other than approved, rejected, modified.
@@ -205,6 +226,9 @@ pub enum WaitEnd {
     Expired,
     Cancelled,
     NotFound,
+    /// A status outside the schema's states (NULL, or a value another client wrote):
+    /// final for a waiter, since nothing here will ever move it on.
+    UnknownStatus(Option<String>),
 }
 
 /// Waits on one request over a dedicated connection, without holding a transaction.
@@ -257,18 +281,19 @@ impl Waiter {
         };
         let col = |name: &str| table.column_index(name).unwrap_or(Table::PK);
         let status = match &row[col("status")] {
-            Value::Text(s) => s.clone(),
-            _ => "pending".into(),
+            Value::Text(s) => Some(s.clone()),
+            _ => None,
         };
         if let Value::Timestamp(t) = row[col("expires_at")] {
             self.expires_at = Some(t);
         }
-        Ok(match status.as_str() {
+        Ok(match status.as_deref() {
+            Some("pending") => None,
             // Rows of cmbagent's first approval table name their decision in the status.
-            s if s == "resolved" || RESOLUTIONS.contains(&s) => Some(WaitEnd::Resolved(row)),
-            "expired" => Some(WaitEnd::Expired),
-            "cancelled" => Some(WaitEnd::Cancelled),
-            _ => None,
+            Some(s) if s == "resolved" || RESOLUTIONS.contains(&s) => Some(WaitEnd::Resolved(row)),
+            Some("expired") => Some(WaitEnd::Expired),
+            Some("cancelled") => Some(WaitEnd::Cancelled),
+            _ => Some(WaitEnd::UnknownStatus(status)),
         })
     }
 
@@ -339,6 +364,18 @@ mod tests {
     use crate::migrate;
     use crate::url;
     use chrono::TimeDelta;
+
+    #[test]
+    fn deadlines_stay_within_what_python_can_read() {
+        let now = Utc::now();
+        let d = deadline(now, 300.0).unwrap();
+        assert_eq!((d - now).num_seconds(), 300);
+        for secs in [2.6e11, 1e15, 1e300] {
+            let e = deadline(now, secs).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Value);
+            assert!(e.message.contains("year 10000"), "{}", e.message);
+        }
+    }
 
     fn db_with_request(expires_in: TimeDelta) -> (Conn, DateTime<Utc>) {
         let mut c = Conn::open(&url::parse("sqlite:///:memory:").unwrap()).unwrap();

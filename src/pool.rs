@@ -13,6 +13,26 @@ const MAX_IDLE: usize = 8;
 struct State {
     idle: Vec<Conn>,
     open: usize,
+    /// The process these connections belong to (see `forget_inherited`).
+    pid: u32,
+}
+
+impl State {
+    /// After `fork()` the child holds copies of the parent's connections: the same
+    /// sockets (and SQLite handles). Talking on them from both processes interleaves two
+    /// conversations on one socket and both hang; closing them in the child would end the
+    /// parent's sessions (a PostgreSQL Terminate message). The child forgets them unused
+    /// and opens its own; the parent is not affected.
+    fn forget_inherited(&mut self) {
+        let pid = std::process::id();
+        if self.pid != pid {
+            for conn in self.idle.drain(..) {
+                std::mem::forget(conn);
+            }
+            self.open = 0;
+            self.pid = pid;
+        }
+    }
 }
 
 pub struct Pool {
@@ -40,6 +60,7 @@ impl Pool {
             state: Mutex::new(State {
                 idle: Vec::new(),
                 open: 0,
+                pid: std::process::id(),
             }),
             returned: Condvar::new(),
             max_open,
@@ -59,6 +80,7 @@ impl Pool {
     pub fn get(self: &Arc<Self>) -> Result<Pooled> {
         let deadline = Instant::now() + self.wait;
         let mut st = self.lock();
+        st.forget_inherited();
         loop {
             if let Some(conn) = st.idle.pop() {
                 if conn.is_broken() {
@@ -68,15 +90,18 @@ impl Pool {
                 return Ok(Pooled {
                     conn: Some(conn),
                     pool: self.clone(),
+                    pid: st.pid,
                 });
             }
             if self.max_open.is_none_or(|m| st.open < m) {
                 st.open += 1;
+                let pid = st.pid;
                 drop(st);
                 return match Conn::open(&self.url) {
                     Ok(conn) => Ok(Pooled {
                         conn: Some(conn),
                         pool: self.clone(),
+                        pid,
                     }),
                     Err(e) => {
                         self.lock().open -= 1;
@@ -103,15 +128,22 @@ impl Pool {
     /// them all (a restart, a failover), as SQLAlchemy's pool assumes too.
     pub fn purge_idle(&self) {
         let mut st = self.lock();
+        st.forget_inherited();
         let n = st.idle.len();
         st.idle.clear();
         st.open -= n;
     }
 
-    fn put(&self, mut conn: Conn) {
+    fn put(&self, mut conn: Conn, pid: u32) {
+        if pid != std::process::id() {
+            // Checked out before a fork and given back in the child: the parent's.
+            std::mem::forget(conn);
+            return;
+        }
         // A connection goes back clean: whatever its holder left open is undone.
         let clean = conn.rollback().is_ok() && !conn.is_broken();
         let mut st = self.lock();
+        st.forget_inherited();
         if clean && (st.idle.len() < MAX_IDLE || self.max_open.is_some()) {
             st.idle.push(conn);
         } else {
@@ -126,6 +158,15 @@ impl Pool {
 pub struct Pooled {
     conn: Option<Conn>,
     pool: Arc<Pool>,
+    /// The process that checked it out.
+    pid: u32,
+}
+
+impl Pooled {
+    /// Whether this process inherited it through `fork()` rather than checking it out.
+    pub fn inherited(&self) -> bool {
+        self.pid != std::process::id()
+    }
 }
 
 impl std::ops::Deref for Pooled {
@@ -149,7 +190,7 @@ impl std::ops::DerefMut for Pooled {
 impl Drop for Pooled {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            self.pool.put(conn);
+            self.pool.put(conn, self.pid);
         }
     }
 }

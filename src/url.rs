@@ -159,7 +159,8 @@ pub fn parse(url: &str) -> Result<DbUrl> {
                                 "URL parameter timeout={v:?} is not a number of seconds"
                             ))
                         })?;
-                        busy_timeout = Duration::from_secs_f64(secs);
+                        // Beyond what a Duration holds: wait as long as one can.
+                        busy_timeout = Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX);
                     }
                     "synchronous" => {
                         synchronous = match v.to_ascii_uppercase().as_str() {

@@ -93,7 +93,8 @@ fn parse_general(s: &str) -> Option<DateTime<Utc>> {
     let time = NaiveTime::parse_from_str(time, "%H:%M:%S%.f")
         .or_else(|_| NaiveTime::parse_from_str(time, "%H:%M"))
         .ok()?;
-    let naive = NaiveDateTime::new(date, time) - chrono::Duration::seconds(offset_secs);
+    let naive = NaiveDateTime::new(date, time)
+        .checked_sub_signed(chrono::Duration::seconds(offset_secs))?;
     Some(naive.and_utc())
 }
 
@@ -110,10 +111,15 @@ fn split_offset(s: &str) -> Option<(&str, i64)> {
             let off = &s[i + 1..];
             let (h, m) = match off.split_once(':') {
                 Some((h, m)) => (h, m),
-                None if off.len() == 4 => (&off[..2], &off[2..]),
+                None if off.len() == 4 => (off.get(..2)?, off.get(2..)?),
                 None => (off, "0"),
             };
-            let secs = h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60;
+            // Real offsets are under a day; anything else is not a timestamp.
+            let (h, m) = (h.parse::<i64>().ok()?, m.parse::<i64>().ok()?);
+            if !(0..24).contains(&h) || !(0..60).contains(&m) {
+                return None;
+            }
+            let secs = h * 3600 + m * 60;
             Some((&s[..i], sign * secs))
         }
         None => Some((s, 0)),
@@ -124,6 +130,22 @@ fn split_offset(s: &str) -> Option<(&str, i64)> {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn malformed_offsets_and_dates_are_not_timestamps() {
+        for s in [
+            "2026-02-11 09:05:07+1é1",
+            "2026-02-11 09:05:07é+1é",
+            "2026-02-11 09:05:07+9999999999999:00",
+            "2026-02-11 09:05:07-99:00",
+            "2026-02-11 09:05:07+05:99",
+            "+262143-12-31 23:59:59-23:00",
+            "-262143-01-01 00:00:00+23:00",
+        ] {
+            assert_eq!(parse_sqlite_timestamp(s), None, "{s}");
+        }
+        assert!(parse_sqlite_timestamp("2026-02-11 09:05:07+0530").is_some());
+    }
 
     #[test]
     fn sqlalchemy_format_round_trips() {

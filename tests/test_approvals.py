@@ -31,6 +31,7 @@ from cmbagent_db import (
     ApprovalExpired,
     ApprovalNotFound,
     ApprovalTimeout,
+    DataError,
     approvals,
     get_db_session,
 )
@@ -961,3 +962,38 @@ def test_wait_on_expired_raises_at_once(db, parents, migrated_url, how):
         approvals.wait(req.id, None, url=migrated_url)
     assert time.monotonic() - t0 < 1.0
     assert row(migrated_url, req.id)["status"] == "expired"
+
+
+@pytest.mark.parametrize("huge", [1e19, 1e20, 1e300])
+def test_a_timeout_beyond_any_clock_means_no_deadline(db, parents, migrated_url, huge):
+    _, rid = parents
+    req = approvals.request(db, rid, "plan_approval", {}, 60)
+    assert approvals.resolve(db, req.id, "approved") is True
+    assert approvals.wait(req.id, huge, url=migrated_url).resolution == "approved"
+
+
+@pytest.mark.parametrize("huge", [2.6e11, 1e15, 1e300])
+def test_a_deadline_after_year_9999_is_refused(db, parents, migrated_url, huge):
+    _, rid = parents
+    with pytest.raises(ValueError, match="year 10000"):
+        ApprovalRequest.create_pending(rid, "plan_approval", {}, timeout_seconds=huge)
+    with pytest.raises(ValueError, match="year 10000"):
+        approvals.request(db, rid, "plan_approval", {}, huge)
+    db.rollback()
+    assert row_count(migrated_url, "approval_requests") == 0
+
+
+@pytest.mark.parametrize("status", [None, "weird", "APPROVED"])
+def test_a_status_outside_the_states_ends_the_wait(db, parents, migrated_url, status):
+    """Written by another client behind the package's back, with the deadline passed: the
+    waiter reports it at once (it used to re-read it forever at full speed)."""
+    _, rid = parents
+    req = approvals.request(db, rid, "plan_approval", {}, 60)
+    fetch_all(migrated_url, "UPDATE approval_requests SET status = ?, expires_at = ? WHERE id = ?",
+              (status, db_ts(migrated_url, utcnow() - timedelta(seconds=5)), req.id))
+    started = time.monotonic()
+    with pytest.raises(DataError, match="not one of the states") as info:
+        approvals.wait(req.id, None, url=migrated_url)
+    assert time.monotonic() - started < 5
+    assert (repr(status) if status else "NULL") in str(info.value).replace('"', "'")
+    assert row(migrated_url, req.id)["status"] == status

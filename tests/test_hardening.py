@@ -59,6 +59,7 @@ from cmbagent_db import (
     PendingRollbackError,
     ProgrammingError,
     StaleDataError,
+    approvals,
     get_db_session,
 )
 from cmbagent_db import exceptions as exc_mod
@@ -1691,3 +1692,142 @@ def test_every_exception_class_has_a_test():
         if inspect.isclass(c) and issubclass(c, BaseException) and c.__module__ == exc_mod.__name__
     }
     assert classes - COVERED == set(), f"exception classes without a test here: {sorted(classes - COVERED)}"
+
+
+@pytest.mark.parametrize("stored", [
+    "2026-02-11 09:05:07+1é1",
+    "2026-02-11 09:05:07+9999999999999:00",
+    "2026-02-11 09:05:07-99:00",
+    "9999-12-31 23:59:59-23:00",
+])
+def test_malformed_timestamp_text_from_another_client_is_a_data_error(sqlite_url, stored):
+    """SQLite keeps whatever text another client writes into a timestamp column: reading it
+    is a DataError naming the column (it used to panic in the parser), and the session
+    goes on."""
+    cmbagent_db.migrate(sqlite_url, "head")
+    db = get_db_session(sqlite_url)
+    s = Session(name="ts")
+    db.add(s)
+    db.commit()
+    fetch_all(sqlite_url, "UPDATE sessions SET last_active_at = ? WHERE id = ?", (stored, s.id))
+    db.expunge_all()
+    with pytest.raises(DataError, match="last_active_at"):
+        # Unreadable text fails the load; a year past 9999 fails on reading the attribute.
+        db.get(Session, s.id).last_active_at
+    db.rollback()
+    assert db.query(Session.name).filter(Session.id == s.id).scalar() == "ts"
+    db.close()
+
+
+def test_a_session_shared_between_threads_refuses_the_second_caller_clearly(migrated_url):
+    """A session serves one thread at a time. Threads that share one anyway get an
+    InvalidRequestError naming the rule from every method (never a panic, never a
+    RuntimeError of the binding), and the session works afterwards."""
+    _, run_id = make_run(migrated_url)
+    db = get_db_session(migrated_url)
+    run = db.get(WorkflowRun, run_id)
+    reqs = [approvals.request(db, run.id, "step", {"k": k}, 60) for k in range(8)]
+    calls = [
+        lambda i: approvals.resolve(db, reqs[i].id, "approved"),
+        lambda i: db.query(ApprovalRequest).filter(ApprovalRequest.run_id == run.id).all(),
+        lambda i: db.commit(),
+        lambda i: db.get(WorkflowRun, run.id),
+        lambda i: repr(db),
+        lambda i: db.add(Session(name=f"t{i}")),
+    ]
+    outcomes = collections.Counter()
+    errors = []
+    barrier = threading.Barrier(12)
+
+    def worker(i):
+        barrier.wait()
+        for _ in range(30):
+            try:
+                calls[i % len(calls)](i % 8)
+                outcomes["ok"] += 1
+            except InvalidRequestError as e:
+                assert "one thread at a time" in str(e), str(e)
+                outcomes["refused"] += 1
+            except BaseException as e:  # a PanicException is a BaseException
+                errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [], errors[:5]
+    assert outcomes["ok"] > 0
+    db.rollback()
+    db.commit()
+    # Every request was resolved at most once, and the session still works.
+    statuses = {r.status for r in db.query(ApprovalRequest).filter(ApprovalRequest.run_id == run.id).populate_existing()}
+    assert statuses <= {"pending", "resolved"}
+    assert db.get(WorkflowRun, run.id) is not None
+    db.close()
+
+
+FORK_AFTER_POOL_USE = """
+import os, sys, time
+import cmbagent_db
+from cmbagent_db import PendingRollbackError, get_db_session
+from cmbagent_db.models import Session
+url, hold = sys.argv[1], sys.argv[2] == "hold"
+db = get_db_session(url)
+db.add(Session(name="before-fork"))
+db.commit()
+db.close()  # the pool now holds an idle connection
+held = None
+if hold:  # and a session in the middle of a transaction
+    held = get_db_session(url)
+    held.add(Session(name="held"))
+    held.flush()
+
+def write(who, n):
+    for i in range(n):
+        d = get_db_session(url)
+        d.add(Session(name=f"{who}-{i}"))
+        d.commit()
+        d.close()
+
+pid = os.fork()
+if pid == 0:
+    try:
+        if held is not None:
+            try:
+                held.add(Session(name="never"))
+                held.commit()
+                print("CHILD held committed", flush=True)
+            except PendingRollbackError as e:
+                assert "before fork()" in str(e), str(e)
+                held.rollback()
+        write("child", 20)
+        os._exit(0)
+    except BaseException as e:
+        print("CHILD", type(e).__name__, e, flush=True)
+        os._exit(1)
+write("parent", 20)
+if held is not None:
+    held.commit()
+_, status = os.waitpid(pid, 0)
+print("CHILD-EXIT", os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+def test_fork_after_pool_use_gives_the_child_its_own_connections(migrated_url, tmp_path):
+    """A process that used the pool forks (gunicorn, multiprocessing's fork): parent and
+    child write at the same time, and both finish. The child forgets the parent's idle
+    connections without closing them; a session inside a transaction at fork() is the
+    parent's to finish, and the child's copy must roll back first. Without this, both
+    processes hung on PostgreSQL (two conversations on one socket)."""
+    hold = "hold" if is_postgresql(migrated_url) else "no-hold"  # SQLite: one writer at a time
+    script = write_script(tmp_path, "fork_after_pool_use.py", FORK_AFTER_POOL_USE)
+    out = subprocess.run([sys.executable, script, migrated_url, hold],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.split() == ["CHILD-EXIT", "0"], out.stdout + out.stderr
+    names = [n for (n,) in fetch_all(migrated_url, "SELECT name FROM sessions")]
+    assert sorted(n for n in names if n.startswith("child-")) == sorted(f"child-{i}" for i in range(20))
+    assert sorted(n for n in names if n.startswith("parent-")) == sorted(f"parent-{i}" for i in range(20))
+    assert "never" not in names
+    assert ("held" in names) == (hold == "hold")

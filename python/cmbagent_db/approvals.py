@@ -80,8 +80,10 @@ def wait(
     """Blocks until the request is resolved and returns it, without holding the GIL or a
     transaction. Raises ApprovalExpired when the request's own deadline passes (it is marked
     expired), ApprovalCancelled when it is cancelled, ApprovalTimeout (a TimeoutError) when
-    only ``timeout`` passes (the request stays pending), ApprovalNotFound for an unknown id.
-    ``url`` defaults to cmbagent's database URL."""
+    only ``timeout`` passes (the request stays pending), ApprovalNotFound for an unknown id,
+    DataError for a status outside the request states (written by another client). A
+    ``timeout`` longer than the clock can count (about 1e19 s) means no timeout. ``url``
+    defaults to cmbagent's database URL."""
     return _native.approval_wait(approval_id, timeout, url=url)
 
 

@@ -1,7 +1,7 @@
 //! Python values <-> [`Value`], checked against the column's declared type. Checks are
 //! explicit and ordered (`bool` before `int`, since `bool` is an `int` in Python).
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, TimeDelta, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, NaiveTime, TimeDelta, Utc};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{
@@ -151,7 +151,11 @@ fn utc_of(dt: &Bound<'_, PyDateTime>) -> Option<DateTime<Utc>> {
             }
         }
     };
-    naive.checked_sub_signed(offset).map(|n| n.and_utc())
+    // In UTC it must still be a datetime Python can hold (years 1-9999).
+    naive
+        .checked_sub_signed(offset)
+        .map(|n| n.and_utc())
+        .filter(|t| (1..=9999).contains(&t.year()))
 }
 
 /// A [`Value`] read from the database as the Python object the column holds.
@@ -166,6 +170,15 @@ pub fn to_py_from(py: Python<'_>, v: &Value, origin: &dyn Fn() -> String) -> PyR
         Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any().unbind(),
         Value::Int(i) => i.into_pyobject(py)?.into_any().unbind(),
         Value::Text(s) => PyString::new(py, s).into_any().unbind(),
+        Value::Timestamp(t) if !(1..=9999).contains(&t.year()) => {
+            return Err(raise(
+                ErrorKind::Data,
+                format!(
+                    "{} holds {t}, outside the years 1-9999 a Python datetime can hold",
+                    origin()
+                ),
+            ))
+        }
         Value::Timestamp(t) => t.into_pyobject(py)?.into_any().unbind(),
         Value::Json(s) => json::loads(py, s)
             .map_err(|e| {

@@ -437,10 +437,8 @@ models! {
             step_id: Option<&Bound<'py, PyAny>>,
         ) -> PyResult<Bound<'py, PyAny>> {
             let py = cls.py();
-            let delta = chrono::TimeDelta::microseconds((timeout_seconds.0 * 1e6) as i64);
-            let expires = crate::value::now_micros()
-                .checked_add_signed(delta)
-                .ok_or_else(|| PyValueError::new_err("timeout_seconds is too large"))?;
+            let expires =
+                crate::approvals::deadline(crate::value::now_micros(), timeout_seconds.0)?;
             if cls.is(py.get_type::<PyApprovalRequest>()) {
                 // The class itself (not a Python subclass): build the object directly, with
                 // the deadline kept raw until someone reads it.

@@ -12,7 +12,7 @@ use crate::python::errors::raise;
 use crate::python::expression::{criterion, PyAggregate, PyAliased, PyColumn, PyOrdering};
 use crate::python::model::table_of_class;
 use crate::python::relationship::{preload, PyLoadOption, PyRelationship};
-use crate::python::session::{column_of, PyDbSession};
+use crate::python::session::{column_of, exclusive, shared, PyDbSession};
 use crate::query::{entity_items, Item, Join, Output, Select};
 use crate::schema::{Relationship, Table, TableId, TABLES};
 
@@ -129,7 +129,7 @@ impl PyQuery {
         let session = self.session.bind(py);
         let single = self.single_entity();
         let objs = if single.is_some() && select.joins.is_empty() && select.from.alias == 0 {
-            session.borrow_mut().fetch(py, select, self.overwrite)?
+            exclusive(session)?.fetch(py, select, self.overwrite)?
         } else {
             session
                 .borrow_mut()
@@ -417,7 +417,7 @@ impl PyQuery {
         self.select
             .check()
             .map_err(|m| raise(ErrorKind::InvalidRequest, m))?;
-        self.session.bind(py).borrow_mut().count(py, &self.select)
+        exclusive(self.session.bind(py))?.count(py, &self.select)
     }
 
     /// The object with this primary key, or None (legacy `query(M).get(pk)`).
@@ -439,7 +439,7 @@ impl PyQuery {
     ) -> PyResult<usize> {
         let _ = synchronize_session;
         self.guard_bulk("update")?;
-        self.session.bind(py).borrow_mut().bulk_update(
+        exclusive(self.session.bind(py))?.bulk_update(
             py,
             self.select.from.table,
             &self.select.filters,
@@ -457,16 +457,16 @@ impl PyQuery {
     ) -> PyResult<usize> {
         let _ = synchronize_session;
         self.guard_bulk("delete")?;
-        self.session.bind(py).borrow_mut().bulk_delete(
+        exclusive(self.session.bind(py))?.bulk_delete(
             py,
             self.select.from.table,
             &self.select.filters,
         )
     }
 
-    fn __repr__(&self, py: Python<'_>) -> String {
-        let d = self.session.bind(py).borrow().dialect();
-        format!("<Query {}>", self.select.render(d).0)
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let d = shared(self.session.bind(py))?.dialect();
+        Ok(format!("<Query {}>", self.select.render(d).0))
     }
 }
 

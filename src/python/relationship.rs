@@ -11,7 +11,7 @@ use pyo3::types::{PyList, PyString};
 use crate::error::ErrorKind;
 use crate::python::errors::raise;
 use crate::python::model::{PyModel, Slot};
-use crate::python::session::PyDbSession;
+use crate::python::session::{exclusive, PyDbSession};
 use crate::schema::{RelKind, Relationship, TableId, TABLES};
 use crate::unit_of_work::ObjState;
 use crate::value::Value;
@@ -108,7 +108,7 @@ fn cascade_add(
     let Some(session) = tracked.borrow().session(py) else {
         return Ok(());
     };
-    session.borrow_mut().add(obj.as_any())
+    exclusive(&session)?.add_object(obj.as_any())
 }
 
 fn set_fk(m: &mut PyModel, column: usize, value: Value) {
@@ -229,8 +229,8 @@ impl PyRelationshipList {
         };
         if let Some(session) = session {
             match state {
-                ObjState::Persistent => session.borrow_mut().delete(child.as_any())?,
-                ObjState::Pending => session.borrow_mut().expunge(child.as_any())?,
+                ObjState::Persistent => exclusive(&session)?.delete_object(child.as_any())?,
+                ObjState::Pending => exclusive(&session)?.expunge_object(child.as_any())?,
                 _ => {}
             }
         }
@@ -461,8 +461,7 @@ impl PyRelationship {
                 }
                 let parent = match session {
                     Some(s) => {
-                        s.borrow_mut()
-                            .get_by_pk(py, r.parent(), PyString::new(py, &fk).as_any())?
+                        exclusive(&s)?.get_by_pk(py, r.parent(), PyString::new(py, &fk).as_any())?
                     }
                     None if state == ObjState::Detached => return Err(detached(r, this.table)),
                     None => None,
@@ -478,7 +477,7 @@ impl PyRelationship {
                 let items = match (state, session) {
                     (ObjState::Persistent, Some(s)) => {
                         let pk = pk_of(py, obj)?;
-                        s.borrow_mut()
+                        exclusive(&s)?
                             .children(py, r, &[pk])?
                             .pop()
                             .unwrap_or_default()
@@ -605,13 +604,13 @@ pub fn preload(
     }
     match r.kind {
         RelKind::ToChildren => {
-            let lists = session.borrow_mut().children(py, r, &keys)?;
+            let lists = exclusive(session)?.children(py, r, &keys)?;
             for (m, items) in todo.iter().zip(lists) {
                 set_collection(py, m, key, items)?;
             }
         }
         RelKind::ToParent => {
-            let parents = session.borrow_mut().by_pks(py, r.parent(), &keys)?;
+            let parents = exclusive(session)?.by_pks(py, r.parent(), &keys)?;
             for (m, k) in todo.iter().zip(&keys) {
                 m.borrow_mut()
                     .set_cached(key, parents.get(k).map(|p| p.clone_ref(py)));

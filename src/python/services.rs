@@ -8,7 +8,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDateTime;
 
-use crate::approvals::{self, Outcome, WaitEnd, Waiter};
+use crate::approvals::{self, Outcome, WaitEnd, Waiter, RESOLUTIONS};
 use crate::connections;
 use crate::engine;
 use crate::error::ErrorKind;
@@ -16,7 +16,7 @@ use crate::expr::{CmpOp, ColRef, Expr};
 use crate::python::convert::{to_value, Purpose};
 use crate::python::errors::raise;
 use crate::python::model::{instantiate, PyModel};
-use crate::python::session::PyDbSession;
+use crate::python::session::{exclusive, PyDbSession};
 use crate::query::{Item, Select};
 use crate::schema::{Table, TableId, ACTIVE_CONNECTIONS, APPROVAL_REQUESTS, TABLES};
 use crate::unit_of_work::ObjState;
@@ -59,7 +59,7 @@ pub fn resolve(
     };
     // Refused before the transaction begins, so a bad value costs the session nothing.
     approvals::check_resolution(&resolution)?;
-    let mut s = db.borrow_mut();
+    let mut s = exclusive(db)?;
     let id = approval_id.clone();
     let done = s.write_and_commit(py, move |c| {
         approvals::resolve(c, &id, &resolution, result, Utc::now())
@@ -72,7 +72,7 @@ pub fn resolve(
 #[pyfunction]
 #[pyo3(name = "approval_cancel")]
 pub fn cancel(py: Python<'_>, db: &Bound<'_, PyDbSession>, approval_id: String) -> PyResult<bool> {
-    let mut s = db.borrow_mut();
+    let mut s = exclusive(db)?;
     let id = approval_id.clone();
     let done = s.write_and_commit(py, move |c| approvals::cancel(c, &id, Utc::now()))?;
     s.refresh_ids(py, APPROVAL_REQUESTS, std::slice::from_ref(&approval_id))?;
@@ -99,7 +99,7 @@ pub fn expire_overdue(
         },
         None => Utc::now(),
     };
-    let mut s = db.borrow_mut();
+    let mut s = exclusive(db)?;
     let ids = s.write_and_commit(py, move |c| approvals::expire_overdue(c, now))?;
     s.refresh_ids(py, APPROVAL_REQUESTS, &ids)?;
     Ok(ids)
@@ -144,7 +144,7 @@ pub fn pending(
     select
         .order_by
         .push((Item::Column(column(t, "created_at")), false));
-    db.borrow_mut().fetch(py, &select, false)
+    exclusive(db)?.fetch(py, &select, false)
 }
 
 /// Blocks until the request is resolved and returns it (detached from any session),
@@ -175,7 +175,12 @@ pub fn wait(
         engine.ensure_ready()?;
         Waiter::new(engine.open_dedicated()?, &id)
     })?;
-    let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t));
+    // A timeout longer than a monotonic clock can count (centuries) is no deadline at all.
+    let deadline = timeout.and_then(|t| {
+        Duration::try_from_secs_f64(t)
+            .ok()
+            .and_then(|d| Instant::now().checked_add(d))
+    });
     // Short slices keep Ctrl-C and asyncio cancellation responsive.
     let slice = Duration::from_millis(50);
     loop {
@@ -206,6 +211,18 @@ pub fn wait(
                     ErrorKind::ApprovalNotFound,
                     format!("no approval request has id {approval_id:?}"),
                 ))
+            }
+            Some(WaitEnd::UnknownStatus(status)) => {
+                let shown = status.map_or("NULL".to_string(), |s| format!("{s:?}"));
+                return Err(raise(
+                    ErrorKind::Data,
+                    format!(
+                        "approval request {approval_id} has status {shown}, which is not one of \
+                         the states a request can be in (pending, {}, resolved, expired, \
+                         cancelled); the wait ends here",
+                        RESOLUTIONS.join(", ")
+                    ),
+                ));
             }
             None => {}
         }
@@ -272,7 +289,7 @@ pub fn heartbeat(
     let instance =
         text_arg(column(t, "server_instance"), Some(server_instance))?.unwrap_or_default();
     let session = text_arg(column(t, "session_id"), session_id)?;
-    let mut s = db.borrow_mut();
+    let mut s = exclusive(db)?;
     let row = s.write_and_commit(py, move |c| {
         connections::heartbeat(c, &task, session.as_deref(), &instance, Utc::now())
     })?;
@@ -288,7 +305,7 @@ fn forget(py: Python<'_>, s: &mut PyDbSession, removed: &[connections::Removed])
 #[pyfunction]
 #[pyo3(name = "connection_disconnect")]
 pub fn disconnect(py: Python<'_>, db: &Bound<'_, PyDbSession>, task_id: String) -> PyResult<bool> {
-    let mut s = db.borrow_mut();
+    let mut s = exclusive(db)?;
     let removed = s.write_and_commit(py, move |c| connections::disconnect(c, &task_id))?;
     forget(py, &mut s, &removed)?;
     Ok(!removed.is_empty())
@@ -303,7 +320,7 @@ pub fn release_instance(
     db: &Bound<'_, PyDbSession>,
     server_instance: String,
 ) -> PyResult<usize> {
-    let mut s = db.borrow_mut();
+    let mut s = exclusive(db)?;
     let removed = s.write_and_commit(py, move |c| {
         connections::release_instance(c, &server_instance)
     })?;
@@ -321,7 +338,7 @@ pub fn reap_stale(
     ttl_seconds: &Bound<'_, PyAny>,
 ) -> PyResult<Vec<String>> {
     let cutoff = ttl(ttl_seconds)?;
-    let mut s = db.borrow_mut();
+    let mut s = exclusive(db)?;
     let removed = s.write_and_commit(py, move |c| connections::reap_stale(c, cutoff))?;
     forget(py, &mut s, &removed)?;
     Ok(removed.into_iter().map(|(_, task)| task).collect())
@@ -353,7 +370,7 @@ pub fn live(
     select
         .order_by
         .push((Item::Column(column(t, "task_id")), false));
-    db.borrow_mut().fetch(py, &select, false)
+    exclusive(db)?.fetch(py, &select, false)
 }
 
 /// The server instance holding `task_id`, or None when its heartbeat is older than the TTL.
@@ -366,6 +383,5 @@ pub fn owner(
     ttl_seconds: &Bound<'_, PyAny>,
 ) -> PyResult<Option<String>> {
     let cutoff = ttl(ttl_seconds)?;
-    db.borrow_mut()
-        .read(py, move |c| connections::owner(c, &task_id, cutoff))
+    exclusive(db)?.read(py, move |c| connections::owner(c, &task_id, cutoff))
 }

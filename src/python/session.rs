@@ -123,10 +123,21 @@ impl PyDbSession {
     }
 
     fn slot(&mut self) -> &mut Option<Pooled> {
-        self.conn.get_mut().unwrap_or_else(|p| p.into_inner())
+        let slot = self.conn.get_mut().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_some_and(Pooled::inherited) {
+            // A transaction the parent opened before fork(): it is the parent's to finish.
+            // Its connection is left to the parent, and this copy of the session must
+            // roll back before it starts again on a connection of its own.
+            *slot = None;
+            self.failed =
+                Some("its transaction was opened by the parent process before fork()".to_string());
+        }
+        slot
     }
 
-    fn check_usable(&self) -> PyResult<()> {
+    fn check_usable(&mut self) -> PyResult<()> {
+        // Notices a transaction inherited through fork() (see `slot`).
+        self.slot();
         match &self.failed {
             None => Ok(()),
             Some(why) => Err(raise(
@@ -888,10 +899,10 @@ pub fn column_of(table: TableId, name: &str) -> PyResult<usize> {
         .ok_or_else(|| unknown_column(table, name))
 }
 
-#[pymethods]
+/// The bodies of the methods that take a session borrowed for one call (see `exclusive`).
 impl PyDbSession {
     /// Tracks a new object (inserted at the next flush) or re-attaches a detached one.
-    pub(crate) fn add(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+    pub(crate) fn add_object(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
         let py = obj.py();
         let b = model(obj)?;
         let was_transient = b.borrow().state == ObjState::Transient;
@@ -914,7 +925,7 @@ impl PyDbSession {
                 for o in members {
                     let o = o.bind(py);
                     if o.cast::<PyModel>()?.borrow().state == ObjState::Transient {
-                        self.add(o)?;
+                        self.add_object(o)?;
                     }
                 }
             }
@@ -922,21 +933,14 @@ impl PyDbSession {
         Ok(())
     }
 
-    fn add_all(&mut self, objs: &Bound<'_, PyAny>) -> PyResult<()> {
-        for obj in objs.try_iter()? {
-            self.add(&obj?)?;
-        }
-        Ok(())
-    }
-
     /// Marks a persistent object for deletion at the next flush.
-    pub(crate) fn delete(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+    pub(crate) fn delete_object(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
         let b = model(obj)?;
         let state = b.borrow().state;
         match state {
             ObjState::Persistent | ObjState::Detached => {
                 if state == ObjState::Detached {
-                    self.add(obj)?;
+                    self.add_object(obj)?;
                 }
                 if !self.to_delete.iter().any(|o| o.is(obj)) {
                     self.to_delete.push(obj.clone().unbind());
@@ -951,29 +955,7 @@ impl PyDbSession {
         }
     }
 
-    /// Writes pending changes inside the session's transaction, without committing.
-    fn flush(&mut self, py: Python<'_>) -> PyResult<()> {
-        self.do_flush(py)
-    }
-
-    fn commit(&mut self, py: Python<'_>) -> PyResult<()> {
-        self.do_commit(py)
-    }
-
-    /// Undoes the open transaction: new objects are dropped from the session, deleted
-    /// ones come back, changed ones are read again.
-    fn rollback(&mut self, py: Python<'_>) -> PyResult<()> {
-        self.do_rollback(py)
-    }
-
-    /// Rolls back what was not committed and stops tracking every object.
-    fn close(&mut self, py: Python<'_>) -> PyResult<()> {
-        let result = self.do_rollback(py);
-        self.do_expunge_all(py)?;
-        result
-    }
-
-    pub(crate) fn expunge(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+    pub(crate) fn expunge_object(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
         let py = obj.py();
         let b = model(obj)?;
         let (table, pk) = {
@@ -1002,12 +984,8 @@ impl PyDbSession {
         )
     }
 
-    fn expunge_all(&mut self, py: Python<'_>) -> PyResult<()> {
-        self.do_expunge_all(py)
-    }
-
     /// Reads the object's row again, discarding unsaved changes.
-    fn refresh(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn refresh_object(&mut self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
         let py = obj.py();
         let b = model(obj)?;
         let (table, pk, tracked) = {
@@ -1038,14 +1016,8 @@ impl PyDbSession {
         Ok(())
     }
 
-    /// `db.query(Model)` or `db.query(Model.column, ...)`.
-    #[pyo3(signature = (*entities))]
-    fn query(slf: &Bound<'_, Self>, entities: &Bound<'_, PyTuple>) -> PyResult<PyQuery> {
-        PyQuery::new(slf.clone().unbind(), entities)
-    }
-
     /// The object of `model` with primary key `ident`, or None.
-    fn get(
+    fn get_object(
         &mut self,
         py: Python<'_>,
         model: &Bound<'_, PyAny>,
@@ -1062,33 +1034,129 @@ impl PyDbSession {
         })?;
         self.get_by_pk(py, table, ident)
     }
+}
+
+/// The session for one call. A session serves one thread at a time, as SQLAlchemy's
+/// does: while one thread's call is inside it (its statements run without the GIL),
+/// another thread's call is refused with the same error from every method.
+pub fn exclusive<'py>(session: &Bound<'py, PyDbSession>) -> PyResult<PyRefMut<'py, PyDbSession>> {
+    session.try_borrow_mut().map_err(|_| in_use())
+}
+
+/// The session for a call that only reads it; refused the same way while another
+/// thread's call is inside it.
+pub fn shared<'py>(session: &Bound<'py, PyDbSession>) -> PyResult<PyRef<'py, PyDbSession>> {
+    session.try_borrow().map_err(|_| in_use())
+}
+
+fn in_use() -> PyErr {
+    raise(
+        ErrorKind::InvalidRequest,
+        "this session is in use by another thread: a session serves one thread at a time \
+         (as SQLAlchemy's does); give each thread its own session (get_db_session())",
+    )
+}
+
+#[pymethods]
+impl PyDbSession {
+    /// Tracks a new object (inserted at the next flush) or re-attaches a detached one.
+    fn add(slf: &Bound<'_, Self>, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+        exclusive(slf)?.add_object(obj)
+    }
+
+    fn add_all(slf: &Bound<'_, Self>, objs: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mut this = exclusive(slf)?;
+        for obj in objs.try_iter()? {
+            this.add_object(&obj?)?;
+        }
+        Ok(())
+    }
+
+    /// Marks a persistent object for deletion at the next flush.
+    fn delete(slf: &Bound<'_, Self>, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+        exclusive(slf)?.delete_object(obj)
+    }
+
+    /// Writes pending changes inside the session's transaction, without committing.
+    fn flush(slf: &Bound<'_, Self>) -> PyResult<()> {
+        exclusive(slf)?.do_flush(slf.py())
+    }
+
+    fn commit(slf: &Bound<'_, Self>) -> PyResult<()> {
+        exclusive(slf)?.do_commit(slf.py())
+    }
+
+    /// Undoes the open transaction: new objects are dropped from the session, deleted
+    /// ones come back, changed ones are read again.
+    fn rollback(slf: &Bound<'_, Self>) -> PyResult<()> {
+        exclusive(slf)?.do_rollback(slf.py())
+    }
+
+    /// Rolls back what was not committed and stops tracking every object.
+    fn close(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let mut this = exclusive(slf)?;
+        let result = this.do_rollback(py);
+        this.do_expunge_all(py)?;
+        result
+    }
+
+    fn expunge(slf: &Bound<'_, Self>, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+        exclusive(slf)?.expunge_object(obj)
+    }
+
+    fn expunge_all(slf: &Bound<'_, Self>) -> PyResult<()> {
+        exclusive(slf)?.do_expunge_all(slf.py())
+    }
+
+    /// Reads the object's row again, discarding unsaved changes.
+    fn refresh(slf: &Bound<'_, Self>, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+        exclusive(slf)?.refresh_object(obj)
+    }
+
+    /// `db.query(Model)` or `db.query(Model.column, ...)`.
+    #[pyo3(signature = (*entities))]
+    fn query(slf: &Bound<'_, Self>, entities: &Bound<'_, PyTuple>) -> PyResult<PyQuery> {
+        PyQuery::new(slf.clone().unbind(), entities)
+    }
+
+    /// The object of `model` with primary key `ident`, or None.
+    fn get(
+        slf: &Bound<'_, Self>,
+        model: &Bound<'_, PyAny>,
+        ident: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        exclusive(slf)?.get_object(slf.py(), model, ident)
+    }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
         slf
     }
 
     fn __exit__(
-        &mut self,
-        py: Python<'_>,
+        slf: &Bound<'_, Self>,
         _exc_type: &Bound<'_, PyAny>,
         _exc: &Bound<'_, PyAny>,
         _tb: &Bound<'_, PyAny>,
     ) -> PyResult<bool> {
-        self.close(py)?;
+        Self::close(slf)?;
         Ok(false)
     }
 
     /// Objects added and not yet flushed.
     #[getter(new)]
-    fn new_objects<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        PyList::new(py, self.pending.iter().map(|o| o.clone_ref(py)))
+    fn new_objects<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyList>> {
+        let py = slf.py();
+        PyList::new(py, shared(slf)?.pending.iter().map(|o| o.clone_ref(py)))
     }
 
     /// Tracked objects with assignments not yet flushed.
     #[getter]
-    fn dirty<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+    fn dirty<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyList>> {
+        let py = slf.py();
+        let this = shared(slf)?;
         let mut out = Vec::new();
-        for obj in self.identity.values() {
+        for obj in this.identity.values() {
             if obj.bind(py).cast::<PyModel>()?.borrow().dirty != 0 {
                 out.push(obj.clone_ref(py));
             }
@@ -1098,32 +1166,38 @@ impl PyDbSession {
 
     /// Objects marked for deletion and not yet flushed.
     #[getter]
-    fn deleted<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        PyList::new(py, self.to_delete.iter().map(|o| o.clone_ref(py)))
+    fn deleted<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyList>> {
+        let py = slf.py();
+        PyList::new(py, shared(slf)?.to_delete.iter().map(|o| o.clone_ref(py)))
     }
 
     /// False after a failed flush, until rollback().
     #[getter]
-    fn is_active(&self) -> bool {
-        self.failed.is_none()
+    fn is_active(slf: &Bound<'_, Self>) -> PyResult<bool> {
+        Ok(shared(slf)?.failed.is_none())
     }
 
-    fn in_transaction(&mut self) -> bool {
-        self.slot().as_ref().is_some_and(|c| c.in_transaction())
+    fn in_transaction(slf: &Bound<'_, Self>) -> PyResult<bool> {
+        Ok(exclusive(slf)?
+            .slot()
+            .as_ref()
+            .is_some_and(|c| c.in_transaction()))
     }
 
-    fn __contains__(&self, obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+    fn __contains__(slf: &Bound<'_, Self>, obj: &Bound<'_, PyAny>) -> PyResult<bool> {
         let b = model(obj)?;
         let m = b.borrow();
-        Ok(self.owns(&m) && matches!(m.state, ObjState::Pending | ObjState::Persistent))
+        let this = shared(slf)?;
+        Ok(this.owns(&m) && matches!(m.state, ObjState::Pending | ObjState::Persistent))
     }
 
-    fn __repr__(&self) -> String {
-        format!(
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        let this = shared(slf)?;
+        Ok(format!(
             "<DbSession {} tracking {} objects>",
-            self.engine.display_url(),
-            self.identity.len() + self.pending.len()
-        )
+            this.engine.display_url(),
+            this.identity.len() + this.pending.len()
+        ))
     }
 }
 
