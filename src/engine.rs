@@ -108,8 +108,17 @@ pub fn engine(url: &str) -> Result<Arc<Engine>> {
     Ok(e)
 }
 
-/// Drops every cached engine (their idle connections close); sessions still open keep
-/// theirs until they finish.
+/// Drops every cached engine and closes its idle connections at once; a connection a
+/// session holds closes when the session gives it back (commit, rollback, close), and a
+/// session used again afterwards opens one for that use only.
 pub fn dispose_all() {
-    registry().lock().unwrap_or_else(|p| p.into_inner()).clear();
+    let engines: Vec<Arc<Engine>> = registry()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain()
+        .map(|(_, e)| e)
+        .collect();
+    for e in engines {
+        e.pool.dispose();
+    }
 }

@@ -15,6 +15,8 @@ struct State {
     open: usize,
     /// The process these connections belong to (see `forget_inherited`).
     pid: u32,
+    /// After `dispose()`: connections are closed when given back instead of kept.
+    disposed: bool,
 }
 
 impl State {
@@ -61,6 +63,7 @@ impl Pool {
                 idle: Vec::new(),
                 open: 0,
                 pid: std::process::id(),
+                disposed: false,
             }),
             returned: Condvar::new(),
             max_open,
@@ -134,6 +137,15 @@ impl Pool {
         st.open -= n;
     }
 
+    /// Closes every idle connection now, and from now on each connection given back
+    /// (those sessions hold at the time) is closed too. Sessions that still use the pool
+    /// keep working, on a connection opened for each use, as SQLAlchemy's sessions do
+    /// after `engine.dispose()`.
+    pub fn dispose(&self) {
+        self.lock().disposed = true;
+        self.purge_idle();
+    }
+
     fn put(&self, mut conn: Conn, pid: u32) {
         if pid != std::process::id() {
             // Checked out before a fork and given back in the child: the parent's.
@@ -144,7 +156,7 @@ impl Pool {
         let clean = conn.rollback().is_ok() && !conn.is_broken();
         let mut st = self.lock();
         st.forget_inherited();
-        if clean && (st.idle.len() < MAX_IDLE || self.max_open.is_some()) {
+        if clean && !st.disposed && (st.idle.len() < MAX_IDLE || self.max_open.is_some()) {
             st.idle.push(conn);
         } else {
             st.open -= 1;

@@ -1831,3 +1831,41 @@ def test_fork_after_pool_use_gives_the_child_its_own_connections(migrated_url, t
     assert sorted(n for n in names if n.startswith("parent-")) == sorted(f"parent-{i}" for i in range(20))
     assert "never" not in names
     assert ("held" in names) == (hold == "hold")
+
+
+def _our_connections(url):
+    """How many connections this process holds to the database: open descriptors of the
+    SQLite file, or server backends of the PostgreSQL database other than the counting one."""
+    if is_sqlite(url):
+        path = os.path.realpath(sqlite_path(url))
+        fds = os.listdir("/proc/self/fd")
+        return sum(1 for fd in fds if os.path.realpath(f"/proc/self/fd/{fd}") == path)
+    dbname = urlsplit(url).path.lstrip("/")
+    sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = ? AND pid <> pg_backend_pid()"
+    return fetch_all(url, sql, (dbname,))[0][0]
+
+
+def test_dispose_engines_closes_idle_connections_at_once(migrated_url):
+    """dispose_engines() closes the connections it owns at once, even while closed
+    sessions are still referenced; a session inside a transaction gives its connection
+    back closed; sessions used afterwards still work and keep nothing open."""
+    closed = get_db_session(migrated_url)
+    assert closed.query(Session).count() == 0
+    closed.close()  # its connection is idle in the pool; the object stays alive
+    assert _our_connections(migrated_url) >= 1
+    cmbagent_db.dispose_engines()
+    assert _our_connections(migrated_url) == 0
+    held = get_db_session(migrated_url)
+    held.add(Session(name="held"))
+    held.flush()  # holds a connection inside a transaction
+    assert _our_connections(migrated_url) == 1
+    cmbagent_db.dispose_engines()
+    assert _our_connections(migrated_url) == 1  # still the held session's
+    held.commit()
+    assert _our_connections(migrated_url) == 0
+    # Both sessions keep working, on a connection for each use.
+    assert closed.query(Session.name).filter(Session.name == "held").scalar() == "held"
+    assert held.query(Session).count() == 1
+    assert _our_connections(migrated_url) == 0
+    closed.close()
+    held.close()
