@@ -13,7 +13,7 @@ use chrono::{DateTime, Datelike, Utc};
 use crate::backend::{Conn, Row};
 use crate::dialect::Dialect;
 use crate::error::{Error, ErrorKind, Result};
-use crate::schema::{ColType, Table, APPROVAL_REQUESTS, TABLES};
+use crate::schema::{ColType, APPROVAL_REQUESTS, TABLES};
 use crate::value::Value;
 
 pub const RESOLUTIONS: [&str; 3] = ["approved", "rejected", "modified"];
@@ -279,12 +279,11 @@ impl Waiter {
         let Some(row) = rows.pop() else {
             return Ok(Some(WaitEnd::NotFound));
         };
-        let col = |name: &str| table.column_index(name).unwrap_or(Table::PK);
-        let status = match &row[col("status")] {
+        let status = match &row[crate::col!(APPROVAL_REQUESTS, "status").column] {
             Value::Text(s) => Some(s.clone()),
             _ => None,
         };
-        if let Value::Timestamp(t) = row[col("expires_at")] {
+        if let Value::Timestamp(t) = row[crate::col!(APPROVAL_REQUESTS, "expires_at").column] {
             self.expires_at = Some(t);
         }
         Ok(match status.as_deref() {

@@ -94,9 +94,11 @@ pub enum RelKind {
 pub struct Relationship {
     pub name: &'static str,
     pub kind: RelKind,
-    /// The referencing table and its foreign-key column.
+    /// The referencing table, its foreign-key column and the table that column references,
+    /// resolved when the schema is compiled.
     pub child: TableId,
-    pub column: &'static str,
+    pub column: usize,
+    pub parent: TableId,
     /// `cascade="all, delete-orphan"`: a child removed from the collection is deleted.
     pub delete_orphan: bool,
 }
@@ -104,16 +106,12 @@ pub struct Relationship {
 impl Relationship {
     /// The foreign-key column's index in the child table.
     pub fn column_index(&self) -> usize {
-        TABLES[self.child]
-            .column_index(self.column)
-            .unwrap_or(Table::PK)
+        self.column
     }
 
     /// The referenced table.
     pub fn parent(&self) -> TableId {
-        TABLES[self.child].columns[self.column_index()]
-            .foreign_key
-            .map_or(self.child, |fk| fk.table)
+        self.parent
     }
 
     /// The table of the objects this attribute holds.
@@ -126,11 +124,13 @@ impl Relationship {
 }
 
 const fn to_parent(name: &'static str, child: TableId, column: &'static str) -> Relationship {
+    let column = column_index_of(child, column);
     Relationship {
         name,
         kind: RelKind::ToParent,
         child,
         column,
+        parent: referenced(child, column),
         delete_orphan: false,
     }
 }
@@ -141,11 +141,13 @@ const fn to_children(
     column: &'static str,
     delete_orphan: bool,
 ) -> Relationship {
+    let column = column_index_of(child, column);
     Relationship {
         name,
         kind: RelKind::ToChildren,
         child,
         column,
+        parent: referenced(child, column),
         delete_orphan,
     }
 }
@@ -164,6 +166,15 @@ pub struct Table {
     /// The revision that creates the table.
     pub since: u8,
     pub relationships: &'static [Relationship],
+}
+
+/// `col!(TABLE, "name")`: the [`ColRef`](crate::expr::ColRef) of a column of the schema,
+/// resolved at compile time (a misspelt name fails the build, never falls back).
+#[macro_export]
+macro_rules! col {
+    ($table:expr, $name:literal) => {
+        const { $crate::expr::ColRef::new($table, $crate::schema::column_index_of($table, $name)) }
+    };
 }
 
 /// One of the five tables: its position in [`TABLES`], which is also its place in
@@ -279,28 +290,214 @@ pub const SESSION_STATES: TableId = TableId(2);
 pub const APPROVAL_REQUESTS: TableId = TableId(3);
 pub const ACTIVE_CONNECTIONS: TableId = TableId(4);
 
+const SESSIONS_COLUMNS: &[Column] = &[
+    ID,
+    col("user_id", ColType::Str(36), true),
+    col("name", ColType::Str(255), false),
+    with_default(col("created_at", TS, false), ColumnDefault::Now),
+    on_update(with_default(
+        col("last_active_at", TS, false),
+        ColumnDefault::Now,
+    )),
+    with_default(
+        col("status", ColType::Str(50), false),
+        ColumnDefault::Str("active"),
+    ),
+    col("meta", ColType::Json, true),
+    col("resource_limits", ColType::Json, true),
+];
+
+const WORKFLOW_RUNS_COLUMNS: &[Column] = &[
+    ID,
+    fk(
+        col("session_id", ColType::Str(36), false),
+        SESSIONS,
+        OnDelete::Cascade,
+    ),
+    col("project_id", ColType::Str(36), true),
+    with_default(
+        col("mode", ColType::Str(50), false),
+        ColumnDefault::Str(DEFAULT_MODE),
+    ),
+    with_default(
+        col("agent", ColType::Str(100), false),
+        ColumnDefault::Str(DEFAULT_AGENT),
+    ),
+    with_default(
+        col("model", ColType::Str(100), false),
+        ColumnDefault::Str(DEFAULT_MODEL),
+    ),
+    with_default(
+        col("status", ColType::Str(50), false),
+        ColumnDefault::Str("draft"),
+    ),
+    col("started_at", TS, true),
+    col("completed_at", TS, true),
+    col("last_heartbeat_at", TS, true),
+    with_default(
+        col("checkpoint_frequency_minutes", ColType::Integer, false),
+        ColumnDefault::Int(10),
+    ),
+    col("task_description", ColType::Text, true),
+    col("meta", ColType::Json, true),
+    fk(
+        col("branch_parent_id", ColType::Str(36), true),
+        WORKFLOW_RUNS,
+        OnDelete::SetNull,
+    ),
+    with_default(
+        col("is_branch", ColType::Boolean, false),
+        ColumnDefault::Bool(false),
+    ),
+    with_default(
+        col("branch_depth", ColType::Integer, false),
+        ColumnDefault::Int(0),
+    ),
+    // cmbagent's task hierarchy: a stage's run points at its task's run.
+    added_in(
+        fk(
+            col("parent_run_id", ColType::Str(36), true),
+            WORKFLOW_RUNS,
+            OnDelete::SetNull,
+        ),
+        3,
+    ),
+    added_in(col("stage_number", ColType::Integer, true), 3),
+    added_in(col("stage_name", ColType::Str(100), true), 3),
+];
+
+const SESSION_STATES_COLUMNS: &[Column] = &[
+    ID,
+    fk(
+        col("session_id", ColType::Str(36), false),
+        SESSIONS,
+        OnDelete::Cascade,
+    ),
+    col("mode", ColType::Str(50), false),
+    col("conversation_history", ColType::Json, true),
+    col("context_variables", ColType::Json, true),
+    col("plan_data", ColType::Json, true),
+    col("current_phase", ColType::Str(50), true),
+    col("current_step", ColType::Integer, true),
+    with_default(
+        col("status", ColType::Str(20), true),
+        ColumnDefault::Str("active"),
+    ),
+    with_default(col("created_at", TSTZ, true), ColumnDefault::Now),
+    on_update(with_default(
+        col("updated_at", TSTZ, true),
+        ColumnDefault::Now,
+    )),
+    col("expires_at", TSTZ, true),
+    with_default(
+        col("version", ColType::Integer, true),
+        ColumnDefault::Int(1),
+    ),
+];
+
+const APPROVAL_REQUESTS_COLUMNS: &[Column] = &[
+    ID,
+    fk(
+        col("run_id", ColType::Str(36), false),
+        WORKFLOW_RUNS,
+        OnDelete::Cascade,
+    ),
+    fk(
+        col("session_id", ColType::Str(36), true),
+        SESSIONS,
+        OnDelete::SetNull,
+    ),
+    col("approval_type", ColType::Str(50), false),
+    col("context", ColType::Json, false),
+    with_default(
+        col("status", ColType::Str(20), true),
+        ColumnDefault::Str("pending"),
+    ),
+    col("resolution", ColType::Str(20), true),
+    col("result", ColType::Json, true),
+    with_default(col("created_at", TSTZ, true), ColumnDefault::Now),
+    col("expires_at", TSTZ, false),
+    col("resolved_at", TSTZ, true),
+    // The columns of the approval table cmbagent had before durable approvals, kept
+    // so its rows stay readable: the step asked about, when, what was shown, and
+    // what the human wrote back.
+    added_in(col("step_id", ColType::Str(36), true), 3),
+    added_in(col("requested_at", TS, true), 3),
+    added_in(col("context_snapshot", ColType::Json, true), 3),
+    added_in(col("user_feedback", ColType::Text, true), 3),
+];
+
+const ACTIVE_CONNECTIONS_COLUMNS: &[Column] = &[
+    ID,
+    col("task_id", ColType::Str(100), false),
+    fk(
+        col("session_id", ColType::Str(36), true),
+        SESSIONS,
+        OnDelete::SetNull,
+    ),
+    col("server_instance", ColType::Str(100), true),
+    with_default(col("connected_at", TSTZ, true), ColumnDefault::Now),
+    with_default(col("last_heartbeat", TSTZ, true), ColumnDefault::Now),
+];
+
+/// A table's columns, for the schema's own constants (`column_index_of`).
+const fn columns_of(table: TableId) -> &'static [Column] {
+    match table.0 {
+        0 => SESSIONS_COLUMNS,
+        1 => WORKFLOW_RUNS_COLUMNS,
+        2 => SESSION_STATES_COLUMNS,
+        3 => APPROVAL_REQUESTS_COLUMNS,
+        4 => ACTIVE_CONNECTIONS_COLUMNS,
+        _ => panic!("no such table in the schema"),
+    }
+}
+
+const fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The index of column `name` of `table`, for constants only: through [`col!`](crate::col)
+/// or in a `const`, it runs at compile time, and a name the table does not have fails the
+/// build. (Names known only at run time go through `Table::column_index`.)
+pub const fn column_index_of(table: TableId, name: &str) -> usize {
+    let columns = columns_of(table);
+    let mut i = 0;
+    while i < columns.len() {
+        if same(columns[i].name, name) {
+            return i;
+        }
+        i += 1;
+    }
+    panic!("no such column in the schema")
+}
+
+/// The table a foreign-key column references, for constants (a column that is not a
+/// foreign key fails the build).
+const fn referenced(table: TableId, column: usize) -> TableId {
+    match columns_of(table)[column].foreign_key {
+        Some(fk) => fk.table,
+        None => panic!("a relationship's column must be a foreign key"),
+    }
+}
+
 /// The tables in foreign-key order: a table only references tables before it (or itself),
 /// so inserts run in this order and deletes in reverse.
 pub static TABLES: [Table; 5] = [
     Table {
         name: "sessions",
         model: "Session",
-        columns: &[
-            ID,
-            col("user_id", ColType::Str(36), true),
-            col("name", ColType::Str(255), false),
-            with_default(col("created_at", TS, false), ColumnDefault::Now),
-            on_update(with_default(
-                col("last_active_at", TS, false),
-                ColumnDefault::Now,
-            )),
-            with_default(
-                col("status", ColType::Str(50), false),
-                ColumnDefault::Str("active"),
-            ),
-            col("meta", ColType::Json, true),
-            col("resource_limits", ColType::Json, true),
-        ],
+        columns: SESSIONS_COLUMNS,
         repr: &["name", "status"],
         to_dict: None,
         indexes: &[
@@ -318,64 +515,7 @@ pub static TABLES: [Table; 5] = [
     Table {
         name: "workflow_runs",
         model: "WorkflowRun",
-        columns: &[
-            ID,
-            fk(
-                col("session_id", ColType::Str(36), false),
-                SESSIONS,
-                OnDelete::Cascade,
-            ),
-            col("project_id", ColType::Str(36), true),
-            with_default(
-                col("mode", ColType::Str(50), false),
-                ColumnDefault::Str(DEFAULT_MODE),
-            ),
-            with_default(
-                col("agent", ColType::Str(100), false),
-                ColumnDefault::Str(DEFAULT_AGENT),
-            ),
-            with_default(
-                col("model", ColType::Str(100), false),
-                ColumnDefault::Str(DEFAULT_MODEL),
-            ),
-            with_default(
-                col("status", ColType::Str(50), false),
-                ColumnDefault::Str("draft"),
-            ),
-            col("started_at", TS, true),
-            col("completed_at", TS, true),
-            col("last_heartbeat_at", TS, true),
-            with_default(
-                col("checkpoint_frequency_minutes", ColType::Integer, false),
-                ColumnDefault::Int(10),
-            ),
-            col("task_description", ColType::Text, true),
-            col("meta", ColType::Json, true),
-            fk(
-                col("branch_parent_id", ColType::Str(36), true),
-                WORKFLOW_RUNS,
-                OnDelete::SetNull,
-            ),
-            with_default(
-                col("is_branch", ColType::Boolean, false),
-                ColumnDefault::Bool(false),
-            ),
-            with_default(
-                col("branch_depth", ColType::Integer, false),
-                ColumnDefault::Int(0),
-            ),
-            // cmbagent's task hierarchy: a stage's run points at its task's run.
-            added_in(
-                fk(
-                    col("parent_run_id", ColType::Str(36), true),
-                    WORKFLOW_RUNS,
-                    OnDelete::SetNull,
-                ),
-                3,
-            ),
-            added_in(col("stage_number", ColType::Integer, true), 3),
-            added_in(col("stage_name", ColType::Str(100), true), 3),
-        ],
+        columns: WORKFLOW_RUNS_COLUMNS,
         repr: &["session_id", "status"],
         to_dict: None,
         indexes: &[
@@ -403,34 +543,7 @@ pub static TABLES: [Table; 5] = [
     Table {
         name: "session_states",
         model: "SessionState",
-        columns: &[
-            ID,
-            fk(
-                col("session_id", ColType::Str(36), false),
-                SESSIONS,
-                OnDelete::Cascade,
-            ),
-            col("mode", ColType::Str(50), false),
-            col("conversation_history", ColType::Json, true),
-            col("context_variables", ColType::Json, true),
-            col("plan_data", ColType::Json, true),
-            col("current_phase", ColType::Str(50), true),
-            col("current_step", ColType::Integer, true),
-            with_default(
-                col("status", ColType::Str(20), true),
-                ColumnDefault::Str("active"),
-            ),
-            with_default(col("created_at", TSTZ, true), ColumnDefault::Now),
-            on_update(with_default(
-                col("updated_at", TSTZ, true),
-                ColumnDefault::Now,
-            )),
-            col("expires_at", TSTZ, true),
-            with_default(
-                col("version", ColType::Integer, true),
-                ColumnDefault::Int(1),
-            ),
-        ],
+        columns: SESSION_STATES_COLUMNS,
         repr: &["session_id", "mode", "status"],
         to_dict: Some(&[
             ("id", NullAs::None),
@@ -462,37 +575,7 @@ pub static TABLES: [Table; 5] = [
     Table {
         name: "approval_requests",
         model: "ApprovalRequest",
-        columns: &[
-            ID,
-            fk(
-                col("run_id", ColType::Str(36), false),
-                WORKFLOW_RUNS,
-                OnDelete::Cascade,
-            ),
-            fk(
-                col("session_id", ColType::Str(36), true),
-                SESSIONS,
-                OnDelete::SetNull,
-            ),
-            col("approval_type", ColType::Str(50), false),
-            col("context", ColType::Json, false),
-            with_default(
-                col("status", ColType::Str(20), true),
-                ColumnDefault::Str("pending"),
-            ),
-            col("resolution", ColType::Str(20), true),
-            col("result", ColType::Json, true),
-            with_default(col("created_at", TSTZ, true), ColumnDefault::Now),
-            col("expires_at", TSTZ, false),
-            col("resolved_at", TSTZ, true),
-            // The columns of the approval table cmbagent had before durable approvals, kept
-            // so its rows stay readable: the step asked about, when, what was shown, and
-            // what the human wrote back.
-            added_in(col("step_id", ColType::Str(36), true), 3),
-            added_in(col("requested_at", TS, true), 3),
-            added_in(col("context_snapshot", ColType::Json, true), 3),
-            added_in(col("user_feedback", ColType::Text, true), 3),
-        ],
+        columns: APPROVAL_REQUESTS_COLUMNS,
         repr: &["run_id", "approval_type", "status"],
         // cmbagent's to_dict(): the durable-approval columns plus step_id.
         to_dict: Some(&[
@@ -529,18 +612,7 @@ pub static TABLES: [Table; 5] = [
     Table {
         name: "active_connections",
         model: "ActiveConnection",
-        columns: &[
-            ID,
-            col("task_id", ColType::Str(100), false),
-            fk(
-                col("session_id", ColType::Str(36), true),
-                SESSIONS,
-                OnDelete::SetNull,
-            ),
-            col("server_instance", ColType::Str(100), true),
-            with_default(col("connected_at", TSTZ, true), ColumnDefault::Now),
-            with_default(col("last_heartbeat", TSTZ, true), ColumnDefault::Now),
-        ],
+        columns: ACTIVE_CONNECTIONS_COLUMNS,
         repr: &["task_id", "server_instance"],
         // The seed's to_dict(): every column, in order.
         to_dict: None,
@@ -598,14 +670,11 @@ mod tests {
                 assert!(t.column_index(name).is_some(), "{}.{name}", t.name);
             }
             for r in t.relationships {
-                let fk = TABLES[r.child]
-                    .column_index(r.column)
-                    .and_then(|c| TABLES[r.child].columns[c].foreign_key);
-                assert!(
-                    fk.is_some(),
-                    "{}.{} is not a foreign key",
-                    r.child.index(),
-                    r.column
+                assert_eq!(
+                    TABLES[r.child].columns[r.column]
+                        .foreign_key
+                        .map(|fk| fk.table),
+                    Some(r.parent)
                 );
                 assert!(
                     t.column_index(r.name).is_none(),
@@ -615,5 +684,16 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn compile_time_column_indexes_agree_with_the_tables() {
+        for (id, t) in TableId::all() {
+            for (i, c) in t.columns.iter().enumerate() {
+                assert_eq!(column_index_of(id, c.name), i, "{}.{}", t.name, c.name);
+            }
+        }
+        let status = crate::col!(APPROVAL_REQUESTS, "status");
+        assert_eq!(status.qualified(), "approval_requests.status");
     }
 }

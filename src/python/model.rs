@@ -452,9 +452,7 @@ models! {
                 if let Some(step) = step_id {
                     m.assign("step_id", step)?;
                 }
-                let column = TABLES[schema::APPROVAL_REQUESTS]
-                    .column_index("expires_at")
-                    .unwrap_or(0);
+                let column = crate::col!(schema::APPROVAL_REQUESTS, "expires_at").column;
                 m.values[column] = Slot::Raw(Value::Timestamp(expires));
                 let obj = Py::new(
                     py,

@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDateTime;
 
 use crate::approvals::{self, Outcome, WaitEnd, Waiter, RESOLUTIONS};
+use crate::col;
 use crate::connections;
 use crate::engine;
 use crate::error::ErrorKind;
@@ -18,14 +19,10 @@ use crate::python::errors::raise;
 use crate::python::model::{instantiate, PyModel};
 use crate::python::session::{exclusive, PyDbSession};
 use crate::query::{Item, Select};
-use crate::schema::{Table, TableId, ACTIVE_CONNECTIONS, APPROVAL_REQUESTS, TABLES};
+use crate::schema::{ACTIVE_CONNECTIONS, APPROVAL_REQUESTS};
 use crate::unit_of_work::ObjState;
 use crate::url;
 use crate::value::Value;
-
-fn column(table: TableId, name: &str) -> ColRef {
-    ColRef::new(table, TABLES[table].column_index(name).unwrap_or(Table::PK))
-}
 
 fn outcome(outcome: Outcome, id: &str) -> PyResult<bool> {
     match outcome {
@@ -51,7 +48,7 @@ pub fn resolve(
     result: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<bool> {
     let result = match result {
-        Some(r) => match to_value(column(APPROVAL_REQUESTS, "result"), r, Purpose::Store)? {
+        Some(r) => match to_value(col!(APPROVAL_REQUESTS, "result"), r, Purpose::Store)? {
             Value::Json(s) => Some(s),
             _ => None,
         },
@@ -90,7 +87,7 @@ pub fn expire_overdue(
 ) -> PyResult<Vec<String>> {
     let now = match now {
         Some(t) => match to_value(
-            column(APPROVAL_REQUESTS, "expires_at"),
+            col!(APPROVAL_REQUESTS, "expires_at"),
             t.as_any(),
             Purpose::Compare,
         )? {
@@ -118,32 +115,32 @@ pub fn pending(
     let t = APPROVAL_REQUESTS;
     let mut select = Select::all_columns(t);
     select.filters.push(Expr::Compare(
-        column(t, "status"),
+        col!(APPROVAL_REQUESTS, "status"),
         CmpOp::Eq,
         Value::Text("pending".into()),
     ));
     select.filters.push(Expr::Compare(
-        column(t, "expires_at"),
+        col!(APPROVAL_REQUESTS, "expires_at"),
         CmpOp::Gt,
         Value::Timestamp(Utc::now()),
     ));
     if let Some(r) = run_id {
         select.filters.push(Expr::Compare(
-            column(t, "run_id"),
+            col!(APPROVAL_REQUESTS, "run_id"),
             CmpOp::Eq,
             Value::Text(r),
         ));
     }
     if let Some(sid) = session_id {
         select.filters.push(Expr::Compare(
-            column(t, "session_id"),
+            col!(APPROVAL_REQUESTS, "session_id"),
             CmpOp::Eq,
             Value::Text(sid),
         ));
     }
     select
         .order_by
-        .push((Item::Column(column(t, "created_at")), false));
+        .push((Item::Column(col!(APPROVAL_REQUESTS, "created_at")), false));
     exclusive(db)?.fetch(py, &select, false)
 }
 
@@ -284,11 +281,14 @@ pub fn heartbeat(
     session_id: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     let t = ACTIVE_CONNECTIONS;
-    let task = text_arg(column(t, "task_id"), Some(task_id))?
+    let task = text_arg(col!(ACTIVE_CONNECTIONS, "task_id"), Some(task_id))?
         .ok_or_else(|| PyTypeError::new_err("active_connections.task_id cannot be None"))?;
-    let instance =
-        text_arg(column(t, "server_instance"), Some(server_instance))?.unwrap_or_default();
-    let session = text_arg(column(t, "session_id"), session_id)?;
+    let instance = text_arg(
+        col!(ACTIVE_CONNECTIONS, "server_instance"),
+        Some(server_instance),
+    )?
+    .unwrap_or_default();
+    let session = text_arg(col!(ACTIVE_CONNECTIONS, "session_id"), session_id)?;
     let mut s = exclusive(db)?;
     let row = s.write_and_commit(py, move |c| {
         connections::heartbeat(c, &task, session.as_deref(), &instance, Utc::now())
@@ -356,20 +356,20 @@ pub fn live(
     let t = ACTIVE_CONNECTIONS;
     let mut select = Select::all_columns(t);
     select.filters.push(Expr::Compare(
-        column(t, "last_heartbeat"),
+        col!(ACTIVE_CONNECTIONS, "last_heartbeat"),
         CmpOp::Ge,
         Value::Timestamp(ttl(ttl_seconds)?),
     ));
     if let Some(sid) = session_id {
         select.filters.push(Expr::Compare(
-            column(t, "session_id"),
+            col!(ACTIVE_CONNECTIONS, "session_id"),
             CmpOp::Eq,
             Value::Text(sid),
         ));
     }
     select
         .order_by
-        .push((Item::Column(column(t, "task_id")), false));
+        .push((Item::Column(col!(ACTIVE_CONNECTIONS, "task_id")), false));
     exclusive(db)?.fetch(py, &select, false)
 }
 
