@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::backend::Conn;
 use crate::dialect::Dialect;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::migrate;
 use crate::pool::{Pool, Pooled};
 use crate::url::{self, Target};
@@ -41,7 +41,21 @@ impl Engine {
         if *ready {
             return Ok(Vec::new());
         }
-        let drifted = if self.pool.url().auto_migrate {
+        let url = self.pool.url();
+        let drifted = if !url.writable() {
+            // Nothing can be brought to head through a read-only URL: it must be there.
+            let current = self.with_conn(migrate::current)?;
+            if current != Some(migrate::head()) {
+                return Err(Error::migration(format!(
+                    "{} is opened read-only and its schema is at revision {}, not {}: \
+                     migrate it through a writable URL first",
+                    url.display,
+                    current.unwrap_or("(none)"),
+                    migrate::head()
+                )));
+            }
+            Vec::new()
+        } else if url.auto_migrate {
             self.with_conn(|c| {
                 migrate::migrate(c, "head", false)?;
                 migrate::check(c)

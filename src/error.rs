@@ -152,6 +152,8 @@ fn sqlite_message(e: &rusqlite::Error) -> String {
                 || f.code == rusqlite::ffi::ErrorCode::DatabaseLocked
             {
                 format!("{msg} (another connection holds the write lock longer than the busy timeout; raise it with ?timeout=SECONDS in the URL)")
+            } else if f.code == rusqlite::ffi::ErrorCode::ReadOnly {
+                format!("{msg} (the URL opens it read-only with mode=ro / immutable=1, or the file or its directory is not writable)")
             } else {
                 msg.clone()
             }

@@ -247,6 +247,12 @@ impl Select {
         self.joins.is_empty() && implicit.is_empty() && self.from.alias == 0
     }
 
+    /// Whether the statement reads one table under its own name, so that each of its rows
+    /// is a different row of that table.
+    pub fn reads_one_table(&self) -> bool {
+        self.single_table(&self.implicit_sources())
+    }
+
     /// A join condition may only name the tables joined before it and its own target.
     pub fn check(&self) -> Result<(), String> {
         let mut available = vec![self.from];

@@ -6,6 +6,24 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::trace::Echo;
 
+/// How a SQLite URL opens its file: read-write (the default), `?mode=ro` (read-only; the
+/// database's `-wal` / `-shm` files must exist or be creatable, as SQLite requires for a
+/// WAL database), or `?immutable=1` (read-only, and SQLite assumes nobody changes the file:
+/// no locks, no `-shm`; for a copy on read-only media).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Access {
+    #[default]
+    ReadWrite,
+    ReadOnly,
+    Immutable,
+}
+
+impl Access {
+    pub fn writable(self) -> bool {
+        self == Access::ReadWrite
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Synchronous {
     Full,
@@ -35,6 +53,7 @@ pub enum Target {
         path: SqlitePath,
         busy_timeout: Duration,
         synchronous: Synchronous,
+        access: Access,
     },
     Postgres {
         /// A libpq-style URL the `postgres` crate accepts (scheme normalised).
@@ -52,6 +71,16 @@ pub struct DbUrl {
     pub echo: Echo,
     /// The URL with its password masked: the only form that goes into messages.
     pub display: String,
+}
+
+impl DbUrl {
+    /// Whether connections may write (a SQLite URL with `mode=ro` / `immutable=1` may not).
+    pub fn writable(&self) -> bool {
+        match self.target {
+            Target::Sqlite { access, .. } => access.writable(),
+            Target::Postgres { .. } => true,
+        }
+    }
 }
 
 /// The URL with any password replaced by `***`: the userinfo's and a `password=` query
@@ -151,6 +180,7 @@ pub fn parse(url: &str) -> Result<DbUrl> {
         "sqlite" | "sqlite+pysqlite" => {
             let mut busy_timeout = Duration::from_secs(5);
             let mut synchronous = Synchronous::Full;
+            let mut access = Access::ReadWrite;
             for (k, v) in params {
                 match k {
                     "timeout" => {
@@ -177,9 +207,25 @@ pub fn parse(url: &str) -> Result<DbUrl> {
                     "auto_migrate" => auto_migrate = parse_bool(k, v)?,
                     "echo" => echo = parse_bool(k, v)?,
                     "hide_parameters" => hide_parameters = parse_bool(k, v)?,
+                    "mode" => {
+                        access = match v {
+                            "ro" => Access::ReadOnly,
+                            "rw" | "rwc" => Access::ReadWrite,
+                            _ => {
+                                return Err(Error::interface(format!(
+                                    "URL parameter mode={v:?}: use ro (read-only) or rwc"
+                                )))
+                            }
+                        }
+                    }
+                    "immutable" => {
+                        if parse_bool(k, v)? {
+                            access = Access::Immutable;
+                        }
+                    }
                     _ => {
                         return Err(Error::interface(format!(
-                            "unknown URL parameter {k:?} in {display:?} (SQLite takes timeout, synchronous, auto_migrate, echo, hide_parameters)"
+                            "unknown URL parameter {k:?} in {display:?} (SQLite takes timeout, synchronous, auto_migrate, echo, hide_parameters, mode, immutable)"
                         )))
                     }
                 }
@@ -199,6 +245,7 @@ pub fn parse(url: &str) -> Result<DbUrl> {
                     path,
                     busy_timeout,
                     synchronous,
+                    access,
                 },
                 auto_migrate,
                 echo: Echo::new(echo, hide_parameters),
@@ -317,7 +364,8 @@ mod tests {
             Target::Sqlite {
                 path: SqlitePath::File("/x.db".into()),
                 busy_timeout: Duration::from_millis(500),
-                synchronous: Synchronous::Normal
+                synchronous: Synchronous::Normal,
+                access: Access::ReadWrite,
             }
         );
         assert_eq!(
@@ -383,5 +431,19 @@ mod tests {
         );
         let e = parse("postgresql://u:ab?cd@h/db?bogus=1").unwrap_err();
         assert!(!e.message.contains("cd"), "{e}");
+    }
+
+    #[test]
+    fn read_only_sqlite_urls() {
+        let access = |u: &str| match parse(u).unwrap().target {
+            Target::Sqlite { access, .. } => access,
+            t => panic!("not sqlite: {t:?}"),
+        };
+        assert_eq!(access("sqlite:///x.db"), Access::ReadWrite);
+        assert_eq!(access("sqlite:///x.db?mode=ro"), Access::ReadOnly);
+        assert_eq!(access("sqlite:///x.db?immutable=1"), Access::Immutable);
+        assert!(!parse("sqlite:///x.db?mode=ro").unwrap().writable());
+        assert!(parse("postgresql://u@h/db").unwrap().writable());
+        assert!(parse("sqlite:///x.db?mode=rox").is_err());
     }
 }

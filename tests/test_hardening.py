@@ -1869,3 +1869,47 @@ def test_dispose_engines_closes_idle_connections_at_once(migrated_url):
     assert _our_connections(migrated_url) == 0
     closed.close()
     held.close()
+
+
+@pytest.mark.parametrize("param", ["mode=ro", "immutable=1"])
+def test_read_only_sqlite_urls_read_and_refuse_every_write(sqlite_url, param):
+    """``?mode=ro`` / ``?immutable=1``: sessions read a migrated database; any write is an
+    OperationalError saying why, and nothing changes in the file."""
+    cmbagent_db.migrate(sqlite_url, "head")
+    db = get_db_session(sqlite_url)
+    db.add(Session(name="kept"))
+    db.commit()
+    db.close()
+    cmbagent_db.dispose_engines()
+    ro_url = f"{sqlite_url}?{param}"
+    ro = get_db_session(ro_url)
+    assert [s.name for s in ro.query(Session).all()] == ["kept"]
+    ro.add(Session(name="refused"))
+    with pytest.raises(OperationalError, match="read-only"):
+        ro.commit()
+    ro.rollback()
+    s = ro.query(Session).one()
+    s.name = "changed"
+    with pytest.raises(OperationalError, match="read-only"):
+        ro.commit()
+    ro.rollback()
+    with pytest.raises(OperationalError, match="read-only"):
+        ro.query(Session).delete()
+    ro.rollback()
+    assert ro.query(Session.name).scalar() == "kept"
+    ro.close()
+    cmbagent_db.dispose_engines()
+    assert fetch_all(sqlite_url, "SELECT name FROM sessions") == [("kept",)]
+
+
+def test_a_read_only_url_needs_an_existing_database_at_head(tmp_path):
+    missing = f"sqlite:///{tmp_path / 'missing.db'}?mode=ro"
+    with pytest.raises(OperationalError, match="does not exist"):
+        get_db_session(missing).query(Session).count()
+    old = f"sqlite:///{tmp_path / 'old.db'}"
+    cmbagent_db.migrate(old, "001_session_states")
+    cmbagent_db.dispose_engines()
+    with pytest.raises(MigrationError, match="read-only.*migrate it through a writable URL"):
+        get_db_session(old + "?mode=ro")
+    with pytest.raises(InterfaceError, match="mode="):
+        get_db_session(old + "?mode=rwx")

@@ -210,6 +210,9 @@ def test_the_older_implicit_join_through_filter(sessions):
     db = get_db_session(url)
     rows = db.query(ApprovalRequest.id, WorkflowRun.status).filter(ApprovalRequest.run_id == WorkflowRun.id).all()
     assert sorted(status for _, status in rows) == ["completed", "executing", "executing", "executing"]
+    # A query of one model joined this way returns each object once too.
+    runs = db.query(WorkflowRun).filter(ApprovalRequest.run_id == WorkflowRun.id).all()
+    assert sorted(r.id for r in runs) == sorted([ids["top"], ids["stage"]])
     db.close()
 
 

@@ -45,7 +45,8 @@ impl Conn {
                 path,
                 busy_timeout,
                 synchronous,
-            } => Inner::Sqlite(sqlite::open(path, *busy_timeout, *synchronous)?),
+                access,
+            } => Inner::Sqlite(sqlite::open(path, *busy_timeout, *synchronous, *access)?),
             Target::Postgres { conninfo } => {
                 Inner::Postgres(Box::new(postgres::PgConn::open(conninfo, &url.display)?))
             }

@@ -11,7 +11,7 @@ use rusqlite::{params_from_iter, Connection, OpenFlags, ToSql};
 use super::{Row, Shape};
 use crate::error::{Error, Result};
 use crate::schema::ColType;
-use crate::url::{SqlitePath, Synchronous};
+use crate::url::{Access, SqlitePath, Synchronous};
 use crate::value::{format_sqlite_timestamp, parse_sqlite_timestamp, Value};
 
 /// Prepared statements kept per connection; a session uses a few dozen distinct shapes.
@@ -20,16 +20,24 @@ const STATEMENT_CACHE: usize = 128;
 /// RETURNING, which bulk updates and deletes use, arrived in SQLite 3.35.
 const MIN_VERSION: i32 = 3_035_000;
 
-pub fn open(path: &SqlitePath, busy_timeout: Duration, sync: Synchronous) -> Result<Connection> {
+pub fn open(
+    path: &SqlitePath,
+    busy_timeout: Duration,
+    sync: Synchronous,
+    access: Access,
+) -> Result<Connection> {
     if rusqlite::version_number() < MIN_VERSION {
         return Err(Error::not_supported(format!(
             "SQLite {} is too old: cmbagent-db needs 3.35 or newer (build with the bundled-sqlite feature to carry its own)",
             rusqlite::version()
         )));
     }
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-        | OpenFlags::SQLITE_OPEN_CREATE
-        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let flags = match access {
+        Access::ReadWrite => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        Access::ReadOnly | Access::Immutable => {
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI
+        }
+    } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let (conn, shown) = match path {
         SqlitePath::Memory => (
             Connection::open_in_memory_with_flags(flags),
@@ -47,7 +55,17 @@ pub fn open(path: &SqlitePath, busy_timeout: Duration, sync: Synchronous) -> Res
                     parent.display()
                 )));
             }
-            (Connection::open_with_flags(p, flags), shown)
+            let opened = match access {
+                Access::ReadWrite => Connection::open_with_flags(p, flags),
+                Access::ReadOnly if !p.exists() => {
+                    return Err(Error::operational(format!(
+                        "cannot open SQLite database {shown} read-only: the file does not exist"
+                    )))
+                }
+                Access::ReadOnly => Connection::open_with_flags(file_uri(p, "mode=ro"), flags),
+                Access::Immutable => Connection::open_with_flags(file_uri(p, "immutable=1"), flags),
+            };
+            (opened, shown)
         }
     };
     let ctx = |e: rusqlite::Error| Error::from(e).context(format!("SQLite database {shown}"));
@@ -57,7 +75,10 @@ pub fn open(path: &SqlitePath, busy_timeout: Duration, sync: Synchronous) -> Res
     // foreign_keys: ON DELETE CASCADE / SET NULL and missing parents are enforced.
     // synchronous: FULL keeps a committed approval through a power cut, as SQLAlchemy's
     // default does; NORMAL / OFF only when the URL asks for them.
-    set_wal(&conn, busy_timeout).map_err(ctx)?;
+    if access.writable() {
+        // Read-only connections take the journal mode the file has.
+        set_wal(&conn, busy_timeout).map_err(ctx)?;
+    }
     // cache_size: 16 MiB of pages per connection instead of SQLite's 2 MiB, so lookups in
     // a table of 100,000 approvals stay in memory. (Memory-mapped I/O would be faster still,
     // but an I/O error on a mapped file kills the process with SIGBUS.)
@@ -134,6 +155,20 @@ pub fn query(c: &Connection, sql: &str, params: &[Value], shape: Shape) -> Resul
     Ok(out)
 }
 
+/// `file:` URI of a path with a query (`mode=ro`), percent-encoding what a URI reserves.
+fn file_uri(path: &Path, query: &str) -> String {
+    let mut uri = String::from("file:");
+    for b in path.to_string_lossy().bytes() {
+        match b {
+            b'?' | b'#' | b'%' => uri.push_str(&format!("%{b:02X}")),
+            _ => uri.push(char::from(b)),
+        }
+    }
+    uri.push('?');
+    uri.push_str(query);
+    uri
+}
+
 fn not_utf8(column: &str) -> Error {
     Error::data(format!(
         "column {column} holds text that is not valid UTF-8"
@@ -185,6 +220,7 @@ mod tests {
             &SqlitePath::Memory,
             Duration::from_secs(1),
             Synchronous::Full,
+            Access::ReadWrite,
         )
         .unwrap();
         c.execute_batch("CREATE TABLE t(s TEXT, i INTEGER, b BOOLEAN, ts TIMESTAMP, j JSON)")
@@ -219,6 +255,7 @@ mod tests {
             &SqlitePath::Memory,
             Duration::from_secs(1),
             Synchronous::Full,
+            Access::ReadWrite,
         )
         .unwrap();
         c.execute_batch("CREATE TABLE t(j JSON)").unwrap();
@@ -238,6 +275,7 @@ mod tests {
             &SqlitePath::Memory,
             Duration::from_secs(1),
             Synchronous::Full,
+            Access::ReadWrite,
         )
         .unwrap();
         let e = query(
@@ -259,6 +297,7 @@ mod tests {
             &SqlitePath::File("/no/such/dir/x.db".into()),
             Duration::from_secs(1),
             Synchronous::Full,
+            Access::ReadWrite,
         )
         .unwrap_err();
         assert_eq!(e.kind, crate::error::ErrorKind::Operational);

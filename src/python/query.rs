@@ -128,7 +128,7 @@ impl PyQuery {
             .map_err(|m| raise(ErrorKind::InvalidRequest, m))?;
         let session = self.session.bind(py);
         let single = self.single_entity();
-        let objs = if single.is_some() && select.joins.is_empty() && select.from.alias == 0 {
+        let objs = if single.is_some() && select.reads_one_table() {
             exclusive(session)?.fetch(py, select, self.overwrite)?
         } else {
             session
