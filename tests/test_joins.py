@@ -250,8 +250,14 @@ def test_bad_joins_and_queries_are_clear_errors_and_lose_nothing(sessions):
         db.query(Session).join(SessionState).update({"name": "x"})
     with pytest.raises(InvalidRequestError, match="one model without joins"):
         db.query(Session.name).delete()
+    with pytest.raises(InvalidRequestError, match="one model without joins"):
+        db.query(WorkflowRun).filter(ApprovalRequest.run_id == WorkflowRun.id).delete()
+    with pytest.raises(InvalidRequestError, match="one model without joins"):
+        db.query(WorkflowRun).filter(WorkflowRun.id == aliased(WorkflowRun).parent_run_id).update({"status": "x"})
     # Nothing was written, and the session goes on.
     assert fetch_all(url, "SELECT count(*) FROM sessions WHERE name = 'x'") == [(0,)]
+    assert fetch_all(url, "SELECT count(*) FROM workflow_runs WHERE status = 'x'") == [(0,)]
+    assert db.query(WorkflowRun).count() == 3
     db.commit()
     assert db.query(Session.name).filter(Session.id == pending.id).scalar() == "kept"
     db.close()

@@ -472,8 +472,10 @@ impl PyQuery {
 
 impl PyQuery {
     fn guard_bulk(&self, what: &str) -> PyResult<()> {
+        // An UPDATE / DELETE names one table: criteria on another model (a join, or one
+        // through filter()) have no place in it.
         if self.single_entity().is_none()
-            || !self.select.joins.is_empty()
+            || !self.select.reads_one_table()
             || !self.select.group_by.is_empty()
             || self.select.distinct
         {
