@@ -233,11 +233,10 @@ impl Select {
         out
     }
 
-    /// Every FROM item, in the order they are rendered.
-    pub fn sources(&self) -> Vec<Source> {
+    /// The first FROM item and every join target, in order: what a new join can attach to.
+    pub fn joined(&self) -> Vec<Source> {
         let mut all = vec![self.from];
         all.extend(self.joins.iter().map(|j| j.target));
-        all.extend(self.implicit_sources());
         all
     }
 

@@ -171,12 +171,8 @@ impl PyQuery {
                     outer,
                 }
             }
-            (None, None) => {
-                let mut joined = vec![select.from];
-                joined.extend(select.joins.iter().map(|j| j.target));
-                Join::along_foreign_key(&joined, target, outer)
-                    .map_err(|m| raise(ErrorKind::InvalidRequest, m))?
-            }
+            (None, None) => Join::along_foreign_key(&select.joined(), target, outer)
+                .map_err(|m| raise(ErrorKind::InvalidRequest, m))?,
         };
         select.joins.push(join);
         select

@@ -247,6 +247,13 @@ impl PyDbSession {
         }
     }
 
+    /// The rows `select` reads, each value typed as its item.
+    fn rows(&mut self, py: Python<'_>, select: &Select) -> PyResult<Vec<Row>> {
+        let (sql, params) = select.render(self.dialect());
+        let shape = select.shape();
+        self.read(py, move |c| c.query(&sql, &params, &shape))
+    }
+
     /// Objects for the rows of `select`, which reads every column of one model.
     pub fn fetch(
         &mut self,
@@ -254,9 +261,7 @@ impl PyDbSession {
         select: &Select,
         overwrite: bool,
     ) -> PyResult<Vec<Py<PyAny>>> {
-        let (sql, params) = select.render(self.dialect());
-        let shape = select.shape();
-        let rows = self.read(py, move |c| c.query(&sql, &params, &shape))?;
+        let rows = self.rows(py, select)?;
         self.load(py, select.from.table, rows, overwrite)
     }
 
@@ -272,9 +277,7 @@ impl PyDbSession {
         outputs: &[Output],
         overwrite: bool,
     ) -> PyResult<Vec<Py<PyAny>>> {
-        let (sql, params) = select.render(self.dialect());
-        let shape = select.shape();
-        let rows = self.read(py, move |c| c.query(&sql, &params, &shape))?;
+        let rows = self.rows(py, select)?;
         if let [Output::Entity { table, start: 0 }] = outputs {
             let mut seen = HashSet::new();
             let mut out = Vec::with_capacity(rows.len());
@@ -568,9 +571,7 @@ impl PyDbSession {
                 table,
                 objs.iter().map(|(pk, _)| pk.clone()).collect(),
             ));
-            let (sql, params) = select.render(self.dialect());
-            let shape = select.shape();
-            let rows = self.read(py, move |c| c.query(&sql, &params, &shape))?;
+            let rows = self.rows(py, &select)?;
             let mut found: HashMap<String, Row> = HashMap::new();
             for row in rows {
                 if let Value::Text(pk) = &row[Table::PK] {
