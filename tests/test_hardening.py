@@ -1730,6 +1730,8 @@ def test_a_session_shared_between_threads_refuses_the_second_caller_clearly(migr
     calls = [
         lambda i: approvals.resolve(db, reqs[i].id, "approved"),
         lambda i: db.query(ApprovalRequest).filter(ApprovalRequest.run_id == run.id).all(),
+        lambda i: db.query(ApprovalRequest, WorkflowRun).join(WorkflowRun).all(),
+        lambda i: db.query(WorkflowRun).get(run.id),
         lambda i: db.commit(),
         lambda i: db.get(WorkflowRun, run.id),
         lambda i: repr(db),

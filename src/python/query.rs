@@ -123,17 +123,12 @@ impl PyQuery {
     }
 
     fn run(&self, py: Python<'_>, select: &Select) -> PyResult<Vec<Py<PyAny>>> {
-        select
-            .check()
-            .map_err(|m| raise(ErrorKind::InvalidRequest, m))?;
+        // Joins were checked when added (`join_to`); nothing else changes them.
         let session = self.session.bind(py);
-        let single = self.single_entity();
-        let objs = if single.is_some() && select.reads_one_table() {
+        let objs = if self.single_entity().is_some() && select.reads_one_table() {
             exclusive(session)?.fetch(py, select, self.overwrite)?
         } else {
-            session
-                .borrow_mut()
-                .fetch_rows(py, select, &self.outputs, self.overwrite)?
+            exclusive(session)?.fetch_rows(py, select, &self.outputs, self.overwrite)?
         };
         for &(table, index) in &self.eager {
             preload(py, session, &objs, table, index, self.overwrite)?;
@@ -410,18 +405,12 @@ impl PyQuery {
     }
 
     fn count(&self, py: Python<'_>) -> PyResult<i64> {
-        self.select
-            .check()
-            .map_err(|m| raise(ErrorKind::InvalidRequest, m))?;
         exclusive(self.session.bind(py))?.count(py, &self.select)
     }
 
     /// The object with this primary key, or None (legacy `query(M).get(pk)`).
     fn get(&self, py: Python<'_>, ident: &Bound<'_, PyAny>) -> PyResult<Option<Py<PyAny>>> {
-        self.session
-            .bind(py)
-            .borrow_mut()
-            .get_by_pk(py, self.select.from.table, ident)
+        exclusive(self.session.bind(py))?.get_by_pk(py, self.select.from.table, ident)
     }
 
     /// Sets columns on every matching row in one UPDATE; returns the number matched.
