@@ -67,9 +67,10 @@ impl Engine {
         Ok(drifted)
     }
 
-    /// A connection of its own, outside the pool (a waiter holds it for the whole wait).
-    pub fn open_dedicated(&self) -> Result<Conn> {
-        Conn::open(self.pool.url())
+    /// A connection of its own, outside the pool, for a waiter: it holds the connection for
+    /// the whole wait and runs only short statements on it.
+    pub fn open_for_waiter(&self) -> Result<Conn> {
+        Conn::open(&self.pool.url().for_short_statements())
     }
 
     /// Runs `f` on a pooled connection and hands both back. `f` must be safe to run again:

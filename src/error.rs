@@ -175,8 +175,8 @@ pub fn kind_for_sqlstate(code: &str) -> ErrorKind {
     }
 }
 
-impl From<postgres::Error> for Error {
-    fn from(e: postgres::Error) -> Self {
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
         match e.as_db_error() {
             Some(db) => {
                 let mut message = db.message().to_string();

@@ -56,10 +56,32 @@ pub enum Target {
         access: Access,
     },
     Postgres {
-        /// A libpq-style URL the `postgres` crate accepts (scheme normalised).
+        /// A libpq-style URL `tokio-postgres` accepts (scheme normalised).
         conninfo: String,
+        timeouts: PgTimeouts,
     },
 }
+
+/// How long a PostgreSQL client waits for the server; `None` is no bound.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PgTimeouts {
+    /// A whole connection attempt: DNS, TCP, TLS negotiation, start-up and authentication.
+    pub connect: Option<Duration>,
+    /// One statement's answer; past it the statement is cancelled and the connection closed.
+    pub command: Option<Duration>,
+}
+
+/// A connection attempt gives up after this long unless the URL says otherwise
+/// (`connect_timeout=0` waits for ever, as in libpq).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TCP keepalives unless the URL sets them: an idle connection to a host that vanished is
+/// found dead after about two minutes, not the system's default of two hours.
+const DEFAULT_KEEPALIVES: &[(&str, &str)] = &[
+    ("keepalives_idle", "60"),
+    ("keepalives_interval", "10"),
+    ("keepalives_retries", "6"),
+];
 
 /// A parsed URL, with what applies to every backend.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,6 +96,17 @@ pub struct DbUrl {
 }
 
 impl DbUrl {
+    /// This URL for a connection that runs only short statements (a waiter's one-row reads
+    /// and updates): unless the URL bounds statements itself, a server that stops answering
+    /// ends the wait after the connect timeout instead of never.
+    pub fn for_short_statements(&self) -> DbUrl {
+        let mut url = self.clone();
+        if let Target::Postgres { timeouts, .. } = &mut url.target {
+            timeouts.command = timeouts.command.or(timeouts.connect);
+        }
+        url
+    }
+
     /// Whether connections may write (a SQLite URL with `mode=ro` / `immutable=1` may not).
     pub fn writable(&self) -> bool {
         match self.target {
@@ -130,6 +163,17 @@ fn parse_bool(name: &str, v: &str) -> Result<bool> {
     }
 }
 
+/// A URL parameter in seconds: a non-negative number; one beyond what a `Duration` holds
+/// is as long as one can wait.
+fn seconds(name: &str, v: &str) -> Result<Duration> {
+    let secs: f64 = v.parse().ok().filter(|s: &f64| *s >= 0.0).ok_or_else(|| {
+        Error::interface(format!(
+            "URL parameter {name}={v:?} is not a number of seconds"
+        ))
+    })?;
+    Ok(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
+}
+
 fn split_query(s: &str) -> (&str, Vec<(&str, &str)>) {
     // A '?' inside the userinfo (an unencoded one in a password) does not start the query.
     let from = s.rfind('@').map_or(0, |at| at + 1);
@@ -148,7 +192,7 @@ fn split_query(s: &str) -> (&str, Vec<(&str, &str)>) {
     }
 }
 
-/// Query parameters that the `postgres` crate understands and we pass through.
+/// Query parameters that `tokio-postgres` understands and we pass through.
 const PG_PARAMS: &[&str] = &[
     "sslmode",
     "connect_timeout",
@@ -156,6 +200,11 @@ const PG_PARAMS: &[&str] = &[
     "options",
     "keepalives",
     "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_retries",
+    "tcp_user_timeout",
+    "hostaddr",
+    "load_balance_hosts",
     "target_session_attrs",
     "channel_binding",
     "host",
@@ -183,15 +232,7 @@ pub fn parse(url: &str) -> Result<DbUrl> {
             let mut access = Access::ReadWrite;
             for (k, v) in params {
                 match k {
-                    "timeout" => {
-                        let secs: f64 = v.parse().ok().filter(|s: &f64| s.is_finite() && *s >= 0.0).ok_or_else(|| {
-                            Error::interface(format!(
-                                "URL parameter timeout={v:?} is not a number of seconds"
-                            ))
-                        })?;
-                        // Beyond what a Duration holds: wait as long as one can.
-                        busy_timeout = Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX);
-                    }
+                    "timeout" => busy_timeout = seconds(k, v)?,
                     "synchronous" => {
                         synchronous = match v.to_ascii_uppercase().as_str() {
                             "FULL" | "2" => Synchronous::Full,
@@ -254,19 +295,34 @@ pub fn parse(url: &str) -> Result<DbUrl> {
         }
         "postgresql" | "postgres" | "postgresql+psycopg2" | "postgresql+psycopg" => {
             let mut passed = Vec::new();
-            for (k, v) in params {
-                if k == "auto_migrate" {
-                    auto_migrate = parse_bool(k, v)?;
-                } else if k == "echo" {
-                    echo = parse_bool(k, v)?;
-                } else if k == "hide_parameters" {
-                    hide_parameters = parse_bool(k, v)?;
-                } else if PG_PARAMS.contains(&k) {
+            let mut timeouts = PgTimeouts {
+                connect: Some(DEFAULT_CONNECT_TIMEOUT),
+                command: None,
+            };
+            for (k, v) in &params {
+                let (k, v) = (*k, *v);
+                match k {
+                    "auto_migrate" => auto_migrate = parse_bool(k, v)?,
+                    "echo" => echo = parse_bool(k, v)?,
+                    "hide_parameters" => hide_parameters = parse_bool(k, v)?,
+                    // libpq: zero (or less) is no limit.
+                    "connect_timeout" => {
+                        timeouts.connect = Some(seconds(k, v)?).filter(|d| !d.is_zero())
+                    }
+                    "command_timeout" => {
+                        timeouts.command = Some(seconds(k, v)?).filter(|d| !d.is_zero())
+                    }
+                    _ if PG_PARAMS.contains(&k) => passed.push(format!("{k}={v}")),
+                    _ => {
+                        return Err(Error::interface(format!(
+                            "unknown URL parameter {k:?} in {display:?}"
+                        )))
+                    }
+                }
+            }
+            for (k, v) in DEFAULT_KEEPALIVES {
+                if !params.iter().any(|(given, _)| given == k) {
                     passed.push(format!("{k}={v}"));
-                } else {
-                    return Err(Error::interface(format!(
-                        "unknown URL parameter {k:?} in {display:?}"
-                    )));
                 }
             }
             if rest.is_empty() {
@@ -280,7 +336,7 @@ pub fn parse(url: &str) -> Result<DbUrl> {
                 conninfo.push_str(&passed.join("&"));
             }
             Ok(DbUrl {
-                target: Target::Postgres { conninfo },
+                target: Target::Postgres { conninfo, timeouts },
                 auto_migrate,
                 echo: Echo::new(echo, hide_parameters),
                 display,
@@ -398,11 +454,62 @@ mod tests {
             assert_eq!(
                 u.target,
                 Target::Postgres {
-                    conninfo: "postgresql://u:pw@h:5432/db?sslmode=disable".into()
+                    conninfo: "postgresql://u:pw@h:5432/db?sslmode=disable&keepalives_idle=60&keepalives_interval=10&keepalives_retries=6".into(),
+                    timeouts: PgTimeouts {
+                        connect: Some(DEFAULT_CONNECT_TIMEOUT),
+                        command: None,
+                    },
                 }
             );
             assert!(!u.display.contains("pw"));
         }
+    }
+
+    fn pg_target(query: &str) -> (String, PgTimeouts) {
+        match parse(&format!("postgresql://u@h/db{query}"))
+            .unwrap()
+            .target
+        {
+            Target::Postgres { conninfo, timeouts } => (conninfo, timeouts),
+            t => panic!("not postgres: {t:?}"),
+        }
+    }
+
+    #[test]
+    fn postgres_timeouts() {
+        let (_, t) = pg_target("?connect_timeout=2.5&command_timeout=30");
+        assert_eq!(t.connect, Some(Duration::from_millis(2500)));
+        assert_eq!(t.command, Some(Duration::from_secs(30)));
+        // As in libpq, zero is no limit; the default is DEFAULT_CONNECT_TIMEOUT.
+        assert_eq!(pg_target("?connect_timeout=0").1.connect, None);
+        assert_eq!(pg_target("").1.connect, Some(DEFAULT_CONNECT_TIMEOUT));
+        for bad in [
+            "?connect_timeout=soon",
+            "?command_timeout=-1",
+            "?connect_timeout=NaN",
+        ] {
+            let e = parse(&format!("postgresql://u@h/db{bad}")).unwrap_err();
+            assert_eq!(e.kind, crate::error::ErrorKind::Interface, "{bad}");
+            assert!(e.message.contains("seconds"), "{}", e.message);
+        }
+        // Our timeouts are applied by the driver, not passed on as connection options.
+        assert_eq!(pg_target("?connect_timeout=2").0, pg_target("").0);
+        // A waiter's connection bounds statements by the connect timeout unless told otherwise.
+        let waiter = |q: &str| match parse(&format!("postgresql://u@h/db{q}"))
+            .unwrap()
+            .for_short_statements()
+            .target
+        {
+            Target::Postgres { timeouts, .. } => timeouts.command,
+            t => panic!("not postgres: {t:?}"),
+        };
+        assert_eq!(waiter(""), Some(DEFAULT_CONNECT_TIMEOUT));
+        assert_eq!(waiter("?command_timeout=3"), Some(Duration::from_secs(3)));
+        assert_eq!(waiter("?connect_timeout=0"), None);
+        // Keepalive settings the URL gives replace the defaults.
+        let (conninfo, _) = pg_target("?keepalives_idle=5");
+        assert!(conninfo.contains("keepalives_idle=5"), "{conninfo}");
+        assert!(!conninfo.contains("keepalives_idle=60"), "{conninfo}");
     }
 
     #[test]

@@ -4,6 +4,9 @@
   OperationalError, can be rolled back and used again, and the pool never hands out a dead
   connection;
 - connection errors are OperationalError naming host and database, never the password;
+- a server that accepts TCP and never answers costs ``connect_timeout`` (10 s by default),
+  and one that stops answering mid-statement costs ``command_timeout`` (a waiter's
+  connection bounds its statements by the connect timeout unless told otherwise);
 - every URL spelling cmbagent users have works, with libpq query parameters;
 - the catalogue shows the partial index, timestamptz / timestamp and json as SCHEMA.md says;
 - several processes running ``migrate(url, "head")`` at the same moment all succeed and the
@@ -15,10 +18,12 @@ Everything checked here is read back through psycopg2 (tests/helpers.py), not cm
 from __future__ import annotations
 
 import json
+import select
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -27,8 +32,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 import cmbagent_db
-from cmbagent_db import OperationalError, get_db_session
-from cmbagent_db.models import Session, WorkflowRun
+from cmbagent_db import OperationalError, approvals, get_db_session
+from cmbagent_db.models import ApprovalRequest, Session, WorkflowRun
 
 from helpers import fetch_all, pg_dsn, row_count
 
@@ -301,6 +306,209 @@ def test_repr_of_working_session_hides_password(pg_url):
     assert PG_PASSWORD not in repr(db)
     assert PG_PASSWORD not in str(db)
     assert dbname_of(pg_url) in repr(db)
+    db.close()
+
+
+# --------------------------------------------------------------------------- silent servers
+
+
+class SilentServer:
+    """Accepts TCP connections and never says a word: a hung server or a wrong port."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self):
+        self.sock.settimeout(0.1)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.accepted.append(conn)
+
+    def close(self):
+        self._stop = True
+        self._thread.join(5)
+        for c in self.accepted:
+            c.close()
+        self.sock.close()
+
+
+class StallingProxy:
+    """Forwards TCP to the PostgreSQL server until ``stall()``; from then on, until
+    ``resume()``, it holds every byte in both directions and leaves new connections
+    unanswered: a server that stops answering while the network stays up."""
+
+    def __init__(self, host, port):
+        self.upstream = (host, port)
+        self.forwarding = threading.Event()
+        self.forwarding.set()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self._closed = False
+        self._sockets = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stall(self):
+        self.forwarding.clear()
+
+    def resume(self):
+        self.forwarding.set()
+
+    def _accept(self):
+        while not self._closed:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client):
+        self.forwarding.wait()
+        server = socket.create_connection(self.upstream)
+        self._sockets += [client, server]
+        ends = {client: server, server: client}
+        try:
+            while not self._closed:
+                self.forwarding.wait()
+                ready, _, _ = select.select(list(ends), [], [], 0.05)
+                for s in ready:
+                    if not self.forwarding.is_set():
+                        break
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    ends[s].sendall(data)
+        except OSError:
+            return
+        finally:
+            client.close()
+            server.close()
+
+    def close(self):
+        self._closed = True
+        self.forwarding.set()
+        self.sock.close()
+        for s in self._sockets:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def silent_server():
+    srv = SilentServer()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def stalling_url(migrated_pg_url):
+    """``(url through a StallingProxy, proxy)`` for a migrated database."""
+    parts = urlsplit(migrated_pg_url)
+    proxy = StallingProxy(parts.hostname, parts.port)
+    netloc = f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}"
+    yield parts._replace(netloc=netloc).geturl(), proxy
+    proxy.close()
+
+
+def _fails_within(fn, low, high):
+    """Runs ``fn``; it must raise OperationalError after ``low`` to ``high`` seconds."""
+    t0 = time.monotonic()
+    with pytest.raises(OperationalError) as info:
+        fn()
+    elapsed = time.monotonic() - t0
+    assert low <= elapsed < high, f"failed after {elapsed:.2f}s, expected {low}-{high}s: {info.value}"
+    return info.value
+
+
+@pytest.mark.parametrize("query, low, high", [("connect_timeout=1", 0.9, 4.0), ("", 9.5, 16.0)], ids=["given", "default"])
+def test_server_that_never_answers_start_up_costs_connect_timeout(silent_server, query, low, high):
+    """The whole attempt (TCP, then start-up and authentication) is bounded: psycopg2 gives
+    up after ``connect_timeout`` too. With none given, the bound is 10 s."""
+    url = f"postgresql://u:NeverShown-pw@127.0.0.1:{silent_server.port}/db?auto_migrate=false"
+    if query:
+        url += "&" + query
+    err = _fails_within(lambda: get_db_session(url).query(Session).count(), low, high)
+    assert "connect_timeout" in str(err) and "127.0.0.1" in str(err), err
+    assert "NeverShown-pw" not in str(err)
+    assert silent_server.accepted, "the attempt never reached the server"
+
+
+def test_statement_to_a_server_that_stopped_answering_costs_command_timeout(stalling_url):
+    url, proxy = stalling_url
+    db = get_db_session(url + "?command_timeout=1&connect_timeout=2")
+    before = db.query(Session).count()
+    proxy.stall()
+    # One second for the statement, up to two more for the cancel request that follows it.
+    err = _fails_within(lambda: db.query(Session).count(), 0.9, 5.0)
+    assert "command_timeout=1" in str(err), err
+    proxy.resume()
+    db.rollback()
+    # The abandoned connection was not pooled: the session works on a new one.
+    assert db.query(Session).count() == before
+    db.add(Session(name="after the stall"))
+    db.commit()
+    assert db.query(Session).count() == before + 1
+    db.close()
+
+
+def test_without_command_timeout_a_statement_waits_for_a_slow_answer(stalling_url):
+    """No bound by default: a server that answers late is waited for, not given up on."""
+    url, proxy = stalling_url
+    db = get_db_session(url)
+    db.query(Session).count()
+    proxy.stall()
+    threading.Timer(1.5, proxy.resume).start()
+    t0 = time.monotonic()
+    assert db.query(Session).count() >= 0
+    assert time.monotonic() - t0 >= 1.4
+    db.close()
+
+
+def _pending_request(url):
+    db = get_db_session(url)
+    s = Session(name="waits")
+    db.add(s)
+    db.flush()
+    run = WorkflowRun(session_id=s.id, agent="engineer", model="gpt-4o", status="waiting_approval")
+    db.add(run)
+    db.flush()
+    req = ApprovalRequest.create_pending(run_id=run.id, approval_type="plan_approval", context={}, timeout_seconds=300)
+    db.add(req)
+    db.commit()
+    return db, req.id
+
+
+def test_waiter_on_a_server_that_stopped_answering_fails_after_the_connect_timeout(stalling_url):
+    """A waiter runs only one-row statements: they are bounded by the connect timeout, so a
+    hung server ends a long wait with an OperationalError instead of never."""
+    url, proxy = stalling_url
+    url += "?connect_timeout=2"
+    db, rid = _pending_request(url)
+    proxy.stall()
+    # Connecting the waiter's own connection: bounded by connect_timeout.
+    _fails_within(lambda: approvals.wait(rid, timeout=60, url=url), 1.9, 6.0)
+    proxy.resume()
+    # Mid-wait: the waiter connected, then the server stopped answering.
+    threading.Timer(0.5, proxy.stall).start()
+    err = _fails_within(lambda: approvals.wait(rid, timeout=60, url=url), 2.4, 8.0)
+    assert "command_timeout=2" in str(err), err
+    proxy.resume()
+    # Nothing was lost: the request is still pending and can be resolved.
+    db.rollback()
+    assert approvals.resolve(db, rid, "approved") is True
     db.close()
 
 

@@ -47,9 +47,9 @@ impl Conn {
                 synchronous,
                 access,
             } => Inner::Sqlite(sqlite::open(path, *busy_timeout, *synchronous, *access)?),
-            Target::Postgres { conninfo } => {
-                Inner::Postgres(Box::new(postgres::PgConn::open(conninfo, &url.display)?))
-            }
+            Target::Postgres { conninfo, timeouts } => Inner::Postgres(Box::new(
+                postgres::PgConn::open(conninfo, *timeouts, &url.display)?,
+            )),
         };
         let wal_database = match &url.target {
             // Absolute, so a later chdir of the process cannot point the checkpoint

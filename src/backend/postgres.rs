@@ -1,65 +1,169 @@
-//! PostgreSQL through the synchronous `postgres` crate.
+//! PostgreSQL through `tokio-postgres`, driven by a single-threaded runtime per connection.
+//!
+//! Driving the asynchronous client ourselves (rather than through the blocking `postgres`
+//! wrapper) is what lets a whole connection attempt, start-up and authentication included,
+//! and each statement be bounded in time: a server that accepts TCP and then never answers
+//! costs `connect_timeout`, not forever.
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
+use std::future::Future;
 use std::str::FromStr;
+use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, NaiveDateTime, Utc};
-use postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
-use postgres::{Client, Config, NoTls, Statement};
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc;
+use tokio_postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Statement};
 
 use super::{Row, Shape};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
+use crate::url::PgTimeouts;
 use crate::value::Value;
 
 type BoxError = Box<dyn StdError + Sync + Send>;
 
 pub struct PgConn {
+    driver: Driver,
     client: Client,
+    /// `NOTIFY` payloads, forwarded by the task that drives the connection.
+    notifications: mpsc::UnboundedReceiver<String>,
     /// Statements prepared on this connection, by SQL text.
     statements: HashMap<String, Statement>,
 }
 
+/// The runtime that moves a connection's bytes, and the bounds on waiting for them.
+struct Driver {
+    runtime: Runtime,
+    timeouts: PgTimeouts,
+    /// Set when a statement outlived `command_timeout`: the connection's state is unknown,
+    /// so the pool must not hand it out again.
+    abandoned: bool,
+}
+
+impl Driver {
+    /// Runs one exchange with the server, bounded by `command_timeout` when one is set. A
+    /// statement that outlives it is cancelled on the server, and the connection abandoned.
+    fn run<T>(
+        &mut self,
+        client: &Client,
+        work: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    ) -> Result<T> {
+        let Some(limit) = self.timeouts.command else {
+            return Ok(self.runtime.block_on(work)?);
+        };
+        // The timer is made inside the runtime: it needs the runtime's clock.
+        match self
+            .runtime
+            .block_on(async { tokio::time::timeout(limit, work).await })
+        {
+            Ok(result) => Ok(result?),
+            Err(_) => {
+                self.abandoned = true;
+                let token = client.cancel_token();
+                let grace = self.timeouts.connect.unwrap_or(limit);
+                // Best effort: a server that does not answer may not take the cancel either.
+                let _ = self.runtime.block_on(async {
+                    tokio::time::timeout(grace, token.cancel_query(NoTls)).await
+                });
+                Err(Error::operational(format!(
+                    "the server did not answer within command_timeout={}s; the statement was cancelled and the connection closed",
+                    seconds(Some(limit))
+                )))
+            }
+        }
+    }
+}
+
 impl PgConn {
-    pub fn open(conninfo: &str, display: &str) -> Result<PgConn> {
-        let config = Config::from_str(conninfo)
+    pub fn open(conninfo: &str, timeouts: PgTimeouts, display: &str) -> Result<PgConn> {
+        let mut config = Config::from_str(conninfo)
             .map_err(|e| Error::interface(format!("malformed PostgreSQL URL {display}: {e}")))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                Error::operational(format!("cannot start the PostgreSQL I/O driver: {e}"))
+            })?;
+        if let Some(limit) = timeouts.connect {
+            // Each TCP attempt, then the whole exchange below.
+            config.connect_timeout(limit);
+        }
+        let attempt = config.connect(NoTls);
+        let outcome = runtime.block_on(async {
+            match timeouts.connect {
+                Some(limit) => tokio::time::timeout(limit, attempt).await.ok(),
+                None => Some(attempt.await),
+            }
+        });
         // Whatever the server answers (a missing database is SQLSTATE 3D000, which would
         // otherwise read as a ProgrammingError), failing to connect is operational.
-        let client = config.connect(NoTls).map_err(|e| {
-            let mut e =
-                Error::from(e).context(format!("cannot connect to PostgreSQL at {display}"));
-            e.kind = crate::error::ErrorKind::Operational;
-            e
-        })?;
+        let failed = |mut e: Error| {
+            e.kind = ErrorKind::Operational;
+            e.context(format!("cannot connect to PostgreSQL at {display}"))
+        };
+        let (client, mut connection) = match outcome {
+            Some(Ok(pair)) => pair,
+            Some(Err(e)) => return Err(failed(Error::from(e))),
+            None => {
+                return Err(failed(Error::operational(format!(
+                    "no answer within connect_timeout={}s (the server accepted the connection but did not complete start-up)",
+                    seconds(timeouts.connect)
+                ))))
+            }
+        };
+        let (sender, notifications) = mpsc::unbounded_channel();
+        runtime.spawn(async move {
+            // Ends when the connection closes or fails; the client's calls then fail too.
+            while let Some(Ok(message)) =
+                std::future::poll_fn(|cx| connection.poll_message(cx)).await
+            {
+                if let AsyncMessage::Notification(n) = message {
+                    // A closed receiver means the connection is being dropped.
+                    let _ = sender.send(n.payload().to_string());
+                }
+            }
+        });
         Ok(PgConn {
+            driver: Driver {
+                runtime,
+                timeouts,
+                abandoned: false,
+            },
             client,
+            notifications,
             statements: HashMap::new(),
         })
     }
 
     pub fn is_closed(&self) -> bool {
-        self.client.is_closed()
+        self.driver.abandoned || self.client.is_closed()
     }
 
     fn prepared(&mut self, sql: &str) -> Result<Statement> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
-        let s = self.client.prepare(sql)?;
+        let s = self.driver.run(&self.client, self.client.prepare(sql))?;
         self.statements.insert(sql.to_string(), s.clone());
         Ok(s)
     }
 
     pub fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64> {
         let stmt = self.prepared(sql)?;
-        Ok(self.client.execute(&stmt, &as_params(params))?)
+        let params = as_params(params);
+        self.driver
+            .run(&self.client, self.client.execute(&stmt, &params))
     }
 
     pub fn query(&mut self, sql: &str, params: &[Value], shape: Shape) -> Result<Vec<Row>> {
         let stmt = self.prepared(sql)?;
-        let rows = self.client.query(&stmt, &as_params(params))?;
+        let params = as_params(params);
+        let rows = self
+            .driver
+            .run(&self.client, self.client.query(&stmt, &params))?;
         rows.iter()
             .map(|row| {
                 (0..shape.len())
@@ -74,23 +178,34 @@ impl PgConn {
     }
 
     pub fn batch(&mut self, sql: &str) -> Result<()> {
-        Ok(self.client.batch_execute(sql)?)
+        self.driver
+            .run(&self.client, self.client.batch_execute(sql))
     }
 
-    pub fn notifications(&mut self, timeout: std::time::Duration) -> Result<Vec<String>> {
-        use postgres::fallible_iterator::FallibleIterator;
+    /// The payloads of `NOTIFY`s received, waiting up to `timeout` for the first.
+    pub fn notifications(&mut self, timeout: Duration) -> Result<Vec<String>> {
         let mut out = Vec::new();
-        let mut notes = self.client.notifications();
-        if let Some(n) = notes.timeout_iter(timeout).next()? {
-            out.push(n.payload().to_string());
+        let first = self
+            .driver
+            .runtime
+            .block_on(async { tokio::time::timeout(timeout, self.notifications.recv()).await });
+        match first {
+            Ok(Some(payload)) => out.push(payload),
+            Ok(None) => return Err(Error::operational(
+                "PostgreSQL connection error: the connection listening for notifications closed",
+            )),
+            Err(_) => return Ok(out),
         }
         // Whatever else already arrived, without waiting again.
-        let mut rest = notes.iter();
-        while let Some(n) = rest.next()? {
-            out.push(n.payload().to_string());
+        while let Ok(payload) = self.notifications.try_recv() {
+            out.push(payload);
         }
         Ok(out)
     }
+}
+
+fn seconds(d: Option<Duration>) -> String {
+    d.map_or_else(|| "none".to_string(), |d| format!("{}", d.as_secs_f64()))
 }
 
 fn as_params(values: &[Value]) -> Vec<&(dyn ToSql + Sync)> {

@@ -170,7 +170,7 @@ pub fn wait(
     let id = approval_id.clone();
     let mut waiter = py.detach(|| {
         engine.ensure_ready()?;
-        Waiter::new(engine.open_dedicated()?, &id)
+        Waiter::new(engine.open_for_waiter()?, &id)
     })?;
     // A timeout longer than a monotonic clock can count (centuries) is no deadline at all.
     let deadline = timeout.and_then(|t| {
