@@ -186,8 +186,21 @@ impl From<tokio_postgres::Error> for Error {
                 }
                 Error::new(kind_for_sqlstate(db.code().code()), message)
             }
-            // No SQLSTATE: the connection itself failed (closed, reset, timed out).
-            None => Error::operational(format!("PostgreSQL connection error: {e}")),
+            // No SQLSTATE: the connection itself failed (refused, closed, reset, timed
+            // out). The driver's own text names only the stage; the causes say why.
+            None => {
+                let mut message = format!("PostgreSQL connection error: {e}");
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    let text = c.to_string();
+                    if !message.contains(&text) {
+                        message.push_str(": ");
+                        message.push_str(&text);
+                    }
+                    cause = c.source();
+                }
+                Error::operational(message)
+            }
         }
     }
 }

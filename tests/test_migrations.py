@@ -1012,6 +1012,27 @@ def test_missing_directory(tmp_path):
     assert not (tmp_path / "no").exists()
 
 
+def test_directory_instead_of_a_file(tmp_path):
+    with pytest.raises(cmbagent_db.OperationalError) as err:
+        cmbagent_db.migrate(f"sqlite:///{tmp_path}", "head")
+    message = str(err.value)
+    assert "is a directory" in message, message
+    assert message.count(str(tmp_path)) == 1, message
+
+
+def test_sqlite_messages_name_the_file_once(tmp_path):
+    """SQLite's own text for a file it cannot open ends with the path the message already
+    names (here: a path longer than SQLite accepts)."""
+    directory = tmp_path / ("a" * 200) / ("b" * 200) / ("c" * 200)
+    directory.mkdir(parents=True)
+    path = directory / "x.db"
+    with pytest.raises(cmbagent_db.OperationalError) as err:
+        cmbagent_db.migrate(f"sqlite:///{path}", "head")
+    message = str(err.value)
+    assert "unable to open" in message, message
+    assert message.count(str(path)) == 1, message
+
+
 _UNWRITABLE_CHILD = r"""
 import sys, cmbagent_db
 try:

@@ -281,6 +281,8 @@ def test_closed_port_is_operational_error_without_the_password(auto_migrate):
     assert time.monotonic() - t0 < 30
     msg = str(exc)
     assert "127.0.0.1" in msg and dbname in msg, msg
+    # Why it failed, not only that connecting did.
+    assert "refused" in msg.lower(), msg
     for text in error_texts(exc):
         assert secret not in text
     if db is not None:

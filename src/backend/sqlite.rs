@@ -49,6 +49,11 @@ pub fn open(
                 .parent()
                 .filter(|d| !d.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
+            if p.is_dir() {
+                return Err(Error::operational(format!(
+                    "cannot open SQLite database {shown}: it is a directory, not a database file"
+                )));
+            }
             if !parent.is_dir() {
                 return Err(Error::operational(format!(
                     "cannot open SQLite database {shown}: directory {} does not exist",
@@ -68,7 +73,14 @@ pub fn open(
             (opened, shown)
         }
     };
-    let ctx = |e: rusqlite::Error| Error::from(e).context(format!("SQLite database {shown}"));
+    let ctx = |e: rusqlite::Error| {
+        let mut e = Error::from(e);
+        // SQLite may end its own message with the path: say it once.
+        if let Some(m) = e.message.strip_suffix(&format!(": {shown}")) {
+            e.message = m.to_string();
+        }
+        e.context(format!("SQLite database {shown}"))
+    };
     let conn = conn.map_err(ctx)?;
     conn.busy_timeout(busy_timeout).map_err(ctx)?;
     // WAL: readers never block the writer, the writer never blocks readers.
