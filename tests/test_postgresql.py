@@ -359,6 +359,8 @@ class StallingProxy:
         self.port = self.sock.getsockname()[1]
         self._closed = False
         self._sockets = []
+        # The last bytes each client sent, in connection order.
+        self.client_tails = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def stall(self):
@@ -380,6 +382,8 @@ class StallingProxy:
         server = socket.create_connection(self.upstream)
         self._sockets += [client, server]
         ends = {client: server, server: client}
+        slot = len(self.client_tails)
+        self.client_tails.append(b"")
         try:
             while not self._closed:
                 self.forwarding.wait()
@@ -390,6 +394,8 @@ class StallingProxy:
                     data = s.recv(65536)
                     if not data:
                         return
+                    if s is client:
+                        self.client_tails[slot] = (self.client_tails[slot] + data)[-64:]
                     ends[s].sendall(data)
         except OSError:
             return
@@ -477,6 +483,21 @@ def test_without_command_timeout_a_statement_waits_for_a_slow_answer(stalling_ur
     assert db.query(Session).count() >= 0
     assert time.monotonic() - t0 >= 1.4
     db.close()
+
+
+def test_closing_a_connection_says_goodbye_to_the_server(stalling_url):
+    """A pooled connection closed by dispose_engines() ends with PostgreSQL's Terminate
+    message, so the server (or PgBouncer) sees a client that left, not one that vanished."""
+    url, proxy = stalling_url
+    db = get_db_session(url)
+    db.query(Session).count()
+    db.close()
+    cmbagent_db.dispose_engines()
+    deadline = time.monotonic() + 5
+    while not all(t.endswith(b"X\x00\x00\x00\x04") for t in proxy.client_tails):
+        assert time.monotonic() < deadline, f"no Terminate message: {proxy.client_tails}"
+        time.sleep(0.02)
+    assert proxy.client_tails
 
 
 def _pending_request(url):

@@ -26,8 +26,10 @@ use crate::value::Value;
 type BoxError = Box<dyn StdError + Sync + Send>;
 
 pub struct PgConn {
-    driver: Driver,
+    /// Declared before `driver`, so it is dropped first: with the client gone the
+    /// connection task sends the server a Terminate message, which `Driver`'s drop waits for.
     client: Client,
+    driver: Driver,
     /// `NOTIFY` payloads, forwarded by the task that drives the connection.
     notifications: mpsc::UnboundedReceiver<String>,
     /// Statements prepared on this connection, by SQL text.
@@ -37,6 +39,8 @@ pub struct PgConn {
 /// The runtime that moves a connection's bytes, and the bounds on waiting for them.
 struct Driver {
     runtime: Runtime,
+    /// The task that moves the connection's bytes.
+    connection: tokio::task::JoinHandle<()>,
     timeouts: PgTimeouts,
     /// Set when a statement outlived `command_timeout`: the connection's state is unknown,
     /// so the pool must not hand it out again.
@@ -77,6 +81,24 @@ impl Driver {
     }
 }
 
+impl Drop for Driver {
+    /// Closes the connection politely (the server then logs no lost client), unless it was
+    /// abandoned: a server that stopped answering is not waited for again.
+    fn drop(&mut self) {
+        if self.abandoned {
+            return;
+        }
+        let connection = &mut self.connection;
+        self.runtime.block_on(async {
+            // Whether it finished or not, the socket closes with the runtime.
+            let _ = tokio::time::timeout(CLOSE_WAIT, connection).await;
+        });
+    }
+}
+
+/// How long dropping a connection waits for its Terminate message to go out.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
 impl PgConn {
     pub fn open(conninfo: &str, timeouts: PgTimeouts, display: &str) -> Result<PgConn> {
         let mut config = Config::from_str(conninfo)
@@ -115,7 +137,7 @@ impl PgConn {
             }
         };
         let (sender, notifications) = mpsc::unbounded_channel();
-        runtime.spawn(async move {
+        let connection = runtime.spawn(async move {
             // Ends when the connection closes or fails; the client's calls then fail too.
             while let Some(Ok(message)) =
                 std::future::poll_fn(|cx| connection.poll_message(cx)).await
@@ -127,12 +149,13 @@ impl PgConn {
             }
         });
         Ok(PgConn {
+            client,
             driver: Driver {
                 runtime,
+                connection,
                 timeouts,
                 abandoned: false,
             },
-            client,
             notifications,
             statements: HashMap::new(),
         })
