@@ -472,6 +472,14 @@ def test_statement_to_a_server_that_stopped_answering_costs_command_timeout(stal
     db.close()
 
 
+def test_timeouts_beyond_what_a_clock_counts_mean_no_limit(migrated_pg_url):
+    db = get_db_session(migrated_pg_url + "?connect_timeout=1e300&command_timeout=1e300")
+    db.add(Session(name="no limit"))
+    db.commit()
+    assert db.query(Session).filter(Session.name == "no limit").count() == 1
+    db.close()
+
+
 def test_without_command_timeout_a_statement_waits_for_a_slow_answer(stalling_url):
     """No bound by default: a server that answers late is waited for, not given up on."""
     url, proxy = stalling_url
