@@ -1059,6 +1059,103 @@ def test_over_long_strings_refused_on_every_backend(value):
 
 
 # ======================================================================================
+# Hostile stored rows: values another client wrote behind our back
+# ======================================================================================
+
+# What another client can leave in a row. SQLite stores any value in any column; PostgreSQL
+# keeps its column types but accepts timestamps far outside Python's range, ``infinity``,
+# JSON that is not an object, and any status text.
+SQLITE_ANYTHING = st.one_of(
+    st.none(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=40),
+    st.binary(max_size=40),
+    st.sampled_from(["2026-13-45 99:99:99", "2026-01-01T00:00:00+99:99", "0000-00-00", "9999-12-31 23:59:59.999999+00:00",
+                     "2026-01-01 00:00:07+1\u00e91", "+9999999999999:00", "{", "[1, 2", "null", "pending", "approved"]),
+)
+PG_TIMESTAMPS = st.sampled_from(["infinity", "-infinity", "294276-12-31 23:59:59+00", "4713-01-01 00:00:00+00 BC",
+                                 "0001-01-01 00:00:00+00", "9999-12-31 23:59:59.999999+00", "2026-06-01 12:00:00+05:30"])
+PG_JSON = st.one_of(st.sampled_from(["null", "1e308", "-0", '"text"', "[]", "[[[[[[[[[[1]]]]]]]]]]", '{"a": {"b": null}}',
+                                     '{"\\u0000": 1}', '"\\ud800"']),
+                    ANY_JSON.map(json.dumps))
+PG_TEXT = st.one_of(st.none(), st.sampled_from(["pending", "approved", "resolved", "expired", "cancelled", "", " pending", "PENDING"]),
+                    st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20))
+
+
+def _hostile_row(draw, backend):
+    if backend == "sqlite":
+        row = {c: draw(SQLITE_ANYTHING) for c in ("status", "result", "created_at", "resolved_at", "resolution", "context_snapshot")}
+        # NOT NULL columns: anything but NULL.
+        row.update({c: draw(SQLITE_ANYTHING.filter(lambda v: v is not None)) for c in ("context", "expires_at")})
+        return row
+    return {
+        "status": draw(PG_TEXT),
+        "resolution": draw(PG_TEXT),
+        "context": draw(PG_JSON),
+        "result": draw(st.one_of(st.none(), PG_JSON)),
+        "context_snapshot": draw(st.one_of(st.none(), PG_JSON)),
+        "expires_at": draw(PG_TIMESTAMPS),
+        "created_at": draw(st.one_of(st.none(), PG_TIMESTAMPS)),
+        "resolved_at": draw(st.one_of(st.none(), PG_TIMESTAMPS)),
+    }
+
+
+def _public_calls(db, url, rid, run_id):
+    """Every public way of reading, waiting on and changing a request."""
+    return [
+        lambda: db.get(ApprovalRequest, rid),
+        lambda: db.get(ApprovalRequest, rid).to_dict(),
+        lambda: db.query(ApprovalRequest).filter(ApprovalRequest.run_id == run_id).all(),
+        lambda: db.query(ApprovalRequest).filter(ApprovalRequest.expires_at < utcnow()).count(),
+        lambda: db.query(ApprovalRequest, WorkflowRun).join(WorkflowRun).all(),
+        lambda: approvals.pending(db, run_id=run_id),
+        lambda: approvals.expire_overdue(db),
+        lambda: approvals.resolve(db, rid, "approved", {"ok": True}),
+        lambda: approvals.cancel(db, rid),
+        lambda: approvals.wait(rid, timeout=0, url=url),
+    ]
+
+
+@HYPO
+@given(data=st.data())
+def test_hostile_stored_rows_never_panic(url_and_run, data):
+    """Rows written with sqlite3 / psycopg2 that our models would never write: every public
+    call either works or raises an Exception (cmbagent_db.Error for what the database
+    holds), never a PanicException, and the session works after rollback()."""
+    url, _, run_id = url_and_run
+    backend = "sqlite" if is_sqlite(url) else "postgresql"
+    row = _hostile_row(data.draw, backend)
+    rid = str(uuid.uuid4())
+    cols = ["id", "run_id", "approval_type"] + list(row)
+    marks = ", ".join("?" if backend == "sqlite" else "%s" for _ in cols)
+    with connected(url) as conn:
+        conn.cursor().execute(
+            f"INSERT INTO approval_requests ({', '.join(cols)}) VALUES ({marks})",
+            [rid, run_id, "plan_approval", *row.values()],
+        )
+    db = get_db_session(url)
+    try:
+        for call in _public_calls(db, url, rid, run_id):
+            try:
+                call()
+            except Exception:
+                STATS["hostile stored row refused"] += 1
+                db.rollback()
+            except BaseException as e:  # PanicException derives from BaseException
+                pytest.fail(f"{type(e).__name__} from {row!r}: {e}")
+            else:
+                STATS["hostile stored row read"] += 1
+        # The session is usable: a fresh read of something well-formed works.
+        db.rollback()
+        assert db.get(WorkflowRun, run_id) is not None
+    finally:
+        db.close()
+        with connected(url) as conn:
+            conn.cursor().execute(f"DELETE FROM approval_requests WHERE id = {'?' if backend == 'sqlite' else '%s'}", [rid])
+
+
+# ======================================================================================
 # Injection attempts
 # ======================================================================================
 
