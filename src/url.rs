@@ -163,15 +163,24 @@ fn parse_bool(name: &str, v: &str) -> Result<bool> {
     }
 }
 
-/// A URL parameter in seconds: a non-negative number; one beyond what a `Duration` holds
-/// is as long as one can wait.
+/// A URL parameter in seconds: a finite, non-negative number; one beyond what a `Duration`
+/// holds is as long as one can wait.
 fn seconds(name: &str, v: &str) -> Result<Duration> {
-    let secs: f64 = v.parse().ok().filter(|s: &f64| *s >= 0.0).ok_or_else(|| {
-        Error::interface(format!(
-            "URL parameter {name}={v:?} is not a number of seconds"
-        ))
-    })?;
+    let secs: f64 = v
+        .parse()
+        .ok()
+        .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+        .ok_or_else(|| {
+            Error::interface(format!(
+                "URL parameter {name}={v:?} is not a number of seconds"
+            ))
+        })?;
     Ok(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
+}
+
+/// A time limit in seconds, where zero means none (as libpq reads `connect_timeout`).
+fn limit(name: &str, v: &str) -> Result<Option<Duration>> {
+    Ok(Some(seconds(name, v)?).filter(|d| !d.is_zero()))
 }
 
 fn split_query(s: &str) -> (&str, Vec<(&str, &str)>) {
@@ -195,7 +204,6 @@ fn split_query(s: &str) -> (&str, Vec<(&str, &str)>) {
 /// Query parameters that `tokio-postgres` understands and we pass through.
 const PG_PARAMS: &[&str] = &[
     "sslmode",
-    "connect_timeout",
     "application_name",
     "options",
     "keepalives",
@@ -305,13 +313,8 @@ pub fn parse(url: &str) -> Result<DbUrl> {
                     "auto_migrate" => auto_migrate = parse_bool(k, v)?,
                     "echo" => echo = parse_bool(k, v)?,
                     "hide_parameters" => hide_parameters = parse_bool(k, v)?,
-                    // libpq: zero (or less) is no limit.
-                    "connect_timeout" => {
-                        timeouts.connect = Some(seconds(k, v)?).filter(|d| !d.is_zero())
-                    }
-                    "command_timeout" => {
-                        timeouts.command = Some(seconds(k, v)?).filter(|d| !d.is_zero())
-                    }
+                    "connect_timeout" => timeouts.connect = limit(k, v)?,
+                    "command_timeout" => timeouts.command = limit(k, v)?,
                     _ if PG_PARAMS.contains(&k) => passed.push(format!("{k}={v}")),
                     _ => {
                         return Err(Error::interface(format!(

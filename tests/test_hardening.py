@@ -1128,7 +1128,8 @@ def test_hostile_stored_rows_never_panic(url_and_run, data):
     row = _hostile_row(data.draw, backend)
     rid = str(uuid.uuid4())
     cols = ["id", "run_id", "approval_type"] + list(row)
-    marks = ", ".join("?" if backend == "sqlite" else "%s" for _ in cols)
+    mark = "?" if backend == "sqlite" else "%s"
+    marks = ", ".join(mark for _ in cols)
     with connected(url) as conn:
         conn.cursor().execute(
             f"INSERT INTO approval_requests ({', '.join(cols)}) VALUES ({marks})",
@@ -1152,7 +1153,7 @@ def test_hostile_stored_rows_never_panic(url_and_run, data):
     finally:
         db.close()
         with connected(url) as conn:
-            conn.cursor().execute(f"DELETE FROM approval_requests WHERE id = {'?' if backend == 'sqlite' else '%s'}", [rid])
+            conn.cursor().execute(f"DELETE FROM approval_requests WHERE id = {mark}", [rid])
 
 
 # ======================================================================================

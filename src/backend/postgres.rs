@@ -74,7 +74,7 @@ impl Driver {
                 });
                 Err(Error::operational(format!(
                     "the server did not answer within command_timeout={}s; the statement was cancelled and the connection closed",
-                    seconds(Some(limit))
+                    limit.as_secs_f64()
                 )))
             }
         }
@@ -116,8 +116,10 @@ impl PgConn {
         let attempt = config.connect(NoTls);
         let outcome = runtime.block_on(async {
             match timeouts.connect {
-                Some(limit) => tokio::time::timeout(limit, attempt).await.ok(),
-                None => Some(attempt.await),
+                Some(limit) => tokio::time::timeout(limit, attempt)
+                    .await
+                    .map_err(|_| limit),
+                None => Ok(attempt.await),
             }
         });
         // Whatever the server answers (a missing database is SQLSTATE 3D000, which would
@@ -127,12 +129,12 @@ impl PgConn {
             e.context(format!("cannot connect to PostgreSQL at {display}"))
         };
         let (client, mut connection) = match outcome {
-            Some(Ok(pair)) => pair,
-            Some(Err(e)) => return Err(failed(Error::from(e))),
-            None => {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => return Err(failed(Error::from(e))),
+            Err(limit) => {
                 return Err(failed(Error::operational(format!(
                     "no answer within connect_timeout={}s (the server accepted the connection but did not complete start-up)",
-                    seconds(timeouts.connect)
+                    limit.as_secs_f64()
                 ))))
             }
         };
@@ -225,10 +227,6 @@ impl PgConn {
         }
         Ok(out)
     }
-}
-
-fn seconds(d: Option<Duration>) -> String {
-    d.map_or_else(|| "none".to_string(), |d| format!("{}", d.as_secs_f64()))
 }
 
 fn as_params(values: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
