@@ -1086,8 +1086,9 @@ PG_TEXT = st.one_of(st.none(), st.sampled_from(["pending", "approved", "resolved
 def _hostile_row(draw, backend):
     if backend == "sqlite":
         row = {c: draw(SQLITE_ANYTHING) for c in ("status", "result", "created_at", "resolved_at", "resolution", "context_snapshot")}
-        # NOT NULL columns: anything but NULL.
-        row.update({c: draw(SQLITE_ANYTHING.filter(lambda v: v is not None)) for c in ("context", "expires_at")})
+        # NOT NULL columns: anything but NULL (sqlite3 stores a NaN as NULL).
+        not_null = SQLITE_ANYTHING.filter(lambda v: v is not None and not (isinstance(v, float) and math.isnan(v)))
+        row.update({c: draw(not_null) for c in ("context", "expires_at")})
         return row
     return {
         "status": draw(PG_TEXT),

@@ -42,8 +42,10 @@ struct Driver {
     /// The task that moves the connection's bytes.
     connection: tokio::task::JoinHandle<()>,
     timeouts: PgTimeouts,
-    /// Set when a statement outlived `command_timeout`: the connection's state is unknown,
-    /// so the pool must not hand it out again.
+    /// Set when a statement outlived `command_timeout` (the connection's state is unknown)
+    /// or the server ended the session with a FATAL error (an administrator's terminate, a
+    /// shutdown): the pool must not hand the connection out again, even before the driver
+    /// has read the end of the stream.
     abandoned: bool,
 }
 
@@ -56,14 +58,15 @@ impl Driver {
         work: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
     ) -> Result<T> {
         let Some(limit) = self.timeouts.command else {
-            return Ok(self.runtime.block_on(work)?);
+            let result = self.runtime.block_on(work);
+            return self.checked(result);
         };
         // The timer is made inside the runtime: it needs the runtime's clock.
         match self
             .runtime
             .block_on(async { tokio::time::timeout(limit, work).await })
         {
-            Ok(result) => Ok(result?),
+            Ok(result) => self.checked(result),
             Err(_) => {
                 self.abandoned = true;
                 let token = client.cancel_token();
@@ -78,6 +81,20 @@ impl Driver {
                 )))
             }
         }
+    }
+}
+
+impl Driver {
+    /// A statement's outcome; an error that ended the server session abandons the connection.
+    fn checked<T>(&mut self, result: std::result::Result<T, tokio_postgres::Error>) -> Result<T> {
+        result.map_err(|e| {
+            if e.as_db_error()
+                .is_some_and(|db| matches!(db.severity(), "FATAL" | "PANIC"))
+            {
+                self.abandoned = true;
+            }
+            Error::from(e)
+        })
     }
 }
 
