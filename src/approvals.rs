@@ -166,18 +166,65 @@ pub fn cancel(conn: &mut Conn, id: &str, now: DateTime<Utc>) -> Result<Outcome> 
     why_not(conn, id, now)
 }
 
-/// Marks every pending request whose deadline is before `now` expired, in one statement
-/// that reads only the partial pending-expiry index; returns their ids.
-pub fn expire_overdue(conn: &mut Conn, now: DateTime<Utc>) -> Result<Vec<String>> {
+/// How many requests one sweep transaction expires at most, unless the caller says.
+/// About 40 ms of SQLite's write lock on this machine kind; small enough that a writer
+/// waiting in its busy handler gets in between two batches.
+pub const SWEEP_BATCH: usize = 5000;
+
+/// Marks at most `limit` pending requests whose deadline is before `now` expired, earliest
+/// deadlines first, and returns their ids. Reads only the partial pending-expiry index, so
+/// the cost follows the overdue rows, not the table. When no more than `limit` are overdue
+/// (an index-only probe says so) it is one plain UPDATE; otherwise an UPDATE over a limited
+/// subquery, which on PostgreSQL skips rows another transaction holds locked (a concurrent
+/// sweeper or resolver), so two sweepers never wait on each other. The caller commits each
+/// batch, keeping every transaction short.
+pub fn expire_overdue_batch(
+    conn: &mut Conn,
+    now: DateTime<Utc>,
+    limit: usize,
+) -> Result<Vec<String>> {
+    if limit == 0 {
+        return Err(Error::new(
+            ErrorKind::Value,
+            "batch_size must be a positive number of rows",
+        ));
+    }
     let d = conn.dialect();
-    let rows = conn.query(
-        &format!(
-            "UPDATE approval_requests SET status = 'expired' WHERE status = 'pending' AND expires_at < {} RETURNING id",
+    let overdue = "status = 'pending' AND expires_at < ";
+    let more_than_limit = !conn
+        .query(
+            &format!(
+                "SELECT 1 FROM approval_requests WHERE {overdue}{} ORDER BY expires_at LIMIT 1 OFFSET {}",
+                p(d, 1),
+                p(d, 2)
+            ),
+            &[Value::Timestamp(now), Value::Int(limit_param(limit))],
+            &[("one", ColType::BigInt)],
+        )?
+        .is_empty();
+    let sql = if more_than_limit {
+        let skip_locked = match d {
+            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+            Dialect::Sqlite => "",
+        };
+        format!(
+            "UPDATE approval_requests SET status = 'expired' WHERE id IN (SELECT id FROM approval_requests WHERE {overdue}{p1} ORDER BY expires_at LIMIT {p2}{skip_locked}) AND {overdue}{p1} RETURNING id",
+            p1 = p(d, 1),
+            p2 = p(d, 2)
+        )
+    } else {
+        format!(
+            "UPDATE approval_requests SET status = 'expired' WHERE {overdue}{} RETURNING id",
             p(d, 1)
-        ),
-        &[Value::Timestamp(now)],
-        &[("id", ColType::Str(36))],
-    )?;
+        )
+    };
+    let params = [Value::Timestamp(now), Value::Int(limit_param(limit))];
+    let params = if more_than_limit {
+        &params[..]
+    } else {
+        &params[..1]
+    };
+    let rows = conn.query(&sql, params, &[("id", ColType::Str(36))])?;
     Ok(rows
         .into_iter()
         .filter_map(|r| match r.into_iter().next() {
@@ -185,6 +232,23 @@ pub fn expire_overdue(conn: &mut Conn, now: DateTime<Utc>) -> Result<Vec<String>
             _ => None,
         })
         .collect())
+}
+
+/// A row count as a bound parameter (SQL's LIMIT / OFFSET take a signed 64-bit integer).
+fn limit_param(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// How long a sweep leaves the database to other writers after a batch that took
+/// `batch`. SQLite has one write lock: a writer waiting in its busy handler (which sleeps
+/// up to 100 ms between attempts) only gets in while no batch runs, so the sweep pauses as
+/// long as its batch held the lock, at least 10 ms and at most 100 ms. PostgreSQL locks
+/// rows, and other writers never wait for a batch: no pause.
+pub fn pause_after_batch(dialect: Dialect, batch: Duration) -> Duration {
+    match dialect {
+        Dialect::Sqlite => batch.clamp(Duration::from_millis(10), Duration::from_millis(100)),
+        Dialect::Postgres => Duration::ZERO,
+    }
 }
 
 /// The PostgreSQL function and trigger behind `CHANNEL`; revision 002 creates them too.
@@ -426,13 +490,52 @@ mod tests {
             Outcome::Expired
         );
         assert_eq!(status_of(&mut c, "a").unwrap().as_deref(), Some("expired"));
-        assert!(expire_overdue(&mut c, now).unwrap().is_empty());
+        assert!(expire_overdue_batch(&mut c, now, SWEEP_BATCH)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn a_sweep_batch_expires_at_most_its_limit_earliest_first() {
+        let (mut c, now) = db_with_request(TimeDelta::minutes(5));
+        for i in 0..7 {
+            c.execute(
+                "INSERT INTO approval_requests (id, run_id, approval_type, context, status, expires_at) VALUES (?1, 'r', 'plan_approval', '{}', 'pending', ?2)",
+                &[
+                    Value::Text(format!("o{i}")),
+                    Value::Timestamp(now - TimeDelta::seconds(100 - i)),
+                ],
+            )
+            .unwrap();
+        }
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut first = expire_overdue_batch(&mut c, now, 3).unwrap();
+        first.sort();
+        assert_eq!(first, ids(&["o0", "o1", "o2"]));
+        assert_eq!(expire_overdue_batch(&mut c, now, 3).unwrap().len(), 3);
+        assert_eq!(expire_overdue_batch(&mut c, now, 3).unwrap(), ids(&["o6"]));
+        assert!(expire_overdue_batch(&mut c, now, 3).unwrap().is_empty());
+        assert_eq!(status_of(&mut c, "a").unwrap().as_deref(), Some("pending"));
+        let e = expire_overdue_batch(&mut c, now, 0).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Value);
+    }
+
+    #[test]
+    fn only_sqlite_sweeps_pause_between_batches() {
+        let ms = Duration::from_millis;
+        assert_eq!(pause_after_batch(Dialect::Sqlite, ms(1)), ms(10));
+        assert_eq!(pause_after_batch(Dialect::Sqlite, ms(40)), ms(40));
+        assert_eq!(pause_after_batch(Dialect::Sqlite, ms(900)), ms(100));
+        assert_eq!(pause_after_batch(Dialect::Postgres, ms(40)), Duration::ZERO);
     }
 
     #[test]
     fn sweep_returns_overdue_ids() {
         let (mut c, now) = db_with_request(TimeDelta::seconds(-1));
-        assert_eq!(expire_overdue(&mut c, now).unwrap(), vec!["a".to_string()]);
+        assert_eq!(
+            expire_overdue_batch(&mut c, now, SWEEP_BATCH).unwrap(),
+            vec!["a".to_string()]
+        );
         assert_eq!(
             cancel(&mut c, "a", now).unwrap(),
             Outcome::AlreadyFinal("expired".into())

@@ -19,6 +19,7 @@ import os
 import queue as queue_mod
 import signal
 import statistics
+import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -34,6 +35,7 @@ from cmbagent_db import (
     DataError,
     approvals,
     get_db_session,
+    init_database,
 )
 from cmbagent_db.models import ApprovalRequest, Session, WorkflowRun
 
@@ -849,6 +851,173 @@ def test_expire_overdue_on_100k_rows_uses_the_partial_index(db, parents, migrate
 
 
 # ------------------------------------------------------------------ bad input
+
+
+def insert_overdue(url: str, rid: str, sid: str, n: int, prefix: str = "due") -> list:
+    """n pending requests written behind the package's back, the i-th overdue by 2 days
+    minus i ms; returns their ids, earliest deadline first."""
+    first = utcnow() - timedelta(days=2)
+    conn = raw_connect(url)
+    try:
+        cur = conn.cursor()
+        if is_sqlite(url):
+            cur.execute("BEGIN")
+            cur.execute(
+                """
+                WITH RECURSIVE c(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM c WHERE x < ?)
+                INSERT INTO approval_requests
+                    (id, run_id, session_id, approval_type, context, status, created_at,
+                     expires_at)
+                SELECT printf('%s-%07d', ?, x), ?, ?, 'plan_approval', '{}', 'pending', ?,
+                       strftime('%Y-%m-%d %H:%M:%f', ?, '+' || (x / 1000.0) || ' seconds')
+                FROM c
+                """,
+                (n - 1, prefix, rid, sid, db_ts(url, first), db_ts(url, first)),
+            )
+            cur.execute("COMMIT")
+        else:
+            cur.execute(
+                """
+                INSERT INTO approval_requests
+                    (id, run_id, session_id, approval_type, context, status, created_at,
+                     expires_at)
+                SELECT %(p)s || '-' || lpad(x::text, 7, '0'), %(rid)s, %(sid)s,
+                       'plan_approval', '{}', 'pending', %(t)s, %(t)s + x * interval '1 millisecond'
+                FROM generate_series(0, %(last)s) AS x
+                """,
+                {"p": prefix, "rid": rid, "sid": sid, "t": first, "last": n - 1},
+            )
+            cur.execute("ANALYZE approval_requests")
+            conn.commit()
+        cur.close()
+    finally:
+        conn.close()
+    return [f"{prefix}-{x:07d}" for x in range(n)]
+
+
+def status_counts(url: str) -> dict:
+    return dict(fetch_all(url, "SELECT status, COUNT(*) FROM approval_requests GROUP BY status"))
+
+
+def test_a_sweep_commits_each_batch_earliest_deadlines_first(db, parents, migrated_url):
+    sid, rid = parents
+    due = insert_overdue(migrated_url, rid, sid, 12)
+    future = approvals.request(db, rid, "plan_approval", {}, 300)
+    sweep = approvals.expire_overdue_batches(db, batch_size=5)
+    first = next(sweep)
+    assert sorted(first) == due[:5]
+    # committed before it was handed out: another connection sees exactly that batch
+    assert status_counts(migrated_url) == {"expired": 5, "pending": 8}
+    del sweep  # a sweep stopped early leaves the rest for the next one
+    assert status_counts(migrated_url) == {"expired": 5, "pending": 8}
+    batches = list(approvals.expire_overdue_batches(db, batch_size=5))
+    assert [sorted(b) for b in batches] == [due[5:10], due[10:]]
+    assert status_counts(migrated_url) == {"expired": 12, "pending": 1}
+    assert row(migrated_url, future.id)["status"] == "pending"
+    assert list(approvals.expire_overdue_batches(db)) == []
+    # a request tracked by the session sees its new status without a refresh
+    tracked = db.query(ApprovalRequest).filter(ApprovalRequest.id == future.id).one()
+    assert approvals.expire_overdue(db, now=utcnow() + timedelta(hours=1), batch_size=1) == [
+        future.id
+    ]
+    assert tracked.status == "expired"
+
+
+@pytest.mark.parametrize("bad, exc", [(0, ValueError), (-1, OverflowError), ("5", TypeError)])
+def test_a_sweep_refuses_a_batch_size_that_is_not_a_positive_count(db, parents, bad, exc):
+    with pytest.raises(exc):
+        approvals.expire_overdue(db, batch_size=bad)
+
+
+def test_a_sweep_fixes_now_when_it_starts(db, parents, migrated_url):
+    sid, rid = parents
+    insert_overdue(migrated_url, rid, sid, 4)
+    sweep = approvals.expire_overdue_batches(db, batch_size=2)
+    assert len(next(sweep)) == 2
+    late = approvals.request(db, rid, "plan_approval", {}, 300)
+    set_expires(migrated_url, late.id, utcnow())  # after the sweep started, already past
+    time.sleep(0.01)
+    assert len(next(sweep)) == 2
+    assert list(sweep) == []
+    assert row(migrated_url, late.id)["status"] == "pending"
+    assert approvals.expire_overdue(db) == [late.id]
+
+
+def _sweeper(url, out_q):
+    db = get_db_session(url)
+    try:
+        out_q.put(approvals.expire_overdue(db, batch_size=500))
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        out_q.put(repr(e))
+    finally:
+        db.close()
+
+
+def test_concurrent_sweepers_expire_each_request_once(db, parents, migrated_url):
+    sid, rid = parents
+    due = insert_overdue(migrated_url, rid, sid, 6_000)
+    out_q = CTX.Queue()
+    procs = [CTX.Process(target=_sweeper, args=(migrated_url, out_q)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    try:
+        results = [get(out_q, 120, "a sweeper's ids") for _ in procs]
+    finally:
+        stop_all(procs)
+    assert all(isinstance(r, list) for r in results), results
+    swept = [i for r in results for i in r]
+    assert sorted(swept) == due  # every one expired, by exactly one sweeper
+    assert status_counts(migrated_url) == {"expired": 6_000}
+
+
+def test_a_long_sqlite_sweep_leaves_other_writers_room(sqlite_url):
+    """300,000 overdue rows take over a second to expire; a writer whose busy timeout is
+    one second creates and resolves requests all the while without 'database is locked'."""
+    init_database(sqlite_url)
+    setup = get_db_session(sqlite_url)
+    s = Session(name="sweep")
+    setup.add(s)
+    setup.commit()
+    r = WorkflowRun(session_id=s.id)
+    setup.add(r)
+    setup.commit()
+    n = 300_000
+    insert_overdue(sqlite_url, r.id, s.id, n)
+    stop, errors, durations = threading.Event(), [], []
+
+    def writer():
+        w = get_db_session(sqlite_url + "?timeout=1")
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                req = approvals.request(w, r.id, "plan_approval", {}, 300)
+                assert approvals.resolve(w, req.id, "approved")
+            except Exception as e:  # noqa: BLE001 - collected for the assertion
+                errors.append(repr(e))
+                w.rollback()
+            durations.append(time.perf_counter() - t0)
+            time.sleep(0.01)
+        w.close()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        time.sleep(0.1)
+        t0 = time.perf_counter()
+        swept = sum(len(b) for b in approvals.expire_overdue_batches(setup))
+        sweep_s = time.perf_counter() - t0
+    finally:
+        stop.set()
+        t.join()
+        setup.close()
+    assert swept == n
+    assert errors == []
+    assert len(durations) > 10
+    print(
+        f"\nsweep of {n} overdue rows: {sweep_s:.2f} s in batches of {approvals.SWEEP_BATCH}; "
+        f"concurrent writer: {len(durations)} request+resolve, longest "
+        f"{max(durations) * 1000:.0f} ms"
+    )
 
 
 def test_unknown_ids(db, migrated_url):

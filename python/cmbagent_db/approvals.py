@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-from typing import Any, List, Optional
+from typing import Any, Iterator, List, Optional
 
 from cmbagent_db._native import DbSession
 from cmbagent_db import _native
@@ -27,6 +27,9 @@ from cmbagent_db.models import ApprovalRequest
 
 #: The resolution values ``resolve`` accepts.
 RESOLUTIONS = ("approved", "rejected", "modified")
+
+#: Rows one sweep transaction expires at most, unless the caller says.
+SWEEP_BATCH: int = _native.SWEEP_BATCH
 
 
 def request(
@@ -60,11 +63,23 @@ def cancel(db: DbSession, approval_id: str) -> bool:
     return _native.approval_cancel(db, approval_id)
 
 
-def expire_overdue(db: DbSession, now: Any = None) -> List[str]:
-    """Marks every pending request past its deadline expired, in one statement whose cost
-    follows the number of overdue rows (it reads the partial pending-expiry index); returns
-    their ids."""
-    return _native.approval_expire_overdue(db, now)
+def expire_overdue_batches(
+    db: DbSession, now: Any = None, batch_size: int = SWEEP_BATCH
+) -> Iterator[List[str]]:
+    """Marks every pending request past its deadline (at ``now``, default the current
+    time) expired, in transactions of at most ``batch_size`` rows, earliest deadlines
+    first, and yields the ids of each batch once it is committed. The cost follows the
+    number of overdue rows (the partial pending-expiry index), and no transaction holds
+    SQLite's write lock for long: between two batches the sweep pauses as long as its
+    batch took (10 to 100 ms), so other writers get in. Stopping the iteration early
+    leaves the remaining requests pending for the next sweep."""
+    return _native.approval_expire_overdue(db, now, batch_size)
+
+
+def expire_overdue(db: DbSession, now: Any = None, batch_size: int = SWEEP_BATCH) -> List[str]:
+    """``expire_overdue_batches`` run to the end; returns every id it expired. A janitor
+    that only counts or logs can iterate the batches instead and keep none of them."""
+    return [i for batch in expire_overdue_batches(db, now, batch_size) for i in batch]
 
 
 def pending(
@@ -107,6 +122,8 @@ __all__ = [
     "resolve",
     "cancel",
     "expire_overdue",
+    "expire_overdue_batches",
+    "SWEEP_BATCH",
     "pending",
     "wait",
     "wait_async",

@@ -32,6 +32,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("func", expression::PyFunctionNamespace)?;
     m.add_class::<session::PyDbSession>()?;
     m.add_class::<query::PyQuery>()?;
+    m.add_class::<services::OverdueSweep>()?;
     m.add_function(wrap_pyfunction!(expression::and_, m)?)?;
     m.add_function(wrap_pyfunction!(expression::or_, m)?)?;
     m.add_function(wrap_pyfunction!(expression::not_, m)?)?;
@@ -62,5 +63,6 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(services::live, m)?)?;
     m.add_function(wrap_pyfunction!(services::owner, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("SWEEP_BATCH", crate::approvals::SWEEP_BATCH)?;
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDateTime;
@@ -76,15 +76,17 @@ pub fn cancel(py: Python<'_>, db: &Bound<'_, PyDbSession>, approval_id: String) 
     outcome(done, &approval_id)
 }
 
-/// Marks every pending request past its deadline (at `now`, default the current time)
-/// expired in one statement; returns their ids. Commits.
+/// Starts a sweep of the pending requests past their deadline at `now` (default the
+/// current time), returned as an iterator of committed batches (`OverdueSweep`) of at
+/// most `batch_size` requests (default `approvals::SWEEP_BATCH`).
 #[pyfunction]
-#[pyo3(name = "approval_expire_overdue", signature = (db, now = None))]
+#[pyo3(name = "approval_expire_overdue", signature = (db, now = None, batch_size = None))]
 pub fn expire_overdue(
-    py: Python<'_>,
     db: &Bound<'_, PyDbSession>,
     now: Option<&Bound<'_, PyDateTime>>,
-) -> PyResult<Vec<String>> {
+    batch_size: Option<usize>,
+) -> PyResult<OverdueSweep> {
+    let batch_size = batch_size.unwrap_or(approvals::SWEEP_BATCH);
     let now = match now {
         Some(t) => match to_value(
             col!(APPROVAL_REQUESTS, "expires_at"),
@@ -92,14 +94,71 @@ pub fn expire_overdue(
             Purpose::Compare,
         )? {
             Value::Timestamp(t) => t,
-            _ => Utc::now(),
+            _ => return Err(PyTypeError::new_err("now must be a datetime")),
         },
         None => Utc::now(),
     };
-    let mut s = exclusive(db)?;
-    let ids = s.write_and_commit(py, move |c| approvals::expire_overdue(c, now))?;
-    s.refresh_ids(py, APPROVAL_REQUESTS, &ids)?;
-    Ok(ids)
+    if batch_size == 0 {
+        return Err(PyValueError::new_err(
+            "batch_size must be a positive number of rows",
+        ));
+    }
+    Ok(OverdueSweep {
+        db: db.clone().unbind(),
+        now,
+        batch_size,
+        pause: None,
+        done: false,
+    })
+}
+
+/// One sweep of overdue requests: each step expires up to `batch_size` of them, earliest
+/// deadlines first, in its own transaction, commits, and yields their ids; it ends after
+/// the first batch that is not full. `now` is fixed when the sweep starts, so requests
+/// that fall due meanwhile wait for the next sweep. Between two batches on SQLite it
+/// pauses (`approvals::pause_after_batch`) so that other writers get the write lock.
+#[pyclass(module = "cmbagent_db", name = "OverdueSweep")]
+pub struct OverdueSweep {
+    db: Py<PyDbSession>,
+    now: DateTime<Utc>,
+    batch_size: usize,
+    /// How long to leave the database alone before the next batch; None before the first.
+    pause: Option<Duration>,
+    done: bool,
+}
+
+#[pymethods]
+impl OverdueSweep {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(slf: &Bound<'_, Self>) -> PyResult<Option<Vec<String>>> {
+        let py = slf.py();
+        let mut sweep = slf.try_borrow_mut().map_err(|_| {
+            raise(
+                ErrorKind::InvalidRequest,
+                "this sweep is in use by another thread: iterate a sweep from one thread",
+            )
+        })?;
+        if sweep.done {
+            return Ok(None);
+        }
+        if let Some(pause) = sweep.pause.filter(|p| !p.is_zero()) {
+            py.detach(|| std::thread::sleep(pause));
+        }
+        let (now, limit) = (sweep.now, sweep.batch_size);
+        let db = sweep.db.clone_ref(py);
+        let mut s = exclusive(db.bind(py))?;
+        let started = Instant::now();
+        let ids = s
+            .write_and_commit(py, move |c| approvals::expire_overdue_batch(c, now, limit))
+            .inspect_err(|_| sweep.done = true)?;
+        sweep.pause = Some(approvals::pause_after_batch(s.dialect(), started.elapsed()));
+        sweep.done = ids.len() < limit;
+        s.refresh_ids(py, APPROVAL_REQUESTS, &ids)?;
+        Ok((!ids.is_empty()).then_some(ids))
+    }
 }
 
 /// Pending requests that can still be resolved (not past their deadline), oldest first,
