@@ -6,6 +6,7 @@
 pub mod approvals;
 pub mod backend;
 pub mod connections;
+pub mod dbapi;
 pub mod dialect;
 pub mod engine;
 pub mod error;

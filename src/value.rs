@@ -3,12 +3,15 @@
 
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, NaiveTime, Timelike, Utc};
 
-/// One column value. Timestamps are always UTC; JSON is kept as its encoded text.
+/// One column value. Timestamps are always UTC; JSON is kept as its encoded text. The
+/// five models use no floats or bytes; the DB-API (any table) does.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
     Null,
     Bool(bool),
     Int(i64),
+    Float(f64),
+    Bytes(Vec<u8>),
     Text(String),
     Timestamp(DateTime<Utc>),
     Json(String),

@@ -35,6 +35,8 @@ __all__ = [
     "index_names",
     "index_info",
     "row_count",
+    "terminate_backend",
+    "run_threads",
 ]
 
 _PG_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg")
@@ -285,6 +287,28 @@ def row_count(url: str, table: str) -> int:
         (n,) = cur.fetchone()
         cur.close()
         return int(n)
+
+
+def terminate_backend(url: str, pid: int) -> None:
+    """Ends one PostgreSQL server process (``pg_terminate_backend``), as an administrator
+    or a server restart would end a client's connection."""
+    admin = raw_connect(url)
+    try:
+        admin.cursor().execute("SELECT pg_terminate_backend(%s)", (pid,))
+        admin.commit()
+    finally:
+        admin.close()
+
+
+def run_threads(target, args_list: Sequence[Tuple[Any, ...]]) -> None:
+    """Runs ``target(*args)`` for each args in its own thread, all at once; waits for all."""
+    import threading
+
+    threads = [threading.Thread(target=target, args=args) for args in args_list]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 # ------------------------------------------------------------------ an Alembic environment

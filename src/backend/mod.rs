@@ -5,6 +5,7 @@ mod checkpoint;
 mod postgres;
 mod sqlite;
 
+use crate::dbapi;
 use crate::dialect::Dialect;
 use crate::error::Result;
 use crate::query;
@@ -139,6 +140,36 @@ impl Conn {
         });
         self.after_statement();
         out
+    }
+
+    /// Runs any one statement (the DB-API's `execute`): its columns, every row it returns
+    /// decoded by what the column holds, and its counts. The transaction state follows
+    /// what the statement did (a `COMMIT` or `BEGIN` typed by the caller included).
+    pub fn run_any(&mut self, sql: &str, params: &[Value]) -> Result<dbapi::Outcome> {
+        let inner = &mut self.inner;
+        let out = traced(self.echo, sql, params, || match inner {
+            Inner::Sqlite(c) => sqlite::run_any(c, sql, params),
+            Inner::Postgres(c) => c.run_any(sql, params),
+        });
+        match &self.inner {
+            Inner::Sqlite(c) => self.in_transaction = !c.is_autocommit(),
+            Inner::Postgres(_) => {
+                if let (Ok(_), Some(open)) = (&out, dbapi::transaction_effect(sql)) {
+                    self.in_transaction = open;
+                }
+            }
+        }
+        self.after_statement();
+        out
+    }
+
+    /// Whether `sql` would write (SQLite's `sqlite3_stmt_readonly`); every statement
+    /// counts as one that may write on PostgreSQL.
+    pub fn statement_writes(&mut self, sql: &str) -> Result<bool> {
+        match &self.inner {
+            Inner::Sqlite(c) => Ok(!c.prepare_cached(sql)?.readonly()),
+            Inner::Postgres(_) => Ok(true),
+        }
     }
 
     /// Runs a script of several statements without parameters (migrations).

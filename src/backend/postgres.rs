@@ -12,13 +12,14 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
-use tokio_postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
+use tokio_postgres::types::{to_sql_checked, Format, FromSql, IsNull, ToSql, Type};
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Statement};
 
 use super::{Row, Shape};
+use crate::dbapi;
 use crate::error::{Error, ErrorKind, Result};
 use crate::url::PgTimeouts;
 use crate::value::Value;
@@ -113,6 +114,10 @@ impl Drop for Driver {
     }
 }
 
+/// Prepared statements kept per connection: the package's own statements are a few dozen
+/// shapes; SQLAlchemy's through the DB-API a few hundred.
+const STATEMENT_CACHE: usize = 512;
+
 /// How long dropping a connection waits for its Terminate message to go out.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
@@ -189,6 +194,11 @@ impl PgConn {
             return Ok(s.clone());
         }
         let s = self.driver.run(&self.client, self.client.prepare(sql))?;
+        if self.statements.len() >= STATEMENT_CACHE {
+            // SQL from the DB-API need not repeat (text with inlined values): bound the
+            // cache; dropping a statement closes it on the server.
+            self.statements.clear();
+        }
         self.statements.insert(sql.to_string(), s.clone());
         Ok(s)
     }
@@ -217,6 +227,77 @@ impl PgConn {
                     .collect()
             })
             .collect()
+    }
+
+    /// Any statement (the DB-API): its columns with their type OIDs, rows decoded by each
+    /// column's server type, and the number of rows it changed or returned.
+    pub fn run_any(&mut self, sql: &str, params: &[Value]) -> Result<dbapi::Outcome> {
+        let stmt = self.prepared(sql)?;
+        if stmt.params().len() != params.len() {
+            return Err(Error::new(
+                ErrorKind::Programming,
+                format!(
+                    "the statement has {} parameters but {} values were given",
+                    stmt.params().len(),
+                    params.len()
+                ),
+            ));
+        }
+        let columns: Vec<dbapi::Column> = stmt
+            .columns()
+            .iter()
+            .map(|c| dbapi::Column {
+                name: c.name().to_string(),
+                type_oid: Some(c.type_().oid()),
+                read_as: match *c.type_() {
+                    Type::NUMERIC => dbapi::ReadAs::Decimal,
+                    Type::DATE => dbapi::ReadAs::Date,
+                    Type::TIME => dbapi::ReadAs::Time,
+                    Type::UUID => dbapi::ReadAs::Uuid,
+                    Type::TIMESTAMP => dbapi::ReadAs::NaiveDatetime,
+                    _ => dbapi::ReadAs::Native,
+                },
+            })
+            .collect();
+        let bound = as_params(params);
+        if columns.is_empty() {
+            let changed = self
+                .driver
+                .run(&self.client, self.client.execute(&stmt, &bound))?;
+            return Ok(dbapi::Outcome {
+                columns,
+                rows: Vec::new(),
+                rowcount: i64::try_from(changed).unwrap_or(i64::MAX),
+                lastrowid: None,
+            });
+        }
+        let rows = self
+            .driver
+            .run(&self.client, self.client.query(&stmt, &bound))?;
+        let rows = rows
+            .iter()
+            .map(|row| {
+                (0..columns.len())
+                    .map(|i| {
+                        row.try_get::<_, AnyDecoded>(i).map(|d| d.0).map_err(|e| {
+                            // The decoder's own text is the cause; the driver's names
+                            // only the column number.
+                            let why = StdError::source(&e).map_or(e.to_string(), |c| c.to_string());
+                            Error::data(format!(
+                                "column {} could not be read: {why}",
+                                columns[i].name
+                            ))
+                        })
+                    })
+                    .collect::<Result<Row>>()
+            })
+            .collect::<Result<Vec<Row>>>()?;
+        Ok(dbapi::Outcome {
+            rowcount: i64::try_from(rows.len()).unwrap_or(i64::MAX),
+            columns,
+            rows,
+            lastrowid: None,
+        })
     }
 
     pub fn batch(&mut self, sql: &str) -> Result<()> {
@@ -251,9 +332,15 @@ fn as_params(values: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
 }
 
 /// Binds by the type the server inferred for the parameter, so one `Value` serves
-/// `varchar`, `json`, `timestamp` and `timestamptz` alike.
+/// `varchar`, `json`, `timestamp` and `timestamptz` alike. Where a value has no binary
+/// encoding for that type (a number for `numeric`, text for `date` or `uuid`, as the DB-API
+/// passes them), it goes in PostgreSQL's text format and the server parses it, as it
+/// would a literal: a value it cannot read is the server's DataError.
 impl ToSql for Value {
     fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> std::result::Result<IsNull, BoxError> {
+        if matches!(self.encode_format(ty), Format::Text) {
+            return self.to_text(out);
+        }
         match self {
             Value::Null => Ok(IsNull::Yes),
             Value::Bool(b) => b.to_sql(ty, out),
@@ -262,6 +349,11 @@ impl ToSql for Value {
                 Type::INT4 => i32::try_from(*i)?.to_sql(ty, out),
                 _ => i.to_sql(ty, out),
             },
+            Value::Float(f) => match *ty {
+                Type::FLOAT4 => (*f as f32).to_sql(ty, out),
+                _ => f.to_sql(ty, out),
+            },
+            Value::Bytes(b) => b.as_slice().to_sql(ty, out),
             Value::Text(s) | Value::Json(s) => match *ty {
                 Type::JSON => {
                     out.put_slice(s.as_bytes());
@@ -285,7 +377,57 @@ impl ToSql for Value {
         true
     }
 
+    fn encode_format(&self, ty: &Type) -> Format {
+        let binary = match self {
+            Value::Null => true,
+            Value::Bool(_) => *ty == Type::BOOL,
+            Value::Int(_) => matches!(*ty, Type::INT2 | Type::INT4 | Type::INT8),
+            Value::Float(_) => matches!(*ty, Type::FLOAT4 | Type::FLOAT8),
+            Value::Bytes(_) => *ty == Type::BYTEA,
+            Value::Text(_) | Value::Json(_) => {
+                matches!(*ty, Type::JSON | Type::JSONB) || <&str as ToSql>::accepts(ty)
+            }
+            Value::Timestamp(_) => matches!(*ty, Type::TIMESTAMP | Type::TIMESTAMPTZ),
+        };
+        if binary {
+            Format::Binary
+        } else {
+            Format::Text
+        }
+    }
+
     to_sql_checked!();
+}
+
+impl Value {
+    /// PostgreSQL's text input form of this value.
+    fn to_text(&self, out: &mut BytesMut) -> std::result::Result<IsNull, BoxError> {
+        let text = match self {
+            Value::Null => return Ok(IsNull::Yes),
+            Value::Bool(b) => (if *b { "t" } else { "f" }).to_string(),
+            Value::Int(i) => i.to_string(),
+            Value::Float(f) if f.is_nan() => "NaN".to_string(),
+            Value::Float(f) if f.is_infinite() => {
+                (if *f > 0.0 { "Infinity" } else { "-Infinity" }).to_string()
+            }
+            Value::Float(f) => format!("{f:?}"),
+            Value::Bytes(b) => {
+                let mut hex = String::with_capacity(2 + 2 * b.len());
+                hex.push_str("\\x");
+                for byte in b {
+                    hex.push_str(&format!("{byte:02x}"));
+                }
+                hex
+            }
+            Value::Text(s) | Value::Json(s) => {
+                out.put_slice(s.as_bytes());
+                return Ok(IsNull::No);
+            }
+            Value::Timestamp(t) => t.to_rfc3339(),
+        };
+        out.put_slice(text.as_bytes());
+        Ok(IsNull::No)
+    }
 }
 
 /// A column value decoded by its actual server type (a database adopted from SQLAlchemy
@@ -325,5 +467,159 @@ impl<'a> FromSql<'a> for Decoded {
                 | Type::JSON
                 | Type::JSONB
         ) || <String as FromSql>::accepts(ty)
+    }
+}
+
+/// A value of any column the DB-API reads. Types Python has no plain value for here go as
+/// text the binding converts as the column's `dbapi::ReadAs` says (numeric to `Decimal`,
+/// date, time, uuid); a type outside these is a DataError that says to cast it.
+struct AnyDecoded(Value);
+
+impl<'a> FromSql<'a> for AnyDecoded {
+    fn from_sql(ty: &Type, raw: &'a [u8]) -> std::result::Result<Self, BoxError> {
+        Ok(AnyDecoded(match *ty {
+            Type::FLOAT4 => Value::Float(f64::from(f32::from_sql(ty, raw)?)),
+            Type::FLOAT8 => Value::Float(f64::from_sql(ty, raw)?),
+            Type::OID => Value::Int(i64::from(u32::from_sql(ty, raw)?)),
+            Type::CHAR => Value::Text(char::from(i8::from_sql(ty, raw)? as u8).to_string()),
+            Type::BYTEA => Value::Bytes(raw.to_vec()),
+            Type::NUMERIC => Value::Text(numeric_text(raw)?),
+            Type::DATE => Value::Text(NaiveDate::from_sql(ty, raw)?.to_string()),
+            Type::TIME => Value::Text(NaiveTime::from_sql(ty, raw)?.to_string()),
+            Type::UUID => Value::Text(uuid_text(raw)?),
+            _ if <Decoded as FromSql>::accepts(ty) => Decoded::from_sql(ty, raw)?.0,
+            _ => {
+                return Err(format!(
+                    "PostgreSQL type {ty} cannot be read through the DB-API; cast it in the query (for example ::text)"
+                )
+                .into())
+            }
+        }))
+    }
+
+    fn from_sql_null(_: &Type) -> std::result::Result<Self, BoxError> {
+        Ok(AnyDecoded(Value::Null))
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+/// The decimal text of a binary `numeric`: base-10000 digit groups, a weight (the power of
+/// 10000 of the first group), a sign and the number of decimal places to show.
+fn numeric_text(raw: &[u8]) -> std::result::Result<String, BoxError> {
+    let word = |i: usize| -> std::result::Result<u16, BoxError> {
+        let b = raw.get(i..i + 2).ok_or("truncated numeric value")?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    };
+    let groups = usize::from(word(0)?);
+    let weight = i32::from(word(2)? as i16);
+    let sign = word(4)?;
+    let scale = usize::from(word(6)?);
+    match sign {
+        0x0000 | 0x4000 => {}
+        0xC000 => return Ok("NaN".into()),
+        0xD000 => return Ok("Infinity".into()),
+        0xF000 => return Ok("-Infinity".into()),
+        _ => return Err("malformed numeric sign".into()),
+    }
+    let digits = (0..groups)
+        .map(|i| word(8 + 2 * i))
+        .collect::<std::result::Result<Vec<u16>, BoxError>>()?;
+    // The group at power 10000^(weight - i) is digits[i]; absent ones are zero.
+    let group = |i: i32| -> u16 {
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| digits.get(i).copied())
+            .unwrap_or(0)
+    };
+    let mut s = String::new();
+    if sign == 0x4000 {
+        s.push('-');
+    }
+    if weight < 0 {
+        s.push('0');
+    } else {
+        s.push_str(&group(0).to_string());
+        for i in 1..=weight {
+            s.push_str(&format!("{:04}", group(i)));
+        }
+    }
+    if scale > 0 {
+        let mut fraction = String::with_capacity(scale + 4);
+        let mut i = weight + 1;
+        while fraction.len() < scale {
+            fraction.push_str(&format!("{:04}", group(i)));
+            i += 1;
+        }
+        fraction.truncate(scale);
+        s.push('.');
+        s.push_str(&fraction);
+    }
+    Ok(s)
+}
+
+/// The hyphenated text of a binary `uuid`.
+fn uuid_text(raw: &[u8]) -> std::result::Result<String, BoxError> {
+    if raw.len() != 16 {
+        return Err("malformed uuid value".into());
+    }
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn numeric(groups: &[u16], weight: i16, sign: u16, scale: u16) -> Vec<u8> {
+        let mut raw = Vec::new();
+        for w in [groups.len() as u16, weight as u16, sign, scale] {
+            raw.extend_from_slice(&w.to_be_bytes());
+        }
+        for g in groups {
+            raw.extend_from_slice(&g.to_be_bytes());
+        }
+        raw
+    }
+
+    #[test]
+    fn numeric_binary_reads_as_its_decimal_text() {
+        let cases: [(&[u16], i16, u16, u16, &str); 7] = [
+            (&[], 0, 0, 0, "0"),
+            (&[], 0, 0, 2, "0.00"),
+            (&[12, 3400], 1, 0, 0, "123400"),
+            (&[1, 2345], 0, 0x4000, 6, "-1.234500"),
+            (&[5], -2, 0, 8, "0.00000005"),
+            (&[9999, 9999, 9999], 0, 0, 8, "9999.99999999"),
+            (&[1], 3, 0, 0, "1000000000000"),
+        ];
+        for (groups, weight, sign, scale, want) in cases {
+            assert_eq!(
+                numeric_text(&numeric(groups, weight, sign, scale)).unwrap(),
+                want
+            );
+        }
+        assert_eq!(numeric_text(&numeric(&[], 0, 0xC000, 0)).unwrap(), "NaN");
+        assert!(numeric_text(&[0, 1]).is_err());
+        assert!(numeric_text(&numeric(&[1], 0, 0x1234, 0)).is_err());
+    }
+
+    #[test]
+    fn uuid_binary_reads_hyphenated() {
+        let raw: Vec<u8> = (0..16).collect();
+        assert_eq!(
+            uuid_text(&raw).unwrap(),
+            "00010203-0405-0607-0809-0a0b0c0d0e0f"
+        );
+        assert!(uuid_text(&raw[..3]).is_err());
     }
 }

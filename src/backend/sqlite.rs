@@ -9,6 +9,7 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{params_from_iter, Connection, OpenFlags, ToSql};
 
 use super::{Row, Shape};
+use crate::dbapi;
 use crate::error::{Error, Result};
 use crate::schema::ColType;
 use crate::url::{Access, SqlitePath, Synchronous};
@@ -133,6 +134,8 @@ impl ToSql for Value {
             Value::Null => ToSqlOutput::Borrowed(ValueRef::Null),
             Value::Bool(b) => ToSqlOutput::Owned(rusqlite::types::Value::Integer(*b as i64)),
             Value::Int(i) => ToSqlOutput::Owned(rusqlite::types::Value::Integer(*i)),
+            Value::Float(f) => ToSqlOutput::Owned(rusqlite::types::Value::Real(*f)),
+            Value::Bytes(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
             Value::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
             // A column declared JSON has NUMERIC affinity: SQLite would turn the text of a
             // bare number into an INTEGER or REAL (1.0 -> 1, 2**63 -> 9.2e18). A BLOB is
@@ -165,6 +168,50 @@ pub fn query(c: &Connection, sql: &str, params: &[Value], shape: Shape) -> Resul
         out.push(values);
     }
     Ok(out)
+}
+
+/// Any statement, rows decoded by each value's storage class (as `sqlite3` returns them).
+pub fn run_any(c: &Connection, sql: &str, params: &[Value]) -> Result<dbapi::Outcome> {
+    let mut stmt = c.prepare_cached(sql)?;
+    let columns: Vec<dbapi::Column> = stmt
+        .column_names()
+        .into_iter()
+        .map(|name| dbapi::Column {
+            name: name.to_string(),
+            type_oid: None,
+            read_as: dbapi::ReadAs::Native,
+        })
+        .collect();
+    let mut out = Vec::new();
+    {
+        let mut rows = stmt.query(params_from_iter(params))?;
+        while let Some(row) = rows.next()? {
+            let mut values = Vec::with_capacity(columns.len());
+            for (i, column) in columns.iter().enumerate() {
+                values.push(match row.get_ref(i)? {
+                    ValueRef::Null => Value::Null,
+                    ValueRef::Integer(n) => Value::Int(n),
+                    ValueRef::Real(f) => Value::Float(f),
+                    ValueRef::Text(t) => Value::Text(text(t, &column.name)?),
+                    ValueRef::Blob(b) => Value::Bytes(b.to_vec()),
+                });
+            }
+            out.push(values);
+        }
+    }
+    let keyword = dbapi::leading_keyword(sql);
+    let dml = !stmt.readonly()
+        && matches!(
+            keyword.as_str(),
+            "INSERT" | "UPDATE" | "DELETE" | "REPLACE" | "WITH"
+        );
+    Ok(dbapi::Outcome {
+        columns,
+        rows: out,
+        rowcount: if dml { c.changes() as i64 } else { -1 },
+        lastrowid: (dml && matches!(keyword.as_str(), "INSERT" | "REPLACE"))
+            .then(|| c.last_insert_rowid()),
+    })
 }
 
 /// `file:` URI of a path with a query (`mode=ro`), percent-encoding what a URI reserves.

@@ -5,8 +5,8 @@ use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, NaiveTime, TimeDelta,
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{
-    PyBool, PyDateAccess, PyDateTime, PyDelta, PyDeltaAccess, PyInt, PyString, PyTimeAccess,
-    PyTzInfoAccess,
+    PyBool, PyBytes, PyDateAccess, PyDateTime, PyDelta, PyDeltaAccess, PyInt, PyString,
+    PyTimeAccess, PyTzInfoAccess,
 };
 
 use crate::error::ErrorKind;
@@ -169,6 +169,8 @@ pub fn to_py_from(py: Python<'_>, v: &Value, origin: &dyn Fn() -> String) -> PyR
         Value::Null => py.None(),
         Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any().unbind(),
         Value::Int(i) => i.into_pyobject(py)?.into_any().unbind(),
+        Value::Float(f) => f.into_pyobject(py)?.into_any().unbind(),
+        Value::Bytes(b) => PyBytes::new(py, b).into_any().unbind(),
         Value::Text(s) => PyString::new(py, s).into_any().unbind(),
         Value::Timestamp(t) if !(1..=9999).contains(&t.year()) => {
             return Err(raise(

@@ -18,6 +18,8 @@ fn shown(v: &Value) -> String {
         Value::Null => "None".to_string(),
         Value::Bool(b) => b.to_string(),
         Value::Int(i) => i.to_string(),
+        Value::Float(f) => f.to_string(),
+        Value::Bytes(b) => format!("<{} bytes>", b.len()),
         Value::Text(s) | Value::Json(s) => format!("{s:?}"),
         Value::Timestamp(t) => t.to_rfc3339(),
     };

@@ -5,6 +5,7 @@
 //! name with the core type it wraps (`schema::Column`, `schema::Table`).
 
 mod convert;
+mod dbapi;
 mod errors;
 mod expression;
 mod functions;
@@ -33,6 +34,10 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<session::PyDbSession>()?;
     m.add_class::<query::PyQuery>()?;
     m.add_class::<services::OverdueSweep>()?;
+    m.add_class::<dbapi::PyDbapiConnection>()?;
+    m.add_class::<dbapi::PyDbapiCursor>()?;
+    m.add_function(wrap_pyfunction!(dbapi::connect, m)?)?;
+    m.add("sqlite_version", rusqlite::version())?;
     m.add_function(wrap_pyfunction!(expression::and_, m)?)?;
     m.add_function(wrap_pyfunction!(expression::or_, m)?)?;
     m.add_function(wrap_pyfunction!(expression::not_, m)?)?;
