@@ -169,6 +169,25 @@ impl PyDbapiConnection {
         }
     }
 
+    /// Brings this connection's database to `target` (default head) with this package's
+    /// migrations, as `cmbagent_db.migrate(url)` does, in transactions of their own (so
+    /// none may be open); returns the revision reached.
+    #[pyo3(signature = (target = "head", force = false))]
+    fn migrate(&self, py: Python<'_>, target: &str, force: bool) -> PyResult<Option<&'static str>> {
+        let (steps, current) = self.with(py, |c, _| {
+            if c.in_transaction() {
+                return Err(Error::new(
+                    ErrorKind::Programming,
+                    "commit or roll back before migrating: migrations run in transactions of their own",
+                ));
+            }
+            let steps = crate::migrate::migrate(c, target, force)?;
+            Ok((steps, crate::migrate::current(c)?))
+        })?;
+        crate::python::functions::log_steps(py, &steps)?;
+        Ok(current)
+    }
+
     /// "sqlite" or "postgresql".
     #[getter]
     fn backend(&self) -> &'static str {

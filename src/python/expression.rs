@@ -7,10 +7,12 @@ use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
 use crate::dialect::Dialect;
+use crate::error::ErrorKind;
+use crate::python::errors::raise;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::expr::{CmpOp, ColRef, Expr, Params, Source};
-use crate::python::convert::{normalise, to_value, Purpose};
+use crate::python::convert::{normalise, to_py, to_value, Purpose};
 use crate::python::model::table_of_class;
 use crate::python::model::{PyModel, Slot};
 use crate::query::{Aggregate, Item};
@@ -60,6 +62,24 @@ fn expression(expr: Expr) -> PyExpression {
     PyExpression { expr }
 }
 
+/// The SQLAlchemy column (ascending / descending when `descending` says) for `col`.
+fn clause(py: Python<'_>, col: ColRef, descending: Option<bool>) -> PyResult<Py<PyAny>> {
+    if col.alias != 0 {
+        return Err(raise(
+            ErrorKind::NotSupported,
+            format!(
+                "{} is a column of aliased(); SQLAlchemy constructs take the model's own columns",
+                col.qualified()
+            ),
+        ));
+    }
+    Ok(py
+        .import("cmbagent_db.sqlalchemy")?
+        .getattr("_clause")?
+        .call1((TABLES[col.table].name, col.name(), descending))?
+        .unbind())
+}
+
 impl PyColumn {
     fn value(&self, v: &Bound<'_, PyAny>) -> PyResult<crate::value::Value> {
         if v.cast::<PyColumn>().is_ok() {
@@ -89,6 +109,31 @@ impl PyColumn {
             .map(|v| self.value(&v?))
             .collect()
     }
+
+    fn compare(&self, other: &Bound<'_, PyAny>, op: CompareOp) -> PyResult<PyExpression> {
+        if other.is_none() {
+            return match op {
+                CompareOp::Eq => Ok(expression(Expr::IsNull(self.col, false))),
+                CompareOp::Ne => Ok(expression(Expr::IsNull(self.col, true))),
+                _ => Err(PyTypeError::new_err(format!(
+                    "{} cannot be ordered against None",
+                    self.col.qualified()
+                ))),
+            };
+        }
+        let op = match op {
+            CompareOp::Eq => CmpOp::Eq,
+            CompareOp::Ne => CmpOp::Ne,
+            CompareOp::Lt => CmpOp::Lt,
+            CompareOp::Le => CmpOp::Le,
+            CompareOp::Gt => CmpOp::Gt,
+            CompareOp::Ge => CmpOp::Ge,
+        };
+        if let Ok(c) = other.cast::<PyColumn>() {
+            return Ok(expression(Expr::CompareColumns(self.col, op, c.get().col)));
+        }
+        Ok(expression(Expr::Compare(self.col, op, self.value(other)?)))
+    }
 }
 
 #[pymethods]
@@ -113,29 +158,30 @@ impl PyColumn {
         Ok(())
     }
 
-    fn __richcmp__(&self, other: &Bound<'_, PyAny>, op: CompareOp) -> PyResult<PyExpression> {
-        if other.is_none() {
-            return match op {
-                CompareOp::Eq => Ok(expression(Expr::IsNull(self.col, false))),
-                CompareOp::Ne => Ok(expression(Expr::IsNull(self.col, true))),
-                _ => Err(PyTypeError::new_err(format!(
-                    "{} cannot be ordered against None",
-                    self.col.qualified()
-                ))),
-            };
+    fn __richcmp__(
+        &self,
+        py: Python<'_>,
+        other: &Bound<'_, PyAny>,
+        op: CompareOp,
+    ) -> PyResult<Py<PyAny>> {
+        if other.cast::<PyColumn>().is_err()
+            && other.hasattr(pyo3::intern!(py, "__clause_element__"))?
+        {
+            // A SQLAlchemy column (`WorkflowRun.id == DAGNode.run_id`): Python then asks
+            // its side, which builds SQLAlchemy's expression through ours.
+            return Ok(py.NotImplemented());
         }
-        let op = match op {
-            CompareOp::Eq => CmpOp::Eq,
-            CompareOp::Ne => CmpOp::Ne,
-            CompareOp::Lt => CmpOp::Lt,
-            CompareOp::Le => CmpOp::Le,
-            CompareOp::Gt => CmpOp::Gt,
-            CompareOp::Ge => CmpOp::Ge,
-        };
-        if let Ok(c) = other.cast::<PyColumn>() {
-            return Ok(expression(Expr::CompareColumns(self.col, op, c.get().col)));
-        }
-        Ok(expression(Expr::Compare(self.col, op, self.value(other)?)))
+        Ok(self
+            .compare(other, op)?
+            .into_pyobject(py)?
+            .into_any()
+            .unbind())
+    }
+
+    /// This column in SQLAlchemy constructs (`select()`, a SQLAlchemy query's `join()` or
+    /// `order_by()`): the column of `cmbagent_db.sqlalchemy.Base.metadata`'s table.
+    fn __clause_element__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        clause(py, self.col, None)
     }
 
     fn __hash__(&self) -> u64 {
@@ -175,15 +221,15 @@ impl PyColumn {
 
     /// `IS NULL` for None; equality for True / False.
     fn is_(&self, other: &Bound<'_, PyAny>) -> PyResult<PyExpression> {
-        self.__richcmp__(other, CompareOp::Eq)
+        self.compare(other, CompareOp::Eq)
     }
 
     fn is_not(&self, other: &Bound<'_, PyAny>) -> PyResult<PyExpression> {
-        self.__richcmp__(other, CompareOp::Ne)
+        self.compare(other, CompareOp::Ne)
     }
 
     fn isnot(&self, other: &Bound<'_, PyAny>) -> PyResult<PyExpression> {
-        self.__richcmp__(other, CompareOp::Ne)
+        self.compare(other, CompareOp::Ne)
     }
 
     fn in_(&self, values: &Bound<'_, PyAny>) -> PyResult<PyExpression> {
@@ -245,8 +291,62 @@ pub fn criterion(item: &Bound<'_, PyAny>, what: &str) -> PyResult<Expr> {
     }
 }
 
+/// `expr` as a SQLAlchemy expression over `cmbagent_db.sqlalchemy.Base.metadata`'s tables,
+/// with the same operators and bound values.
+fn sa_expression(py: Python<'_>, expr: &Expr) -> PyResult<Py<PyAny>> {
+    let sa = py.import("sqlalchemy")?;
+    let column = |c: ColRef| clause(py, c, None);
+    let method = |op: CmpOp| match op {
+        CmpOp::Eq => "__eq__",
+        CmpOp::Ne => "__ne__",
+        CmpOp::Lt => "__lt__",
+        CmpOp::Le => "__le__",
+        CmpOp::Gt => "__gt__",
+        CmpOp::Ge => "__ge__",
+    };
+    let all = |parts: &[Expr]| -> PyResult<Vec<Py<PyAny>>> {
+        parts.iter().map(|e| sa_expression(py, e)).collect()
+    };
+    Ok(match expr {
+        Expr::Compare(c, op, v) => {
+            column(*c)?.call_method1(py, method(*op), (to_py(py, v, *c)?,))?
+        }
+        Expr::CompareColumns(a, op, b) => {
+            column(*a)?.call_method1(py, method(*op), (column(*b)?,))?
+        }
+        Expr::IsNull(c, negated) => {
+            column(*c)?.call_method1(py, if *negated { "is_not" } else { "is_" }, (py.None(),))?
+        }
+        Expr::In(c, values, negated) => {
+            let values = values
+                .iter()
+                .map(|v| to_py(py, v, *c))
+                .collect::<PyResult<Vec<_>>>()?;
+            column(*c)?.call_method1(py, if *negated { "not_in" } else { "in_" }, (values,))?
+        }
+        Expr::Like(c, pattern, insensitive) => {
+            column(*c)?.call_method1(py, if *insensitive { "ilike" } else { "like" }, (pattern,))?
+        }
+        Expr::And(parts) => sa
+            .call_method1("and_", PyTuple::new(py, all(parts)?)?)?
+            .unbind(),
+        Expr::Or(parts) => sa
+            .call_method1("or_", PyTuple::new(py, all(parts)?)?)?
+            .unbind(),
+        Expr::Not(inner) => sa
+            .call_method1("not_", (sa_expression(py, inner)?,))?
+            .unbind(),
+    })
+}
+
 #[pymethods]
 impl PyExpression {
+    /// This criterion in SQLAlchemy constructs (a SQLAlchemy query's `filter()`, `join()`
+    /// or `where()`): the same comparison over `cmbagent_db.sqlalchemy.Base.metadata`.
+    fn __clause_element__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        sa_expression(py, &self.expr)
+    }
+
     fn __and__(&self, other: &Bound<'_, PyAny>) -> PyResult<PyExpression> {
         Ok(expression(Expr::And(vec![
             self.expr.clone(),
@@ -282,6 +382,17 @@ impl PyExpression {
 
 #[pymethods]
 impl PyOrdering {
+    /// This ordering in SQLAlchemy constructs (a SQLAlchemy query's `order_by()`).
+    fn __clause_element__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        match self.item {
+            Item::Column(col) => clause(py, col, Some(self.descending)),
+            _ => Err(raise(
+                ErrorKind::NotSupported,
+                "only a column's asc() / desc() can order a SQLAlchemy query; use func from sqlalchemy for aggregates",
+            )),
+        }
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "<Ordering {}{}>",

@@ -8,6 +8,7 @@ use crate::migrate::{self as migrations, REVISIONS};
 use crate::python::convert::to_py_from;
 use crate::python::log;
 use crate::python::session::PyDbSession;
+use crate::schema::{ColType, OnDelete, Table, TableId, TABLES};
 use crate::url;
 
 fn resolve_url(url: Option<String>) -> PyResult<String> {
@@ -17,7 +18,7 @@ fn resolve_url(url: Option<String>) -> PyResult<String> {
     }
 }
 
-fn log_steps(py: Python<'_>, steps: &[migrations::Step]) -> PyResult<()> {
+pub(crate) fn log_steps(py: Python<'_>, steps: &[migrations::Step]) -> PyResult<()> {
     if steps.is_empty() {
         return Ok(());
     }
@@ -207,4 +208,42 @@ pub fn redact_url(url: &str) -> String {
 #[pyfunction]
 pub fn dispose_engines() {
     engine::dispose_all();
+}
+
+/// The five tables as SQLAlchemy `Table` objects are built from them
+/// (`cmbagent_db.sqlalchemy.Base.metadata`): per table its name and, per column, (name,
+/// type, length, nullable, primary key, referenced table, ON DELETE). Types: string, text,
+/// integer, boolean, timestamp, timestamptz, json.
+#[pyfunction]
+pub fn schema_tables(py: Python<'_>) -> PyResult<Vec<(&'static str, Bound<'_, PyList>)>> {
+    TableId::all()
+        .map(|(_, t)| {
+            let columns = t
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let (ty, length) = match c.ty {
+                        ColType::Str(n) => ("string", Some(n)),
+                        ColType::Text => ("text", None),
+                        ColType::Integer => ("integer", None),
+                        ColType::BigInt => ("biginteger", None),
+                        ColType::Boolean => ("boolean", None),
+                        ColType::Timestamp { tz: false } => ("timestamp", None),
+                        ColType::Timestamp { tz: true } => ("timestamptz", None),
+                        ColType::Json => ("json", None),
+                    };
+                    let fk = c.foreign_key.map(|fk| {
+                        let on_delete = match fk.on_delete {
+                            OnDelete::Cascade => "CASCADE",
+                            OnDelete::SetNull => "SET NULL",
+                        };
+                        (TABLES[fk.table].name, on_delete)
+                    });
+                    (c.name, ty, length, c.nullable, i == Table::PK, fk)
+                })
+                .collect::<Vec<_>>();
+            Ok((t.name, PyList::new(py, columns)?))
+        })
+        .collect()
 }

@@ -1,5 +1,15 @@
 """SQLAlchemy on this package's own connections (install with ``cmbagent-db[sqlalchemy]``).
 
+``Base`` is a declarative base whose ``metadata`` holds SQLAlchemy ``Table`` objects for the
+five tables, built from the package's one schema description: models that subclass it can
+declare ``ForeignKey("workflow_runs.id")`` / ``ForeignKey("sessions.id")``, and the five
+model classes and their columns work inside SQLAlchemy constructs (``select(WorkflowRun)``,
+``.join(WorkflowRun, Stage.run_id == WorkflowRun.id)``, ``.order_by(WorkflowRun.started_at
+.desc())``) through ``__clause_element__``. ``Base.metadata.create_all(engine)`` creates the
+five tables with this package's migrations (exactly what ``cmbagent_db.init_database``
+makes, on the engine's own connection, so also in an in-memory ``StaticPool`` database) and
+every other table as SQLAlchemy does; ``drop_all`` drops the others, then the five.
+
 ``create_engine(url, **kw)`` is SQLAlchemy's ``create_engine`` with ``cmbagent_db.dbapi`` as
 the driver: ``sqlite:///...`` and ``postgresql://...`` mean ``cmbagent_db+sqlite`` and
 ``cmbagent_db+postgresql``; every keyword SQLAlchemy takes (``poolclass``, ``connect_args``,
@@ -10,11 +20,18 @@ imported (and through the package's entry points), so ``sqlalchemy.create_engine
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Callable, Iterable, List, Optional, Union
 
 import sqlalchemy
+from sqlalchemy import (
+    JSON, TIMESTAMP, BigInteger, Boolean, Column, ForeignKey, Integer, MetaData, String,
+    Table, Text,
+)
 from sqlalchemy.dialects import registry as _registry
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.orm import declarative_base
+
+from cmbagent_db import _native, models
 
 for _name, _cls in [
     ("cmbagent_db.sqlite", "CmbagentSQLiteDialect"),
@@ -53,4 +70,104 @@ def create_engine(url: Union[str, URL], **kwargs: Any) -> Engine:
     return sqlalchemy.create_engine(engine_url(url), **kwargs)
 
 
-__all__ = ["create_engine", "engine_url"]
+_TYPES: dict = {
+    "string": String,
+    "text": lambda _: Text(),
+    "integer": lambda _: Integer(),
+    "biginteger": lambda _: BigInteger(),
+    "boolean": lambda _: Boolean(),
+    "timestamp": lambda _: TIMESTAMP(),
+    "timestamptz": lambda _: TIMESTAMP(timezone=True),
+    "json": lambda _: JSON(),
+}
+
+#: The tables this package's migrations own.
+OWN_TABLES = frozenset(name for name, _ in _native.schema_tables())
+
+
+def _migrate(bind: Union[Engine, Connection], target: str, force: bool = False) -> None:
+    """Runs this package's migrations on ``bind``'s own DB-API connection."""
+    from cmbagent_db import dbapi
+    from cmbagent_db.exceptions import InterfaceError
+
+    def run(dbapi_connection: Any) -> None:
+        if not isinstance(dbapi_connection, dbapi.Connection):
+            raise InterfaceError(
+                "Base.metadata creates the five tables with this package's migrations, on "
+                "its own driver: make the engine with cmbagent_db.sqlalchemy.create_engine, "
+                f"not {type(dbapi_connection).__module__}"
+            )
+        dbapi_connection.migrate(target, force)
+
+    if isinstance(bind, Connection):
+        run(bind.connection.dbapi_connection)
+        return
+    raw = bind.raw_connection()
+    try:
+        run(raw.dbapi_connection)
+    finally:
+        raw.close()
+
+
+class _MetaData(MetaData):
+    """MetaData whose five own tables are made and dropped by this package's migrations."""
+
+    def _others(self, tables: Optional[Iterable[Table]]) -> List[Table]:
+        chosen = self.sorted_tables if tables is None else list(tables)
+        return [t for t in chosen if t.name not in OWN_TABLES]
+
+    def create_all(self, bind: Any, tables: Optional[Iterable[Table]] = None,
+                   checkfirst: Any = True) -> None:
+        tables = None if tables is None else list(tables)
+        if tables is None or any(t.name in OWN_TABLES for t in tables):
+            _migrate(bind, "head")
+        super().create_all(bind, tables=self._others(tables), checkfirst=checkfirst)
+
+    def drop_all(self, bind: Any, tables: Optional[Iterable[Table]] = None,
+                 checkfirst: Any = True) -> None:
+        tables = None if tables is None else list(tables)
+        super().drop_all(bind, tables=self._others(tables), checkfirst=checkfirst)
+        if tables is None or any(t.name in OWN_TABLES for t in tables):
+            _migrate(bind, "base", force=True)
+
+
+metadata = _MetaData()
+for _table, _columns in _native.schema_tables():
+    Table(_table, metadata, *[
+        Column(name, _TYPES[kind](length),
+               *([ForeignKey(f"{fk[0]}.id", ondelete=fk[1])] if fk else []),
+               primary_key=pk, nullable=nullable)
+        for name, kind, length, nullable, pk, fk in _columns
+    ])
+
+Base = declarative_base(metadata=metadata)
+
+
+class _TableOfClass:
+    """``Model.__clause_element__()`` on the class: its table. Instances are rows, not
+    tables, so they have none."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+
+    def __get__(self, instance: Any, owner: Any = None) -> Callable[[], Table]:
+        if instance is not None:
+            raise AttributeError("__clause_element__")
+        return lambda: self.table
+
+
+for _model in (models.Session, models.WorkflowRun, models.SessionState,
+               models.ApprovalRequest, models.ActiveConnection):
+    setattr(_model, "__clause_element__", _TableOfClass(metadata.tables[_model.__tablename__]))
+
+
+def _clause(table: str, column: str, descending: Optional[bool]) -> Any:
+    """The SQLAlchemy form of a column of the five tables (``Column.__clause_element__``),
+    ordered when ``descending`` is not None."""
+    c = metadata.tables[table].c[column]
+    if descending is None:
+        return c
+    return c.desc() if descending else c.asc()
+
+
+__all__ = ["Base", "metadata", "OWN_TABLES", "create_engine", "engine_url"]
