@@ -16,9 +16,11 @@ use pyo3::types::{
 use crate::backend::{Conn, Row};
 use crate::dbapi::{self, Column, Outcome, ReadAs};
 use crate::dialect::Dialect;
+use crate::engine;
 use crate::error::{Error, ErrorKind, Result};
 use crate::python::convert::to_py_from;
 use crate::python::errors::raise;
+use crate::python::session::PyDbSession;
 use crate::url;
 use crate::value::Value;
 
@@ -28,6 +30,8 @@ use crate::value::Value;
 pub struct PyDbapiConnection {
     state: Mutex<State>,
     dialect: Dialect,
+    /// The URL it was opened with (the engine of a session it lends itself to).
+    url: String,
 }
 
 struct State {
@@ -58,6 +62,13 @@ impl State {
 }
 
 impl PyDbapiConnection {
+    /// Runs `f` on the open connection after any other thread's call (the caller has
+    /// released the GIL); for a session this connection lends itself to.
+    pub fn run<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        f(state.live()?)
+    }
+
     /// Runs `f` on the open connection, without the GIL, after any other thread's call.
     fn with<T: Send>(
         &self,
@@ -186,6 +197,14 @@ impl PyDbapiConnection {
         })?;
         crate::python::functions::log_steps(py, &steps)?;
         Ok(current)
+    }
+
+    /// A session of this package (`DbSession`) whose statements run on this connection,
+    /// in its transaction: what `cmbagent_db.sqlalchemy`'s sessions share with SQLAlchemy.
+    /// It does not migrate the database (`Base.metadata.create_all` does).
+    fn session(slf: &Bound<'_, Self>) -> PyResult<Py<PyDbSession>> {
+        let engine = engine::engine(&slf.get().url)?;
+        PyDbSession::open_on(slf.py(), engine, Some(slf.clone().unbind()))
     }
 
     /// "sqlite" or "postgresql".
@@ -395,6 +414,7 @@ pub fn connect(
         Ok(conn)
     })?;
     Ok(PyDbapiConnection {
+        url: url.to_string(),
         dialect: conn.dialect(),
         state: Mutex::new(State {
             conn: Some(conn),

@@ -17,6 +17,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::expr::{ColRef, Expr};
 use crate::pool::Pooled;
 use crate::python::convert::{to_py_from, to_value, Purpose};
+use crate::python::dbapi::PyDbapiConnection;
 use crate::python::errors::raise;
 use crate::python::expression::PyColumn;
 use crate::python::log;
@@ -40,7 +41,10 @@ pub struct PyDbSession {
     /// The connection holding this session's open transaction, if one is open. Reads
     /// outside a transaction borrow a pooled connection for the one statement.
     /// (A Mutex only to make the class `Sync`; `&mut self` access uses `get_mut`.)
-    conn: Mutex<Option<Pooled>>,
+    conn: Mutex<Option<Held>>,
+    /// The DB-API connection this session runs on instead of its engine's pool (a session
+    /// of `cmbagent_db.sqlalchemy`, sharing SQLAlchemy's connection and transaction).
+    lender: Option<Py<PyDbapiConnection>>,
     identity: HashMap<Identity, Py<PyAny>>,
     /// Added, not yet inserted, in the order they were added.
     pending: Vec<Py<PyAny>>,
@@ -82,9 +86,53 @@ fn pk_filter(table: TableId, pks: Vec<String>) -> Expr {
     )
 }
 
+/// The connection a session's transaction runs on: one from its engine's pool, or the one
+/// a DB-API connection lends it.
+// One per session, never in a collection: boxing the pooled connection would only add an
+// allocation to every transaction.
+#[allow(clippy::large_enum_variant)]
+pub enum Held {
+    Pooled(Pooled),
+    Lent(Py<PyDbapiConnection>),
+}
+
+impl Held {
+    /// Runs `f` on the connection (no GIL needed).
+    fn run<T>(&mut self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
+        match self {
+            Held::Pooled(p) => f(p),
+            Held::Lent(c) => c.get().run(f),
+        }
+    }
+
+    fn inherited(&self) -> bool {
+        match self {
+            Held::Pooled(p) => p.inherited(),
+            // The DB-API connection notices a fork itself and reports it when used.
+            Held::Lent(_) => false,
+        }
+    }
+
+    fn in_transaction(&mut self) -> bool {
+        self.run(|c| Ok(c.in_transaction())).unwrap_or(false)
+    }
+}
+
 impl PyDbSession {
     pub fn open(py: Python<'_>, engine: Arc<Engine>) -> PyResult<Py<PyDbSession>> {
-        let session = Py::new(py, PyDbSession::new(engine))?;
+        Self::open_on(py, engine, None)
+    }
+
+    /// A session on `lender`'s connection (its statements and transaction), or on the
+    /// engine's pool when there is none.
+    pub fn open_on(
+        py: Python<'_>,
+        engine: Arc<Engine>,
+        lender: Option<Py<PyDbapiConnection>>,
+    ) -> PyResult<Py<PyDbSession>> {
+        let mut session = PyDbSession::new(engine);
+        session.lender = lender;
+        let session = Py::new(py, session)?;
         let this = PyWeakrefReference::new(session.bind(py))?.unbind();
         session.borrow_mut(py).this = Some(this);
         Ok(session)
@@ -95,6 +143,7 @@ impl PyDbSession {
             engine,
             this: None,
             conn: Mutex::new(None),
+            lender: None,
             identity: HashMap::new(),
             pending: Vec::new(),
             to_delete: Vec::new(),
@@ -122,9 +171,14 @@ impl PyDbSession {
         self.engine.dialect()
     }
 
-    fn slot(&mut self) -> &mut Option<Pooled> {
+    fn slot(&mut self) -> &mut Option<Held> {
         let slot = self.conn.get_mut().unwrap_or_else(|p| p.into_inner());
-        if slot.as_ref().is_some_and(Pooled::inherited) {
+        if slot.is_none() {
+            if let Some(lender) = &self.lender {
+                *slot = Some(Held::Lent(Python::attach(|py| lender.clone_ref(py))));
+            }
+        }
+        if slot.as_ref().is_some_and(Held::inherited) {
             // A transaction the parent opened before fork(): it is the parent's to finish.
             // Its connection is left to the parent, and this copy of the session must
             // roll back before it starts again on a connection of its own.
@@ -155,13 +209,13 @@ impl PyDbSession {
     pub fn read<T: Send>(
         &mut self,
         py: Python<'_>,
-        mut f: impl FnMut(&mut Conn) -> Result<T> + Send,
+        f: impl FnMut(&mut Conn) -> Result<T> + Send,
     ) -> PyResult<T> {
         self.check_usable()?;
         let engine = self.engine.clone();
         let slot = self.slot();
         let result = py.detach(|| match slot {
-            Some(conn) => f(conn),
+            Some(conn) => conn.run(f),
             None => engine.with_conn(f),
         });
         log::flush(py);
@@ -180,13 +234,15 @@ impl PyDbSession {
         let slot = self.slot();
         let result = py.detach(|| {
             if slot.is_none() {
-                *slot = Some(engine.begin_write()?);
+                *slot = Some(Held::Pooled(engine.begin_write()?));
             }
             let conn = slot
                 .as_mut()
                 .ok_or_else(|| Error::internal("no connection"))?;
-            conn.begin_write()?;
-            f(conn)
+            conn.run(|c| {
+                c.begin_write()?;
+                f(c)
+            })
         });
         log::flush(py);
         result.map_err(|e| self.fail(py, e))
@@ -197,7 +253,7 @@ impl PyDbSession {
         if let Some(mut conn) = slot.take() {
             // The error is what the caller needs to see; a failed ROLLBACK only means the
             // connection is gone, and the pool drops broken connections.
-            let _ = py.detach(|| conn.rollback());
+            let _ = py.detach(|| conn.run(Conn::rollback));
         }
         self.failed = Some(e.message.clone());
         e.into()
@@ -666,7 +722,7 @@ impl PyDbSession {
     fn do_commit(&mut self, py: Python<'_>) -> PyResult<()> {
         self.do_flush(py)?;
         if let Some(mut conn) = self.slot().take() {
-            let committed = py.detach(|| conn.commit());
+            let committed = py.detach(|| conn.run(Conn::commit));
             log::flush(py);
             if let Err(e) = committed {
                 *self.slot() = Some(conn);
@@ -776,7 +832,7 @@ impl PyDbSession {
         if let Some(mut conn) = self.slot().take() {
             // Returning the connection to the pool rolls it back; do it here so a
             // broken connection's error is not lost silently either way.
-            let _ = py.detach(|| conn.rollback());
+            let _ = py.detach(|| conn.run(Conn::rollback));
         }
         self.failed = None;
         let pending = std::mem::take(&mut self.pending);
@@ -1181,8 +1237,8 @@ impl PyDbSession {
     fn in_transaction(slf: &Bound<'_, Self>) -> PyResult<bool> {
         Ok(exclusive(slf)?
             .slot()
-            .as_ref()
-            .is_some_and(|c| c.in_transaction()))
+            .as_mut()
+            .is_some_and(Held::in_transaction))
     }
 
     fn __contains__(slf: &Bound<'_, Self>, obj: &Bound<'_, PyAny>) -> PyResult<bool> {

@@ -170,4 +170,7 @@ def _clause(table: str, column: str, descending: Optional[bool]) -> Any:
     return c.desc() if descending else c.asc()
 
 
-__all__ = ["Base", "metadata", "OWN_TABLES", "create_engine", "engine_url"]
+from cmbagent_db.sqlalchemy.session import Session, sessionmaker  # noqa: E402
+
+__all__ = ["Base", "metadata", "OWN_TABLES", "Session", "sessionmaker", "create_engine",
+           "engine_url"]

@@ -1,0 +1,162 @@
+"""``cmbagent_db.sqlalchemy.sessionmaker``: one session, one connection and one transaction
+for the five models and SQLAlchemy's, in cmbagent's test-fixture pattern with only the
+imports changed (in-memory ``StaticPool`` engine on SQLite, a fresh database on
+PostgreSQL, ``Base.metadata.create_all``, ``sessionmaker``, services given ``db_factory``).
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import Column, ForeignKey, Integer, String, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.exc import UnmappedInstanceError
+from sqlalchemy.pool import StaticPool
+
+import cmbagent_db.exceptions as exc
+from cmbagent_db.models import ApprovalRequest, Session, WorkflowRun
+from cmbagent_db.sqlalchemy import Base, create_engine, sessionmaker
+
+from helpers import fetch_all
+
+
+class RunStage(Base):
+    """A stage of a run (as cmbagent's task stages)."""
+
+    __tablename__ = "uow_run_stages"
+    id = Column(Integer, primary_key=True)
+    parent_run_id = Column(String(36), ForeignKey("workflow_runs.id", ondelete="CASCADE"),
+                           nullable=False)
+    name = Column(String(50), nullable=False)
+
+
+@pytest.fixture
+def db_engine(backend, db_url):
+    if backend == "sqlite":
+        engine = create_engine("sqlite:///:memory:", connect_args={"check_same_thread": False},
+                               poolclass=StaticPool)
+    else:
+        engine = create_engine(db_url)
+    Base.metadata.create_all(engine)
+    yield engine
+    Base.metadata.drop_all(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def db_factory(db_engine):
+    return sessionmaker(bind=db_engine, autocommit=False, autoflush=False,
+                        expire_on_commit=False)
+
+
+@pytest.fixture
+def db_session(db_factory):
+    session = db_factory()
+    yield session
+    session.rollback()
+    session.close()
+
+
+def start_run(db_factory, stages, *, bad_stage=False) -> str:
+    """A service as cmbagent writes them: a run, its stages and an approval, one commit."""
+    with db_factory() as db:
+        chat = Session(name="chat")
+        db.add(chat)
+        db.flush()
+        run = WorkflowRun(session_id=chat.id, status="executing")
+        db.add(run)
+        db.flush()
+        db.add_all([RunStage(parent_run_id=run.id, name=n) for n in stages])
+        if bad_stage:
+            db.add(RunStage(parent_run_id="no-such-run", name="bad"))
+        db.add(ApprovalRequest.create_pending(run_id=run.id, approval_type="plan_approval",
+                                              context={"stages": stages}))
+        db.commit()
+        return run.id
+
+
+def counts(db) -> tuple:
+    return (db.query(Session).count(), db.query(WorkflowRun).count(),
+            db.query(RunStage).count(), db.query(ApprovalRequest).count())
+
+
+def test_a_run_its_stages_and_an_approval_commit_together(db_factory, db_session):
+    run_id = start_run(db_factory, ["plan", "code"])
+    assert counts(db_session) == (1, 1, 2, 1)
+    run = db_session.get(WorkflowRun, run_id)
+    assert isinstance(run, WorkflowRun) and run.status == "executing"
+    stages = (db_session.query(RunStage).join(WorkflowRun, RunStage.parent_run_id == WorkflowRun.id)
+              .filter(WorkflowRun.id == run_id).order_by(RunStage.name).all())
+    assert [s.name for s in stages] == ["code", "plan"]
+    assert db_session.get(RunStage, stages[0].id).name == "code"
+    assert db_session.execute(text("SELECT count(*) FROM uow_run_stages WHERE parent_run_id = :r"),
+                              {"r": run_id}).scalar() == 2
+    approval = db_session.query(ApprovalRequest).filter(ApprovalRequest.run_id == run_id).one()
+    assert approval.context == {"stages": ["plan", "code"]}
+
+
+def test_a_failure_in_either_kind_leaves_nothing(db_factory, db_session):
+    with pytest.raises(IntegrityError):
+        start_run(db_factory, ["plan"], bad_stage=True)
+    assert counts(db_session) == (0, 0, 0, 0)
+    # a failure on the package's side: an approval naming no run
+    with db_factory() as db:
+        chat = Session(name="chat")
+        db.add(chat)
+        db.add(ApprovalRequest.create_pending(run_id="no-such-run", approval_type="x",
+                                              context={}))
+        with pytest.raises(exc.IntegrityError):
+            db.commit()
+        db.rollback()
+        assert counts(db) == (0, 0, 0, 0)
+        # usable after the rollback
+        db.add(Session(name="after"))
+        db.commit()
+    assert counts(db_session) == (1, 0, 0, 0)
+
+
+def test_rollback_discards_both_kinds(db_session):
+    chat = Session(name="chat")
+    db_session.add(chat)
+    db_session.flush()
+    run = WorkflowRun(session_id=chat.id)
+    db_session.add(run)
+    db_session.flush()
+    db_session.add(RunStage(parent_run_id=run.id, name="s"))
+    db_session.flush()
+    assert db_session.in_transaction()
+    db_session.rollback()
+    assert counts(db_session) == (0, 0, 0, 0)
+
+
+def test_bad_objects_are_refused_and_the_session_goes_on(db_session):
+    with pytest.raises(UnmappedInstanceError):
+        db_session.add(object())
+    db_session.add(RunStage(parent_run_id="nope", name="s"))
+    with pytest.raises(IntegrityError):
+        db_session.flush()
+    db_session.rollback()
+    db_session.add(Session(name="fine"))
+    db_session.commit()
+    assert counts(db_session) == (1, 0, 0, 0)
+
+
+def test_a_file_database_written_by_both_kinds_at_once_never_locks(sqlite_url):
+    """Before, the run (this package) and its stages (SQLAlchemy) were written by two
+    connections: the second waited for the first's write lock until 'database is locked'."""
+    engine = create_engine(sqlite_url + "?timeout=1")
+    Base.metadata.create_all(engine)
+    factory = sessionmaker(bind=engine)
+    for i in range(5):
+        start_run(factory, [f"s{i}"])
+    engine.dispose()
+    assert fetch_all(sqlite_url, "SELECT count(*) FROM uow_run_stages") == [(5,)]
+    assert fetch_all(sqlite_url, "SELECT count(*) FROM approval_requests") == [(5,)]
+
+
+def test_a_session_needs_this_packages_engine():
+    import sqlalchemy
+
+    other = sqlalchemy.create_engine("sqlite://")
+    with pytest.raises(exc.InterfaceError, match="create_engine"):
+        sessionmaker(bind=other)()
+    other.dispose()
