@@ -338,6 +338,20 @@ def run_backend(backend: str, cfg: Dict[str, Any], work: str, server,
         for d in copies.values():
             ds.drop(d)
 
+        # 9. SQLAlchemy's ORM with the same models on cmbagent_db's driver vs on sqlite3 /
+        # psycopg2: recorded in the cmbagent_db column, so the ratio is the driver's cost.
+        for workload, dbs_of in (("create_commit", lambda: ds.copy("base")), ("lookup", lambda: big)):
+            log(f"[{backend}] 9. SQLAlchemy on cmbagent_db's driver: {workload}")
+            p = cfg[workload]
+            dbs = {s: dbs_of() for s in ("cmbagent_db", "sqlalchemy")}
+            record(f"bridge:{workload}", run_interleaved(
+                {"cmbagent_db": Worker.python(spec("sqlalchemy_bridge", workload, [dbs["cmbagent_db"]], p)),
+                 "sqlalchemy": Worker.python(spec("sqlalchemy", workload, [dbs["sqlalchemy"]], p))},
+                p["reps"], writes=workload == "create_commit"))
+            if workload == "create_commit":
+                for d in dbs.values():
+                    ds.drop(d)
+
         # 7. .all(): a fresh process per measurement, systems in varying order.
         log(f"[{backend}] 7. load all")
         runs: Dict[str, List[Dict[str, Any]]] = {s: [] for s in SYSTEMS}
@@ -617,6 +631,14 @@ def build_rows(results, backends: List[str], cfg) -> List[Row]:
             rows.append(Row(b, f"{label}. relationship load over {rel.get('runs', 1000):,} runs "
                             f"({rel.get('per_run', 3)} approvals each): {mode}", "time", "ms",
                             v, [], e, note=note, secs=dict(secs)))
+        if any((b, "bridge:create_commit", s) in results for s in SYSTEMS):
+            note = "the cmbagent_db column is SQLAlchemy's ORM on cmbagent_db's driver; the ratio is the driver's cost"
+            v, e = vals(b, "bridge:create_commit", lambda r: n1 / median(r["secs"]))
+            rows.append(Row(b, "9a. SQLAlchemy ORM on cmbagent_db's driver: create + commit", "rate",
+                            "commits/s", v, [], e, note=note, secs=dict(secs)))
+            v, e = vals(b, "bridge:lookup", lambda r: nl / median(r["secs"]))
+            rows.append(Row(b, "9b. SQLAlchemy ORM on cmbagent_db's driver: lookup by id", "rate",
+                            "lookups/s", v, [], e, note=note, secs=dict(secs)))
     return rows
 
 

@@ -313,25 +313,30 @@ class SqlAlchemy(System):
         if tests not in sys.path:
             sys.path.insert(0, tests)
         from reference_models import ActiveConnection, ApprovalRequest, WorkflowRun
-        from sqlalchemy import create_engine, event
         from sqlalchemy.orm import selectinload, sessionmaker
 
         self.ApprovalRequest = ApprovalRequest
         self.ActiveConnection = ActiveConnection
         self.WorkflowRun = WorkflowRun
         self.selectinload = selectinload
-        if self.backend == "sqlite":
-            self.engine = create_engine(f"sqlite:///{db['path']}")
+        self.engine = self.make_engine(db)
+        self.Session = sessionmaker(bind=self.engine, autoflush=False, expire_on_commit=False)
 
-            @event.listens_for(self.engine, "connect")
+    def make_engine(self, db: Dict[str, Any]) -> Any:
+        from sqlalchemy import create_engine, event
+
+        if self.backend == "sqlite":
+            engine = create_engine(f"sqlite:///{db['path']}")
+
+            @event.listens_for(engine, "connect")
             def _pragmas(dbapi_conn, _record):
                 cur = dbapi_conn.cursor()
                 for p in SQLITE_PRAGMAS:
                     cur.execute(p)
                 cur.close()
-        else:
-            self.engine = create_engine("postgresql+psycopg2://" + db["dsn"].split("://", 1)[1])
-        self.Session = sessionmaker(bind=self.engine, autoflush=False, expire_on_commit=False)
+
+            return engine
+        return create_engine("postgresql+psycopg2://" + db["dsn"].split("://", 1)[1])
 
     def warm(self):
         from sqlalchemy import text
@@ -665,11 +670,28 @@ class RawPsycopg2(System):
         self.conn.close()
 
 
+class SqlAlchemyOnCmbagentDb(SqlAlchemy):
+    """The same SQLAlchemy ORM and models on cmbagent_db's driver
+    (cmbagent_db.sqlalchemy.create_engine): the driver's cost, the ORM held equal. The
+    package's connections already run WAL, foreign keys on and synchronous=FULL."""
+
+    name = "SQLAlchemy on cmbagent_db"
+
+    def make_engine(self, db: Dict[str, Any]) -> Any:
+        from cmbagent_db.sqlalchemy import create_engine
+
+        if self.backend == "sqlite":
+            return create_engine(f"sqlite:///{db['path']}")
+        return create_engine(db["dsn"])
+
+
 def make_system(name: str, db: Dict[str, Any], **kw) -> System:
     if name == "cmbagent_db":
         return CmbagentDb(db, **kw)
     if name == "sqlalchemy":
         return SqlAlchemy(db)
+    if name == "sqlalchemy_bridge":
+        return SqlAlchemyOnCmbagentDb(db)
     if name == "raw":
         return RawSqlite(db) if db["backend"] == "sqlite" else RawPsycopg2(db)
     raise ValueError(name)

@@ -164,18 +164,19 @@ impl PyColumn {
         other: &Bound<'_, PyAny>,
         op: CompareOp,
     ) -> PyResult<Py<PyAny>> {
-        if other.cast::<PyColumn>().is_err()
-            && other.hasattr(pyo3::intern!(py, "__clause_element__"))?
-        {
-            // A SQLAlchemy column (`WorkflowRun.id == DAGNode.run_id`): Python then asks
-            // its side, which builds SQLAlchemy's expression through ours.
-            return Ok(py.NotImplemented());
+        match self.compare(other, op) {
+            Ok(e) => Ok(e.into_pyobject(py)?.into_any().unbind()),
+            // A SQLAlchemy column (`WorkflowRun.id == DAGNode.run_id`) is no value of ours:
+            // Python then asks its side, which builds SQLAlchemy's expression through ours.
+            // Asked only after the value failed, so plain comparisons pay nothing for it.
+            Err(_)
+                if other.cast::<PyColumn>().is_err()
+                    && other.hasattr(pyo3::intern!(py, "__clause_element__"))? =>
+            {
+                Ok(py.NotImplemented())
+            }
+            Err(e) => Err(e),
         }
-        Ok(self
-            .compare(other, op)?
-            .into_pyobject(py)?
-            .into_any()
-            .unbind())
     }
 
     /// This column in SQLAlchemy constructs (`select()`, a SQLAlchemy query's `join()` or
