@@ -35,6 +35,7 @@ __all__ = [
     "index_names",
     "index_info",
     "row_count",
+    "fixture_engine",
     "terminate_backend",
     "run_threads",
 ]
@@ -287,6 +288,28 @@ def row_count(url: str, table: str) -> int:
         (n,) = cur.fetchone()
         cur.close()
         return int(n)
+
+
+@contextlib.contextmanager
+def fixture_engine(backend: str, db_url: str, metadata: Any) -> Iterator[Any]:
+    """cmbagent's test-fixture engine on this package's driver, with ``metadata``'s tables
+    made, dropped afterwards: in memory with StaticPool on SQLite (one connection shared
+    by every session and thread), ``db_url`` (a fresh database) on PostgreSQL."""
+    from sqlalchemy.pool import StaticPool
+
+    from cmbagent_db.sqlalchemy import create_engine
+
+    if backend == "sqlite":
+        engine = create_engine("sqlite:///:memory:", connect_args={"check_same_thread": False},
+                               poolclass=StaticPool)
+    else:
+        engine = create_engine(db_url)
+    metadata.create_all(engine)
+    try:
+        yield engine
+    finally:
+        metadata.drop_all(engine)
+        engine.dispose()
 
 
 def terminate_backend(url: str, pid: int) -> None:

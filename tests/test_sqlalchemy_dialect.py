@@ -18,12 +18,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 from sqlalchemy.orm import declarative_base, relationship, sessionmaker
-from sqlalchemy.pool import StaticPool
 
 import cmbagent_db.exceptions as exc
 from cmbagent_db.sqlalchemy import create_engine, engine_url
 
-from helpers import fetch_all, is_sqlite, run_threads, terminate_backend
+from helpers import fetch_all, fixture_engine, run_threads, terminate_backend
 
 UTC = dt.timezone.utc
 Base = declarative_base()
@@ -62,17 +61,8 @@ class Step(Base):
 
 @pytest.fixture
 def engine(backend, db_url):
-    """cmbagent's test-fixture engine: in memory with StaticPool on SQLite (one connection
-    shared by every session and thread), a fresh database on PostgreSQL."""
-    if backend == "sqlite":
-        e = create_engine("sqlite:///:memory:", connect_args={"check_same_thread": False},
-                          poolclass=StaticPool)
-    else:
-        e = create_engine(db_url)
-    Base.metadata.create_all(e)
-    yield e
-    Base.metadata.drop_all(e)
-    e.dispose()
+    with fixture_engine(backend, db_url, Base.metadata) as e:
+        yield e
 
 
 @pytest.fixture

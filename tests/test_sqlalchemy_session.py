@@ -10,13 +10,12 @@ import pytest
 from sqlalchemy import Column, ForeignKey, Integer, String, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import UnmappedInstanceError
-from sqlalchemy.pool import StaticPool
 
 import cmbagent_db.exceptions as exc
 from cmbagent_db.models import ApprovalRequest, Session, WorkflowRun
 from cmbagent_db.sqlalchemy import Base, create_engine, sessionmaker
 
-from helpers import fetch_all
+from helpers import fetch_all, fixture_engine
 
 
 class RunStage(Base):
@@ -31,15 +30,8 @@ class RunStage(Base):
 
 @pytest.fixture
 def db_engine(backend, db_url):
-    if backend == "sqlite":
-        engine = create_engine("sqlite:///:memory:", connect_args={"check_same_thread": False},
-                               poolclass=StaticPool)
-    else:
-        engine = create_engine(db_url)
-    Base.metadata.create_all(engine)
-    yield engine
-    Base.metadata.drop_all(engine)
-    engine.dispose()
+    with fixture_engine(backend, db_url, Base.metadata) as engine:
+        yield engine
 
 
 @pytest.fixture
