@@ -132,6 +132,31 @@ def test_bad_objects_are_refused_and_the_session_goes_on(db_session):
     assert counts(db_session) == (1, 0, 0, 0)
 
 
+def test_a_model_of_an_unrelated_base_fails_its_flush_and_loses_nothing(db_session):
+    """A model declared on another declarative base, whose table create_all never made:
+    its flush fails with the database's error, the five models' rows of the same
+    transaction go with it, and the session goes on after rollback()."""
+    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.orm import declarative_base
+
+    Other = declarative_base()
+
+    class Stray(Other):
+        __tablename__ = "uow_stray"
+        id = Column(Integer, primary_key=True)
+
+    db_session.add(Session(name="with the stray"))
+    db_session.add(Stray(id=1))
+    with pytest.raises(DBAPIError) as caught:
+        db_session.commit()
+    assert "uow_stray" in str(caught.value)
+    db_session.rollback()
+    assert counts(db_session) == (0, 0, 0, 0)
+    db_session.add(Session(name="after"))
+    db_session.commit()
+    assert counts(db_session) == (1, 0, 0, 0)
+
+
 def test_a_file_database_written_by_both_kinds_at_once_never_locks(sqlite_url):
     """Before, the run (this package) and its stages (SQLAlchemy) were written by two
     connections: the second waited for the first's write lock until 'database is locked'."""
