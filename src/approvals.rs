@@ -183,12 +183,7 @@ pub fn expire_overdue_batch(
     now: DateTime<Utc>,
     limit: usize,
 ) -> Result<Vec<String>> {
-    if limit == 0 {
-        return Err(Error::new(
-            ErrorKind::Value,
-            "batch_size must be a positive number of rows",
-        ));
-    }
+    check_batch_size(limit)?;
     let d = conn.dialect();
     let overdue = "status = 'pending' AND expires_at < ";
     let more_than_limit = !conn
@@ -232,6 +227,17 @@ pub fn expire_overdue_batch(
             _ => None,
         })
         .collect())
+}
+
+/// A sweep batch holds at least one row.
+pub fn check_batch_size(limit: usize) -> Result<()> {
+    if limit == 0 {
+        return Err(Error::new(
+            ErrorKind::Value,
+            "batch_size must be a positive number of rows",
+        ));
+    }
+    Ok(())
 }
 
 /// A row count as a bound parameter (SQL's LIMIT / OFFSET take a signed 64-bit integer).

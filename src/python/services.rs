@@ -98,11 +98,8 @@ pub fn expire_overdue(
         },
         None => Utc::now(),
     };
-    if batch_size == 0 {
-        return Err(PyValueError::new_err(
-            "batch_size must be a positive number of rows",
-        ));
-    }
+    // Refused here, before the first batch, rather than when iteration starts.
+    approvals::check_batch_size(batch_size)?;
     Ok(OverdueSweep {
         db: db.clone().unbind(),
         now,
