@@ -80,6 +80,9 @@ def test_urls_name_this_driver():
     # the dialects are registered with SQLAlchemy itself
     e = sqlalchemy.create_engine("cmbagent_db+sqlite://")
     assert (e.dialect.name, e.dialect.driver) == ("sqlite", "cmbagent_db")
+    # compiled SQL is cached (SQLAlchemy warns and compiles every statement anew otherwise)
+    assert e.dialect._supports_statement_cache
+    assert sqlalchemy.create_engine("cmbagent_db+postgresql://u@h/d").dialect._supports_statement_cache
     with e.connect() as c:
         assert c.execute(text("SELECT 40 + 2")).scalar() == 42
     e.dispose()

@@ -26,20 +26,6 @@ from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import URL
 
 
-def _dbapi() -> Any:
-    from cmbagent_db import dbapi
-
-    return dbapi
-
-
-def _is_disconnect(e: Exception, connection: Any) -> bool:
-    if connection is not None:
-        return bool(connection.broken)
-    from cmbagent_db.exceptions import InterfaceError, OperationalError
-
-    return isinstance(e, (InterfaceError, OperationalError)) and "connection" in str(e)
-
-
 def _set_autocommit(dbapi_connection: Any, level: str) -> bool:
     """Switches the driver's autocommit for AUTOCOMMIT; True if that was the level."""
     autocommit = level == "AUTOCOMMIT"
@@ -50,13 +36,32 @@ def _set_autocommit(dbapi_connection: Any, level: str) -> bool:
     return autocommit
 
 
-class CmbagentSQLiteDialect(SQLiteDialect_pysqlite):
+class _OnThisDriver:
+    """What both dialects take from ``cmbagent_db.dbapi`` (placed before SQLAlchemy's
+    dialect class in the bases)."""
+
     driver = "cmbagent_db"
-    supports_statement_cache = True
 
     @classmethod
     def import_dbapi(cls) -> Any:
-        return _dbapi()
+        from cmbagent_db import dbapi
+
+        return dbapi
+
+    def detect_autocommit_setting(self, dbapi_conn: Any) -> bool:
+        return bool(dbapi_conn.autocommit)
+
+    def is_disconnect(self, e: Any, connection: Any, cursor: Any) -> bool:
+        if connection is not None:
+            return bool(connection.broken)
+        from cmbagent_db.exceptions import InterfaceError, OperationalError
+
+        return isinstance(e, (InterfaceError, OperationalError)) and "connection" in str(e)
+
+
+class CmbagentSQLiteDialect(_OnThisDriver, SQLiteDialect_pysqlite):
+    # SQLAlchemy caches compiled SQL only for a dialect class that sets this itself.
+    supports_statement_cache = True
 
     def create_connect_args(self, url: URL) -> Any:
         query = dict(url.query)
@@ -76,16 +81,9 @@ class CmbagentSQLiteDialect(SQLiteDialect_pysqlite):
         if not _set_autocommit(dbapi_connection, level):
             SQLiteDialect.set_isolation_level(self, dbapi_connection, level)
 
-    def detect_autocommit_setting(self, dbapi_conn: Any) -> bool:
-        return bool(dbapi_conn.autocommit)
 
-    def is_disconnect(self, e: Any, connection: Any, cursor: Any) -> bool:
-        return _is_disconnect(e, connection)
-
-
-class CmbagentPGDialect(PGDialect):
-    driver = "cmbagent_db"
-    supports_statement_cache = True
+class CmbagentPGDialect(_OnThisDriver, PGDialect):
+    supports_statement_cache = True  # (in the class itself, as above)
     default_paramstyle = "numeric_dollar"
     supports_native_decimal = True
     supports_sane_multi_rowcount = True
@@ -95,10 +93,6 @@ class CmbagentPGDialect(PGDialect):
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("paramstyle", "numeric_dollar")
         super().__init__(**kwargs)
-
-    @classmethod
-    def import_dbapi(cls) -> Any:
-        return _dbapi()
 
     def create_connect_args(self, url: URL) -> Any:
         native = url.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -111,8 +105,3 @@ class CmbagentPGDialect(PGDialect):
         if not _set_autocommit(dbapi_connection, level):
             super().set_isolation_level(dbapi_connection, level)
 
-    def detect_autocommit_setting(self, dbapi_conn: Any) -> bool:
-        return bool(dbapi_conn.autocommit)
-
-    def is_disconnect(self, e: Any, connection: Any, cursor: Any) -> bool:
-        return _is_disconnect(e, connection)
