@@ -43,6 +43,17 @@ pub struct ForeignKey {
     pub on_delete: OnDelete,
 }
 
+/// A foreign key to a table of the application's own (cmbagent's `projects`,
+/// `workflow_steps`): the migrations neither create that table nor the constraint (databases
+/// cmbagent made have it already), but an application that declares the table to
+/// SQLAlchemy gets the key declared on this side too, so its relationships find their join
+/// and a flush writes the application's row before the one naming it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppReference {
+    pub table: &'static str,
+    pub on_delete: OnDelete,
+}
+
 /// How `to_dict()` renders a NULL column (some keys show an empty list or dict instead).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NullAs {
@@ -60,6 +71,7 @@ pub struct Column {
     /// Set to now on every UPDATE that does not set it itself.
     pub on_update_now: bool,
     pub foreign_key: Option<ForeignKey>,
+    pub app_reference: Option<AppReference>,
     /// The revision that adds the column, as an index into `migrate::REVISIONS` (its
     /// number); a column is never older than its table.
     pub since: u8,
@@ -235,6 +247,7 @@ const fn col(name: &'static str, ty: ColType, nullable: bool) -> Column {
         default: ColumnDefault::None,
         on_update_now: false,
         foreign_key: None,
+        app_reference: None,
         since: 0,
     }
 }
@@ -272,6 +285,11 @@ const fn on_update(mut c: Column) -> Column {
 
 const fn fk(mut c: Column, table: TableId, on_delete: OnDelete) -> Column {
     c.foreign_key = Some(ForeignKey { table, on_delete });
+    c
+}
+
+const fn app_fk(mut c: Column, table: &'static str, on_delete: OnDelete) -> Column {
+    c.app_reference = Some(AppReference { table, on_delete });
     c
 }
 
@@ -314,7 +332,11 @@ const WORKFLOW_RUNS_COLUMNS: &[Column] = &[
         SESSIONS,
         OnDelete::Cascade,
     ),
-    col("project_id", ColType::Str(36), true),
+    app_fk(
+        col("project_id", ColType::Str(36), true),
+        "projects",
+        OnDelete::SetNull,
+    ),
     with_default(
         col("mode", ColType::Str(50), false),
         ColumnDefault::Str(DEFAULT_MODE),
@@ -421,7 +443,14 @@ const APPROVAL_REQUESTS_COLUMNS: &[Column] = &[
     // The columns of the approval table cmbagent had before durable approvals, kept
     // so its rows stay readable: the step asked about, when, what was shown, and
     // what the human wrote back.
-    added_in(col("step_id", ColType::Str(36), true), 3),
+    added_in(
+        app_fk(
+            col("step_id", ColType::Str(36), true),
+            "workflow_steps",
+            OnDelete::Cascade,
+        ),
+        3,
+    ),
     added_in(col("requested_at", TS, true), 3),
     added_in(col("context_snapshot", ColType::Json, true), 3),
     added_in(col("user_feedback", ColType::Text, true), 3),

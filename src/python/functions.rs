@@ -1,5 +1,6 @@
 //! The module-level functions: sessions, and the migration commands.
 
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
@@ -7,6 +8,7 @@ use crate::engine;
 use crate::migrate::{self as migrations, REVISIONS};
 use crate::python::convert::to_py_from;
 use crate::python::log;
+use crate::python::model::PyModel;
 use crate::python::session::PyDbSession;
 use crate::schema::{ColType, OnDelete, Table, TableId, TABLES};
 use crate::url;
@@ -204,6 +206,22 @@ pub fn redact_url(url: &str) -> String {
     url::redact(url)
 }
 
+/// The open session tracking `obj` (one of the five models), or None: SQLAlchemy's
+/// `object_session`.
+#[pyfunction]
+pub fn object_session<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyDbSession>>> {
+    let model = obj.cast::<PyModel>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "object_session() takes an object of the five models, got {}",
+            obj.get_type()
+                .name()
+                .map_or_else(|_| "?".into(), |n| n.to_string())
+        ))
+    })?;
+    let session = model.borrow().session(obj.py());
+    Ok(session)
+}
+
 /// Closes idle pooled connections of every URL (open sessions keep theirs).
 #[pyfunction]
 pub fn dispose_engines() {
@@ -212,8 +230,10 @@ pub fn dispose_engines() {
 
 /// The five tables as SQLAlchemy `Table` objects are built from them
 /// (`cmbagent_db.sqlalchemy.Base.metadata`): per table its name and, per column, (name,
-/// type, length, nullable, primary key, referenced table, ON DELETE). Types: string, text,
-/// integer, boolean, timestamp, timestamptz, json.
+/// type, length, nullable, primary key, foreign key). Types: string, text, integer,
+/// boolean, timestamp, timestamptz, json. A foreign key is (referenced table, ON DELETE,
+/// whether the table is one of the five); one to an application's table is declared only
+/// once the application declares that table.
 #[pyfunction]
 pub fn schema_tables(py: Python<'_>) -> PyResult<Vec<(&'static str, Bound<'_, PyList>)>> {
     TableId::all()
@@ -233,13 +253,17 @@ pub fn schema_tables(py: Python<'_>) -> PyResult<Vec<(&'static str, Bound<'_, Py
                         ColType::Timestamp { tz: true } => ("timestamptz", None),
                         ColType::Json => ("json", None),
                     };
-                    let fk = c.foreign_key.map(|fk| {
-                        let on_delete = match fk.on_delete {
-                            OnDelete::Cascade => "CASCADE",
-                            OnDelete::SetNull => "SET NULL",
-                        };
-                        (TABLES[fk.table].name, on_delete)
-                    });
+                    let on_delete = |d| match d {
+                        OnDelete::Cascade => "CASCADE",
+                        OnDelete::SetNull => "SET NULL",
+                    };
+                    let fk = match (c.foreign_key, c.app_reference) {
+                        (Some(fk), _) => {
+                            Some((TABLES[fk.table].name, on_delete(fk.on_delete), true))
+                        }
+                        (None, Some(r)) => Some((r.table, on_delete(r.on_delete), false)),
+                        (None, None) => None,
+                    };
                     (c.name, ty, length, c.nullable, i == Table::PK, fk)
                 })
                 .collect::<Vec<_>>();

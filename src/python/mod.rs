@@ -56,6 +56,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(functions::default_url, m)?)?;
     m.add_function(wrap_pyfunction!(functions::redact_url, m)?)?;
     m.add_function(wrap_pyfunction!(functions::dispose_engines, m)?)?;
+    m.add_function(wrap_pyfunction!(functions::object_session, m)?)?;
     m.add_function(wrap_pyfunction!(functions::schema_tables, m)?)?;
     m.add_function(wrap_pyfunction!(services::resolve, m)?)?;
     m.add_function(wrap_pyfunction!(services::cancel, m)?)?;

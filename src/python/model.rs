@@ -54,6 +54,19 @@ fn default_value(d: ColumnDefault) -> Value {
     }
 }
 
+/// Whether `name` is a settable attribute Python added to the model class (a relationship
+/// the SQLAlchemy bridge declares, `run.workflow_steps`): the constructor leaves such a
+/// keyword to the `__init__` that added it, which sets it on the new object.
+fn is_added_attribute(py: Python<'_>, table: TableId, name: &str) -> PyResult<bool> {
+    let cls = py
+        .import("cmbagent_db.models")?
+        .getattr(TABLES[table].model)?;
+    match cls.getattr(name) {
+        Ok(attr) => attr.get_type().hasattr("__set__"),
+        Err(_) => Ok(false),
+    }
+}
+
 impl PyModel {
     /// A new object: defaults first, then the keyword arguments, each checked.
     pub fn build(table: TableId, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<PyModel> {
@@ -73,6 +86,9 @@ impl PyModel {
                 }
                 let r = t.relationships.iter().find(|r| r.name == name);
                 let Some((key, parent)) = r.map(|r| initial_parent(r, &v)).transpose()? else {
+                    if is_added_attribute(kwargs.py(), table, &name)? {
+                        continue;
+                    }
                     return Err(PyTypeError::new_err(format!(
                         "{name:?} is an invalid keyword argument for {}; its columns are {}",
                         t.model,

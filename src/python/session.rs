@@ -7,6 +7,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple, PyWeakrefReference};
 
@@ -30,6 +31,25 @@ use crate::unit_of_work::{
     after_deletes, ChangedRow, Flush, Identity, NewRow, ObjState, References,
 };
 use crate::value::{now_micros, Value};
+
+/// Which of a session's changes a flush writes: the new and changed objects of some
+/// tables (one bit per table), and the deletions or not.
+#[derive(Clone, Copy)]
+struct FlushScope {
+    tables: u8,
+    deletes: bool,
+}
+
+impl FlushScope {
+    const ALL: FlushScope = FlushScope {
+        tables: u8::MAX,
+        deletes: true,
+    };
+
+    fn takes(&self, table: TableId) -> bool {
+        self.tables & (1 << table.index()) != 0
+    }
+}
 
 #[pyclass(module = "cmbagent_db", name = "DbSession", weakref)]
 pub struct PyDbSession {
@@ -720,7 +740,7 @@ impl PyDbSession {
     }
 
     fn do_commit(&mut self, py: Python<'_>) -> PyResult<()> {
-        self.do_flush(py)?;
+        self.do_flush(py, FlushScope::ALL)?;
         if let Some(mut conn) = self.slot().take() {
             let committed = py.detach(|| conn.run(Conn::commit));
             log::flush(py);
@@ -737,8 +757,25 @@ impl PyDbSession {
         Ok(())
     }
 
-    fn do_flush(&mut self, py: Python<'_>) -> PyResult<()> {
+    fn do_flush(&mut self, py: Python<'_>, scope: FlushScope) -> PyResult<()> {
         self.check_usable()?;
+        let (pending, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|obj| {
+                obj.bind(py)
+                    .cast::<PyModel>()
+                    .is_ok_and(|m| scope.takes(m.borrow().table))
+            });
+        self.pending = pending;
+        let result = self.flush_pending(py, scope);
+        let written = std::mem::replace(&mut self.pending, kept);
+        self.pending.extend(written);
+        result
+    }
+
+    /// Flushes what `scope` takes; `self.pending` holds only the new objects it takes and
+    /// is empty after a successful flush.
+    fn flush_pending(&mut self, py: Python<'_>, scope: FlushScope) -> PyResult<()> {
         // Collect plain values (checking every assigned one) before anything is written.
         let mut new = Vec::with_capacity(self.pending.len());
         for obj in &self.pending {
@@ -755,7 +792,7 @@ impl PyDbSession {
         let mut changed_objs = Vec::new();
         for ((table, pk), obj) in &self.identity {
             let m = obj.bind(py).cast::<PyModel>()?.borrow();
-            if m.dirty == 0 || m.state != ObjState::Persistent {
+            if m.dirty == 0 || m.state != ObjState::Persistent || !scope.takes(*table) {
                 continue;
             }
             let columns = (0..m.values.len())
@@ -769,8 +806,9 @@ impl PyDbSession {
             });
             changed_objs.push(obj.clone_ref(py));
         }
-        let mut deleted = Vec::with_capacity(self.to_delete.len());
-        for obj in &self.to_delete {
+        let to_delete: &[Py<PyAny>] = if scope.deletes { &self.to_delete } else { &[] };
+        let mut deleted = Vec::with_capacity(to_delete.len());
+        for obj in to_delete {
             let m = obj.bind(py).cast::<PyModel>()?.borrow();
             if let Some(pk) = m.pk(py) {
                 deleted.push((m.table, pk));
@@ -815,7 +853,12 @@ impl PyDbSession {
             obj.bind(py).cast::<PyModel>()?.borrow_mut().dirty = 0;
             self.tx_updated.push(obj);
         }
-        for obj in std::mem::take(&mut self.to_delete) {
+        let deleted_objs = if scope.deletes {
+            std::mem::take(&mut self.to_delete)
+        } else {
+            Vec::new()
+        };
+        for obj in deleted_objs {
             let b = obj.bind(py).cast::<PyModel>()?.clone();
             let mut m = b.borrow_mut();
             if let Some(pk) = m.pk(py) {
@@ -1136,7 +1179,23 @@ impl PyDbSession {
 
     /// Writes pending changes inside the session's transaction, without committing.
     fn flush(slf: &Bound<'_, Self>) -> PyResult<()> {
-        exclusive(slf)?.do_flush(slf.py())
+        exclusive(slf)?.do_flush(slf.py(), FlushScope::ALL)
+    }
+
+    /// Writes the new and changed objects of `tables` only, and the deletions if `deletes`:
+    /// the SQLAlchemy bridge's flush writes the five tables in steps between the
+    /// application's rows they reference and the ones referencing them.
+    fn _flush_tables(slf: &Bound<'_, Self>, tables: Vec<String>, deletes: bool) -> PyResult<()> {
+        let mut scope = FlushScope { tables: 0, deletes };
+        for name in &tables {
+            let (id, _) = TableId::all()
+                .find(|(_, t)| t.name == name.as_str())
+                .ok_or_else(|| {
+                    PyValueError::new_err(format!("{name:?} is not one of the five tables"))
+                })?;
+            scope.tables |= 1 << id.index();
+        }
+        exclusive(slf)?.do_flush(slf.py(), scope)
     }
 
     fn commit(slf: &Bound<'_, Self>) -> PyResult<()> {

@@ -24,9 +24,10 @@ from typing import Any, Callable, Iterable, List, Optional, Union
 
 import sqlalchemy
 from sqlalchemy import (
-    JSON, TIMESTAMP, BigInteger, Boolean, Column, ForeignKey, Integer, MetaData, String,
-    Table, Text,
+    JSON, TIMESTAMP, BigInteger, Boolean, Column, ForeignKey, ForeignKeyConstraint, Integer,
+    MetaData, String, Table, Text,
 )
+from sqlalchemy import event
 from sqlalchemy.dialects import registry as _registry
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.orm import declarative_base
@@ -110,7 +111,20 @@ def _migrate(bind: Union[Engine, Connection], target: str, force: bool = False) 
 
 
 class _MetaData(MetaData):
-    """MetaData whose five own tables are made and dropped by this package's migrations."""
+    """MetaData whose five own tables are made and dropped by this package's migrations,
+    and whose foreign keys to an application's table are declared when it declares it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: application table -> [(column of the five, ON DELETE)] naming its ``id``.
+        self.app_references: dict = {}
+
+    def declare_app_references(self, table: Table) -> None:
+        """``table`` of the application's just joined: the five's keys naming it."""
+        for column, ondelete in self.app_references.get(table.name, ()):
+            if not column.foreign_keys:
+                column.table.append_constraint(ForeignKeyConstraint(
+                    [column.name], [f"{table.name}.id"], ondelete=ondelete))
 
     def _others(self, tables: Optional[Iterable[Table]]) -> List[Table]:
         chosen = self.sorted_tables if tables is None else list(tables)
@@ -133,14 +147,23 @@ class _MetaData(MetaData):
 
 metadata = _MetaData()
 for _table, _columns in _native.schema_tables():
-    Table(_table, metadata, *[
+    _t = Table(_table, metadata, *[
         Column(name, _TYPES[kind](length),
-               *([ForeignKey(f"{fk[0]}.id", ondelete=fk[1])] if fk else []),
+               *([ForeignKey(f"{fk[0]}.id", ondelete=fk[1])] if fk and fk[2] else []),
                primary_key=pk, nullable=nullable)
         for name, kind, length, nullable, pk, fk in _columns
     ])
+    for name, _kind, _length, _nullable, _pk, fk in _columns:
+        if fk and not fk[2]:
+            metadata.app_references.setdefault(fk[0], []).append((_t.c[name], fk[1]))
 
-Base = declarative_base(metadata=metadata)
+Base: Any = declarative_base(metadata=metadata)
+
+
+@event.listens_for(Table, "after_parent_attach")
+def _table_attached(table: Table, parent: Any) -> None:
+    if parent is metadata:
+        metadata.declare_app_references(table)
 
 
 class _TableOfClass:
@@ -170,7 +193,10 @@ def _clause(table: str, column: str, descending: Optional[bool]) -> Any:
     return c.desc() if descending else c.asc()
 
 
+from cmbagent_db.sqlalchemy.relationships import Wiring  # noqa: E402
 from cmbagent_db.sqlalchemy.session import Session, sessionmaker  # noqa: E402
+
+_wiring = Wiring(Base)
 
 __all__ = ["Base", "metadata", "OWN_TABLES", "Session", "sessionmaker", "create_engine",
            "engine_url"]

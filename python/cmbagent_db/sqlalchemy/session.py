@@ -4,19 +4,25 @@
 connection of an engine made by ``cmbagent_db.sqlalchemy.create_engine`` and runs on it both
 this package's session (the five models, their SQL in Rust) and a SQLAlchemy ORM session
 (every other model). Calls go to the one that maps the object or class; ``flush()`` writes
-the five models first, then SQLAlchemy's (their foreign keys point at the five), and
+table by table in foreign-key order (``Base.metadata.sorted_tables``), so a run goes in
+before its steps and a step before an approval whose ``step_id`` names it, and
 ``commit()`` / ``rollback()`` end the one transaction both wrote in.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+import weakref
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, cast
 
+from sqlalchemy import event
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import orm
 from sqlalchemy.engine import Engine
 
 from cmbagent_db import _native, models
 from cmbagent_db._native import DbSession
+from cmbagent_db.sqlalchemy import OWN_TABLES, Base, metadata
+from cmbagent_db.sqlalchemy.relationships import BRIDGE, bridge_of, register_bridge, take_links
 
 _OWN = (models.Model,)
 
@@ -47,7 +53,26 @@ class Session:
             )
         self._db: DbSession = raw.session()
         kwargs.pop("bind", None)
-        self._orm: orm.Session = orm.Session(bind=self._connection, **kwargs)
+        self._orm_kwargs: Dict[str, Any] = kwargs
+        #: SQLAlchemy's session, made when first needed: five-model work never pays for it.
+        self._orm_session: Optional[orm.Session] = None
+        register_bridge(self._db, self)
+        #: Foreign keys to set once their parent has an id: (child, attrs, parent, attrs).
+        self._links: List[Tuple[Any, List[str], Any, List[str]]] = []
+        #: While flushing: the five's runs of tables still to write, by step number, and
+        #: the step of each of SQLAlchemy's tables.
+        self._own_steps: List[Tuple[int, List[str]]] = []
+        self._step_of: Dict[str, int] = {}
+
+    @property
+    def _orm(self) -> orm.Session:
+        if self._orm_session is None:
+            self._orm_session = orm.Session(bind=self._connection, **self._orm_kwargs)
+            self._orm_session.info[BRIDGE] = weakref.ref(self)
+        return self._orm_session
+
+    def _orm_clean(self) -> bool:
+        return self._orm_session is None or self._orm_session._is_clean()
 
     # ------------------------------------------------------------------ objects
 
@@ -56,6 +81,10 @@ class Session:
 
     def add(self, obj: Any) -> None:
         self._for(obj).add(obj)
+        for child_attrs, parent, parent_attrs in take_links(obj):
+            self.defer_link(obj, child_attrs, parent, parent_attrs)
+            if parent not in self:
+                self.add(parent)
 
     def add_all(self, objs: Iterable[Any]) -> None:
         for obj in objs:
@@ -91,6 +120,43 @@ class Session:
     def __contains__(self, obj: Any) -> bool:
         return obj in self._for(obj)
 
+    @property
+    def new(self) -> List[Any]:
+        """Objects of both kinds added and not yet flushed."""
+        theirs = [] if self._orm_session is None else list(self._orm_session.new)
+        return list(self._db.new) + theirs
+
+    @property
+    def deleted(self) -> List[Any]:
+        """Objects of both kinds marked for deletion and not yet flushed."""
+        theirs = [] if self._orm_session is None else list(self._orm_session.deleted)
+        return list(self._db.deleted) + theirs
+
+    def children(self, entity: Any, key: Dict[str, Any]) -> List[Any]:
+        """The rows of ``entity`` whose attributes equal ``key`` (a relationship's
+        collection), read without flushing."""
+        if _own_class(entity):
+            return self._db.query(entity).filter(
+                *[getattr(entity, a) == v for a, v in key.items()]).all()
+        with self._orm.no_autoflush:
+            return self._orm.query(entity).filter_by(**key).all()
+
+    def defer_link(self, child: Any, child_attrs: List[str], parent: Any,
+                   parent_attrs: List[str]) -> None:
+        """Sets ``child``'s key to ``parent``'s once the flush has given it one."""
+        self._links.append((child, child_attrs, parent, parent_attrs))
+
+    def _resolve_links(self) -> None:
+        waiting = []
+        for child, child_attrs, parent, parent_attrs in self._links:
+            values = [getattr(parent, a) for a in parent_attrs]
+            if None in values:
+                waiting.append((child, child_attrs, parent, parent_attrs))
+                continue
+            for a, v in zip(child_attrs, values):
+                setattr(child, a, v)
+        self._links = waiting
+
     # ------------------------------------------------------------------ SQL
 
     def execute(self, statement: Any, params: Any = None, **kwargs: Any) -> Any:
@@ -105,20 +171,66 @@ class Session:
     # ------------------------------------------------------------------ transaction
 
     def flush(self) -> None:
-        """Writes the five models' changes, then SQLAlchemy's, in the open transaction. A
+        """Writes both kinds' changes in the open transaction: new and changed rows table
+        by table in foreign-key order, then SQLAlchemy's deletions, then the five's. A
         failure rolls the whole transaction back (``rollback()`` then goes on)."""
         try:
-            self._db.flush()
-            self._orm.flush()
+            self._resolve_links()
+            if self._orm_clean():
+                self._db.flush()
+            else:
+                self._flush_in_order()
+                self._db.flush()  # the five's deletions
         except BaseException:
             self._rollback_all()
             raise
+
+    def _flush_in_order(self) -> None:
+        """Writes new and changed rows of both kinds in foreign-key order. The tables in
+        ``metadata.sorted_tables`` order fall into runs of one kind (tables with nothing of
+        SQLAlchemy's to write are skipped, so the usual flush is the five, then theirs): the
+        five's first run is written now, each later one when SQLAlchemy's flush is about to
+        write the first table after it (``_before_write``), and what is left at the end."""
+        waiting: Set[str] = set()
+        for obj in list(self._orm.new) + list(self._orm.dirty):
+            waiting.update(t.name for t in sa_inspect(obj).mapper.tables)
+        steps: List[Tuple[bool, List[str]]] = []
+        for table in metadata.sorted_tables:
+            own = table.name in OWN_TABLES
+            if not own and table.name not in waiting:
+                continue
+            if steps and steps[-1][0] == own:
+                steps[-1][1].append(table.name)
+            else:
+                steps.append((own, [table.name]))
+        self._own_steps = [(n, tables) for n, (own, tables) in enumerate(steps) if own]
+        self._step_of = {t: n for n, (own, tables) in enumerate(steps) if not own
+                         for t in tables}
+        self._write_own_before(1 if steps and steps[0][0] else 0)
+        try:
+            self._orm.flush()
+        finally:
+            self._step_of = {}
+        self._write_own_before(len(steps))
+
+    def _write_own_before(self, step: int) -> None:
+        while self._own_steps and self._own_steps[0][0] < step:
+            self._db._flush_tables(self._own_steps.pop(0)[1], False)
+            self._resolve_links()
+
+    def reach(self, table: str) -> None:
+        """SQLAlchemy's flush is about to write ``table``: the five's rows it may name go
+        first."""
+        step = self._step_of.get(table)
+        if step is not None:
+            self._write_own_before(step)
 
     def commit(self) -> None:
         self.flush()
         try:
             self._db.commit()  # commits the shared connection: both kinds of rows
-            self._orm.commit()
+            if self._orm_session is not None:
+                self._orm_session.commit()
         except BaseException:
             self._rollback_all()
             raise
@@ -127,20 +239,24 @@ class Session:
         self._rollback_all()
 
     def _rollback_all(self) -> None:
+        self._links = []
         try:
             self._db.rollback()
         finally:
-            self._orm.rollback()
+            if self._orm_session is not None:
+                self._orm_session.rollback()
 
     def close(self) -> None:
         try:
             self._db.close()
-            self._orm.close()
+            if self._orm_session is not None:
+                self._orm_session.close()
         finally:
             self._connection.close()
 
     def in_transaction(self) -> bool:
-        return bool(self._db.in_transaction() or self._orm.in_transaction())
+        theirs = self._orm_session is not None and self._orm_session.in_transaction()
+        return bool(self._db.in_transaction() or theirs)
 
     def __enter__(self) -> "Session":
         return self
@@ -152,6 +268,17 @@ class Session:
     def orm(self) -> orm.Session:
         """The SQLAlchemy ``Session`` of the other models (same connection)."""
         return self._orm
+
+
+def _before_write(mapper: Any, connection: Any, target: Any) -> None:
+    bridge = bridge_of(target)
+    if bridge is not None:
+        for table in mapper.tables:
+            bridge.reach(table.name)
+
+
+for _event in ("before_insert", "before_update"):
+    event.listen(cast(Any, Base), _event, _before_write, propagate=True)
 
 
 class sessionmaker:
