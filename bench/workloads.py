@@ -230,15 +230,18 @@ class CmbagentDb(System):
         return len(objs)
 
     def lookup(self, ids):
-        AR = self.ApprovalRequest
-        found = 0
         db = self.get_db_session(self.url)
         try:
-            for x in ids:
-                if db.query(AR).filter(AR.id == x).first() is not None:
-                    found += 1
+            return self.lookups(db, ids)
         finally:
             db.close()
+
+    def lookups(self, db, ids) -> int:
+        AR = self.ApprovalRequest
+        found = 0
+        for x in ids:
+            if db.query(AR).filter(AR.id == x).first() is not None:
+                found += 1
         return found
 
     def overdue(self, k):
@@ -685,6 +688,77 @@ class SqlAlchemyOnCmbagentDb(SqlAlchemy):
         return create_engine(db["dsn"])
 
 
+_APP_MODELS: Dict[str, Any] = {}
+
+
+def app_models() -> Dict[str, Any]:
+    """One of cmbagent's other models on cmbagent_db.sqlalchemy.Base, with relationships to
+    the five as cmbagent declares them (declared once per process)."""
+    if not _APP_MODELS:
+        from sqlalchemy import Column, ForeignKey, Integer, String, Text
+        from sqlalchemy.orm import relationship
+
+        from cmbagent_db.sqlalchemy import Base
+
+        class WorkflowStep(Base):
+            __tablename__ = "workflow_steps"
+            id = Column(String(36), primary_key=True)
+            run_id = Column(String(36), ForeignKey("workflow_runs.id", ondelete="CASCADE"),
+                            nullable=False)
+            session_id = Column(String(36), ForeignKey("sessions.id", ondelete="CASCADE"),
+                                nullable=False)
+            step_number = Column(Integer, nullable=False)
+            goal = Column(Text)
+            run = relationship("WorkflowRun", back_populates="workflow_steps")
+            session = relationship("Session", back_populates="workflow_steps")
+
+        _APP_MODELS["WorkflowStep"] = WorkflowStep
+    return _APP_MODELS
+
+
+class CmbagentDbInBridge(CmbagentDb):
+    """cmbagent_db's five models, the same calls, in cmbagent_db.sqlalchemy sessions
+    (sessionmaker over cmbagent_db.sqlalchemy.create_engine) whose Base also maps one of
+    cmbagent's other models; the lookups run in a session holding one of its objects."""
+
+    name = "cmbagent_db in a cmbagent_db.sqlalchemy session"
+
+    def __init__(self, db: Dict[str, Any]) -> None:
+        super().__init__(db)
+        from cmbagent_db.sqlalchemy import Base, create_engine, sessionmaker
+
+        self.Step = app_models()["WorkflowStep"]
+        self.engine = create_engine(self.url)
+        Base.metadata.create_all(self.engine)
+        factory = sessionmaker(bind=self.engine, autocommit=False, autoflush=False,
+                               expire_on_commit=False)
+        self.get_db_session = lambda _url: factory()
+
+    def warm(self) -> None:
+        super().warm()
+        db = self.get_db_session(self.url)
+        try:
+            if db.query(self.Step).first() is None:
+                db.add(self.Step(id="bench-step", run_id=self.run_id,
+                                 session_id=self.session_id, step_number=1))
+                db.commit()
+        finally:
+            db.close()
+
+    def lookup(self, ids):
+        db = self.get_db_session(self.url)
+        try:
+            held = db.query(self.Step).first()
+            assert held is not None
+            return self.lookups(db, ids)
+        finally:
+            db.close()
+
+    def close(self):
+        super().close()
+        self.engine.dispose()
+
+
 def make_system(name: str, db: Dict[str, Any], **kw) -> System:
     if name == "cmbagent_db":
         return CmbagentDb(db, **kw)
@@ -692,6 +766,8 @@ def make_system(name: str, db: Dict[str, Any], **kw) -> System:
         return SqlAlchemy(db)
     if name == "sqlalchemy_bridge":
         return SqlAlchemyOnCmbagentDb(db)
+    if name == "cmbagent_db_in_bridge":
+        return CmbagentDbInBridge(db)
     if name == "raw":
         return RawSqlite(db) if db["backend"] == "sqlite" else RawPsycopg2(db)
     raise ValueError(name)

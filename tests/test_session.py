@@ -1489,3 +1489,18 @@ def test_repr_names_class_and_id(make):
     text = repr(obj)
     assert type(obj).__name__ in text
     assert obj.id in text
+
+
+def test_object_session_names_the_open_session_tracking_an_object(db):
+    from cmbagent_db import object_session
+
+    chat = Session(name="chat")
+    assert object_session(chat) is None
+    db.add(chat)
+    assert object_session(chat) is db
+    db.commit()
+    assert object_session(chat) is db  # still tracked after commit
+    db.expunge(chat)
+    assert object_session(chat) is None
+    with pytest.raises(TypeError, match="object_session\\(\\) takes an object of the five"):
+        object_session("not a model")

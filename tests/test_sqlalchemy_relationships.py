@@ -54,6 +54,20 @@ class WorkflowStep(Base):
     approval_requests = relationship("ApprovalRequest", back_populates="step")
 
 
+class DAGNode(Base):
+    """Declared with ``backref`` instead of ``back_populates``."""
+
+    __tablename__ = "dag_nodes"
+    id = Column(String(36), primary_key=True, default=_id)
+    run_id = Column(String(36), ForeignKey("workflow_runs.id", ondelete="CASCADE"),
+                    nullable=False)
+    session_id = Column(String(36), ForeignKey("sessions.id", ondelete="CASCADE"),
+                        nullable=False)
+    node_type = Column(String(50), nullable=False)
+
+    run = relationship("WorkflowRun", backref="dag_nodes")
+
+
 @pytest.fixture
 def factory(db_url):
     """cmbagent's own database (made by its models, with rows), opened through the
@@ -95,6 +109,18 @@ def test_back_populates_names_appear_on_the_five(factory):
         found = (db.query(WorkflowStep).join(WorkflowStep.run)
                  .filter(WorkflowRun.status == "executing", WorkflowRun.id == run_id).all())
         assert [s.id for s in found] == [step_id]
+
+
+def test_a_backref_appears_on_the_five_too(factory):
+    with factory() as db:
+        run = new_run(db)
+        node = DAGNode(session_id=run.session_id, node_type="agent")
+        run.dag_nodes.append(node)
+        assert node.run is run and node in db
+        db.commit()
+        run_id = run.id
+    with factory() as db:
+        assert [n.node_type for n in db.get(WorkflowRun, run_id).dag_nodes] == ["agent"]
 
 
 def test_one_flush_orders_both_kinds_in_both_directions(factory, db_url):

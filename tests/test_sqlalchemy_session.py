@@ -177,3 +177,45 @@ def test_a_session_needs_this_packages_engine():
     with pytest.raises(exc.InterfaceError, match="create_engine"):
         sessionmaker(bind=other)()
     other.dispose()
+
+
+def test_get_db_session_of_the_bridge_takes_both_kinds(db_url):
+    """``cmbagent_db.sqlalchemy.get_db_session(url)``: one engine per URL, both kinds of
+    models in one transaction, all or nothing."""
+    from cmbagent_db.sqlalchemy import get_db_session
+
+    Base.metadata.create_all(create_engine(db_url))
+    with get_db_session(db_url) as db:
+        chat = Session(name="chat")
+        run = WorkflowRun(session_id=chat.id)
+        db.add_all([chat, run, RunStage(parent_run_id=run.id, name="kept")])
+        db.commit()
+        db.add(RunStage(parent_run_id=run.id, name="dropped"))
+        db.add(Session(name="dropped too"))
+        db.flush()
+        db.rollback()
+    with get_db_session(db_url) as db:
+        assert [s.name for s in db.query(RunStage).all()] == ["kept"]
+        assert db.query(Session).count() == 1
+        assert get_db_session(db_url).bind is db.bind  # the engine is made once
+
+
+def test_services_run_in_a_bridge_session_and_commit_both_kinds(db_session):
+    """approvals / connections given a bridge session: the session is flushed first, so
+    their statements see its pending rows of both kinds, and a writing call's commit
+    commits them."""
+    from cmbagent_db import approvals, connections
+
+    chat = Session(name="chat")
+    run = WorkflowRun(session_id=chat.id)
+    db_session.add_all([chat, run])
+    db_session.add(RunStage(parent_run_id=run.id, name="waiting"))
+    req = approvals.request(db_session, run.id, "plan_approval", {"plan": 1})
+    assert approvals.resolve(db_session, req.id, "approved") is True
+    connections.heartbeat(db_session, "task-1", session_id=chat.id, server_instance="a")
+    db_session.add(RunStage(parent_run_id=run.id, name="after"))
+    assert connections.owner(db_session, "task-1", ttl_seconds=60) == "a"  # reads, flushed
+    assert db_session.execute(text("SELECT count(*) FROM uow_run_stages")).scalar() == 2
+    db_session.rollback()  # undoes the flushed stage only: the writing calls committed
+    assert counts(db_session) == (1, 1, 1, 1)
+    assert db_session.get(ApprovalRequest, req.id).status == "resolved"

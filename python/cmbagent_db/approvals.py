@@ -23,6 +23,7 @@ from typing import Any, Iterator, List, Optional
 
 from cmbagent_db._native import DbSession
 from cmbagent_db import _native
+from cmbagent_db._sessions import native
 from cmbagent_db.models import ApprovalRequest
 
 #: The resolution values ``resolve`` accepts.
@@ -55,12 +56,12 @@ def resolve(db: DbSession, approval_id: str, resolution: str, result: Any = None
     already resolved, cancelled or expired, or its deadline has passed (it is then marked
     expired). Raises ApprovalNotFound for an unknown id, ValueError for an unknown
     resolution, TypeError / ValueError for a result JSON cannot hold."""
-    return _native.approval_resolve(db, approval_id, resolution, result)
+    return _native.approval_resolve(native(db), approval_id, resolution, result)
 
 
 def cancel(db: DbSession, approval_id: str) -> bool:
     """Cancels a pending request; True if this call cancelled it."""
-    return _native.approval_cancel(db, approval_id)
+    return _native.approval_cancel(native(db), approval_id)
 
 
 def expire_overdue_batches(
@@ -73,7 +74,7 @@ def expire_overdue_batches(
     SQLite's write lock for long: between two batches the sweep pauses as long as its
     batch took (10 to 100 ms), so other writers get in. Stopping the iteration early
     leaves the remaining requests pending for the next sweep."""
-    return _native.approval_expire_overdue(db, now, batch_size)
+    return _native.approval_expire_overdue(native(db), now, batch_size)
 
 
 def expire_overdue(db: DbSession, now: Any = None, batch_size: int = SWEEP_BATCH) -> List[str]:
@@ -86,7 +87,7 @@ def pending(
     db: DbSession, run_id: Optional[str] = None, session_id: Optional[str] = None
 ) -> List[ApprovalRequest]:
     """Requests still awaiting a human (pending and not past their deadline), oldest first."""
-    return _native.approval_pending(db, run_id, session_id)
+    return _native.approval_pending(native(db), run_id, session_id)
 
 
 def wait(

@@ -16,6 +16,7 @@ from typing import List, Optional
 
 from cmbagent_db._native import DbSession
 from cmbagent_db import _native
+from cmbagent_db._sessions import native
 from cmbagent_db.models import ActiveConnection
 
 
@@ -29,35 +30,35 @@ def heartbeat(
     read-then-insert race between instances) and returns it. ``server_instance`` defaults
     to this host's name. A given ``session_id`` replaces the stored one; None keeps it."""
     instance = server_instance if server_instance is not None else socket.gethostname()
-    return _native.connection_heartbeat(db, task_id, instance, session_id)
+    return _native.connection_heartbeat(native(db), task_id, instance, session_id)
 
 
 def disconnect(db: DbSession, task_id: str) -> bool:
     """Forgets the task's connection; True if there was one."""
-    return _native.connection_disconnect(db, task_id)
+    return _native.connection_disconnect(native(db), task_id)
 
 
 def release_instance(db: DbSession, server_instance: str) -> int:
     """Forgets every connection of a server instance, for its clean shutdown; returns how many."""
-    return _native.connection_release_instance(db, server_instance)
+    return _native.connection_release_instance(native(db), server_instance)
 
 
 def live(
     db: DbSession, ttl_seconds: float, session_id: Optional[str] = None
 ) -> List[ActiveConnection]:
     """Connections whose last heartbeat is at most ``ttl_seconds`` old."""
-    return _native.connection_live(db, ttl_seconds, session_id)
+    return _native.connection_live(native(db), ttl_seconds, session_id)
 
 
 def owner(db: DbSession, task_id: str, ttl_seconds: float) -> Optional[str]:
     """The instance holding ``task_id``, or None when its heartbeat is older than the TTL."""
-    return _native.connection_owner(db, task_id, ttl_seconds)
+    return _native.connection_owner(native(db), task_id, ttl_seconds)
 
 
 def reap_stale(db: DbSession, ttl_seconds: float) -> List[str]:
     """Removes connections whose heartbeat is older than ``ttl_seconds`` (a crashed
     instance's rows); returns their task ids."""
-    return _native.connection_reap_stale(db, ttl_seconds)
+    return _native.connection_reap_stale(native(db), ttl_seconds)
 
 
 __all__ = ["heartbeat", "disconnect", "release_instance", "live", "owner", "reap_stale"]

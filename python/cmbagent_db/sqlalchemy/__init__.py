@@ -194,9 +194,9 @@ def _clause(table: str, column: str, descending: Optional[bool]) -> Any:
 
 
 from cmbagent_db.sqlalchemy.relationships import Wiring  # noqa: E402
-from cmbagent_db.sqlalchemy.session import Session, sessionmaker  # noqa: E402
+from cmbagent_db.sqlalchemy.session import Session, get_db_session, sessionmaker  # noqa: E402
 
 _wiring = Wiring(Base)
 
-__all__ = ["Base", "metadata", "OWN_TABLES", "Session", "sessionmaker", "create_engine",
-           "engine_url"]
+__all__ = ["Base", "metadata", "OWN_TABLES", "Session", "sessionmaker", "get_db_session",
+           "create_engine", "engine_url"]

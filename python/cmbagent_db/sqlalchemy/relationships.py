@@ -66,13 +66,18 @@ class _Side:
     """One relationship as this package hands it out: from ``owner`` objects to ``target``
     ones along ``pairs`` of (owner attribute, target attribute)."""
 
-    def __init__(self, key: str, owner: type, target: type, many: bool,
-                 pairs: List[Tuple[str, str]]) -> None:
+    def __init__(self, key: str, owner: type, target: type, pairs: List[Tuple[str, str]],
+                 original: Any = None) -> None:
         self.key = key
         self.owner = owner
         self.target = target
-        self.many = many
         self.pairs = pairs
+        #: SQLAlchemy's attribute this one replaces, which class access still gives (for
+        #: joins and loader options); None on the five.
+        self.original = original
+
+    def on_class(self) -> Any:
+        return self if self.original is None else self.original
 
     def describe(self) -> str:
         return f"{self.owner.__name__}.{self.key}"
@@ -115,15 +120,14 @@ def take_links(obj: Any) -> List[Tuple[List[str], Any, List[str]]]:
 class _Parent(_Side):
     """``step.run``: the object the owner's foreign key names."""
 
-    def __init__(self, *args: Any, original: Any = None) -> None:
-        super().__init__(*args)
-        self.original = original
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.fk = [a for a, _ in self.pairs]
         self.pk = [b for _, b in self.pairs]
 
     def __get__(self, instance: Any, owner: Any = None) -> Any:
         if instance is None:
-            return self if self.original is None else self.original
+            return self.on_class()
         values = tuple(getattr(instance, a) for a in self.fk)
         cached = instance.__dict__.get(_CACHE + self.key)
         if cached is not None and (cached[0] == values or None in values):
@@ -154,15 +158,14 @@ class _Parent(_Side):
 class _Children(_Side):
     """``run.workflow_steps``: the objects whose foreign key names the owner."""
 
-    def __init__(self, *args: Any, original: Any = None) -> None:
-        super().__init__(*args)
-        self.original = original
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.pk = [a for a, _ in self.pairs]
         self.fk = [b for _, b in self.pairs]
 
     def __get__(self, instance: Any, owner: Any = None) -> Any:
         if instance is None:
-            return self if self.original is None else self.original
+            return self.on_class()
         return Collection(self, instance, self.load(instance))
 
     def __set__(self, instance: Any, value: Any) -> None:
@@ -340,7 +343,7 @@ class Wiring:
         pairs = [(self._attr(local, lc), self._attr(remote, rc))
                  for lc, rc in prop.local_remote_pairs]
         kind = _Parent if prop.direction is MANYTOONE else _Children
-        side = kind(prop.key, owner, target, kind is _Children, pairs, original=original)
+        side = kind(prop.key, owner, target, pairs, original=original)
         if original is None and "__init__" not in owner.__dict__:
             owner.__init__ = _set_added_attributes  # type: ignore[misc]
         if kind is _Children and prop.back_populates:

@@ -11,13 +11,14 @@ before its steps and a step before an approval whose ``step_id`` names it, and
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, cast
 
 from sqlalchemy import event
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import orm
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from cmbagent_db import _native, models
 from cmbagent_db._native import DbSession
@@ -43,10 +44,13 @@ class Session:
         from cmbagent_db.exceptions import InterfaceError
 
         self.bind = bind
-        self._connection = bind.connect()
-        raw = self._connection.connection.dbapi_connection
+        # The pool's connection; SQLAlchemy's Connection over it is made with the ORM
+        # session, when first needed.
+        self._pooled = bind.raw_connection()
+        self._connection: Optional[Connection] = None
+        raw = self._pooled.dbapi_connection
         if not isinstance(raw, dbapi.Connection):
-            self._connection.close()
+            self._pooled.close()
             raise InterfaceError(
                 "a cmbagent_db.sqlalchemy session shares its connection with this package: "
                 "make the engine with cmbagent_db.sqlalchemy.create_engine"
@@ -67,6 +71,7 @@ class Session:
     @property
     def _orm(self) -> orm.Session:
         if self._orm_session is None:
+            self._connection = Connection(self.bind, connection=self._pooled)
             self._orm_session = orm.Session(bind=self._connection, **self._orm_kwargs)
             self._orm_session.info[BRIDGE] = weakref.ref(self)
         return self._orm_session
@@ -252,7 +257,7 @@ class Session:
             if self._orm_session is not None:
                 self._orm_session.close()
         finally:
-            self._connection.close()
+            (self._pooled if self._connection is None else self._connection).close()
 
     def in_transaction(self) -> bool:
         theirs = self._orm_session is not None and self._orm_session.in_transaction()
@@ -263,6 +268,12 @@ class Session:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def for_service(self) -> DbSession:
+        """The package session this one runs on, flushed: what ``approvals`` and
+        ``connections`` run their statements on (their commit commits both kinds)."""
+        self.flush()
+        return self._db
 
     @property
     def orm(self) -> orm.Session:
@@ -279,6 +290,31 @@ def _before_write(mapper: Any, connection: Any, target: Any) -> None:
 
 for _event in ("before_insert", "before_update"):
     event.listen(cast(Any, Base), _event, _before_write, propagate=True)
+
+
+_FACTORIES: Dict[str, "sessionmaker"] = {}
+_FACTORIES_LOCK = threading.Lock()
+
+
+def get_db_session(url: Optional[str] = None) -> Session:
+    """``cmbagent_db.get_db_session`` for both kinds of models: a ``Session`` of an engine
+    made once per URL (``cmbagent_db.sqlalchemy.create_engine(url)``, SQLAlchemy's default
+    pool), configured as cmbagent configures its sessions (``autoflush=False``,
+    ``expire_on_commit=False``). ``url`` defaults as ``cmbagent_db.get_db_session``'s does,
+    and the database is brought up as there (auto-migration, drift warnings)."""
+    from cmbagent_db.sqlalchemy import create_engine
+
+    key = _native.default_url() if url is None else url
+    factory = _FACTORIES.get(key)
+    if factory is None:
+        with _FACTORIES_LOCK:
+            factory = _FACTORIES.get(key)
+            if factory is None:
+                _native.get_db_session(key).close()  # migrates or warns, as there
+                factory = sessionmaker(bind=create_engine(key), autoflush=False,
+                                       expire_on_commit=False)
+                _FACTORIES[key] = factory
+    return factory()
 
 
 class sessionmaker:
