@@ -227,6 +227,22 @@ def test_wrong_objects_and_detached_reads_say_what_to_do(factory):
         step.run
 
 
+def test_reading_them_in_a_session_of_the_five_alone_says_which_session_to_use(db_url):
+    import cmbagent_db
+    import cmbagent_db.exceptions as exc
+
+    with cmbagent_db.get_db_session(db_url) as db:
+        run = new_run(db)
+        db.commit()
+        with pytest.raises(exc.InvalidRequestError, match="use a cmbagent_db.sqlalchemy session"):
+            run.workflow_steps
+        run.project_id = _id()
+        with pytest.raises(exc.InvalidRequestError, match="WorkflowRun.project reads Project"):
+            run.project
+        db.rollback()
+    assert WorkflowRun().workflow_steps == []  # a new object has none yet, as in SQLAlchemy
+
+
 def test_a_back_populates_name_the_model_has_already_is_refused():
     """A name one of the five has for its own relationship (``run.approval_requests``),
     checked at mapper configuration, in a fresh interpreter (the registry is global)."""

@@ -52,11 +52,20 @@ def register_bridge(db: Any, bridge: Any) -> None:
     _BRIDGES[id(db)] = bridge
 
 
-def bridge_of(obj: Any) -> Any:
-    """The bridge session holding ``obj`` (of either kind), or None."""
+def bridge_of(obj: Any, side: Optional["_Side"] = None) -> Any:
+    """The bridge session holding ``obj`` (of either kind), or None. Reading ``side`` of an
+    object in a session of this package alone is an error: it has no SQLAlchemy."""
     if isinstance(obj, models.Model):
         db = _native.object_session(obj)
-        return None if db is None else _BRIDGES.get(id(db))
+        bridge = None if db is None else _BRIDGES.get(id(db))
+        if db is not None and bridge is None and side is not None:
+            from cmbagent_db.exceptions import InvalidRequestError
+
+            raise InvalidRequestError(
+                f"{side.describe()} reads {side.target.__name__} rows through SQLAlchemy, and "
+                f"this {type(obj).__name__} is in a session of cmbagent_db alone: use a "
+                "cmbagent_db.sqlalchemy session (its get_db_session() or a sessionmaker)")
+        return bridge
     orm_session = object_session(obj)
     ref = None if orm_session is None else orm_session.info.get(BRIDGE)
     return None if ref is None else ref()
@@ -134,7 +143,7 @@ class _Parent(_Side):
             return cached[1]
         if None in values:
             return None
-        bridge = bridge_of(instance)
+        bridge = bridge_of(instance, self)
         if bridge is None:
             raise DetachedInstanceError(
                 f"{self.describe()} is not loaded and {type(instance).__name__} is in no "
@@ -183,7 +192,7 @@ class _Children(_Side):
         return _BACKREFS.get((self.owner, self.key))
 
     def load(self, instance: Any) -> List[Any]:
-        bridge = bridge_of(instance)
+        bridge = bridge_of(instance, self)
         if bridge is None:
             return []
         values = [getattr(instance, a) for a in self.pk]
