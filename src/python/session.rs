@@ -26,7 +26,7 @@ use crate::python::model::{instantiate, table_of_class, PyModel, Slot};
 use crate::python::query::PyQuery;
 use crate::python::relationship::PyRelationshipList;
 use crate::query::{self, Item, Output, Select};
-use crate::schema::{ColType, Relationship, Table, TableId, TABLES};
+use crate::schema::{table_by_name, ColType, Relationship, Table, TableId, TABLES};
 use crate::unit_of_work::{
     after_deletes, ChangedRow, Flush, Identity, NewRow, ObjState, References,
 };
@@ -1188,11 +1188,9 @@ impl PyDbSession {
     fn _flush_tables(slf: &Bound<'_, Self>, tables: Vec<String>, deletes: bool) -> PyResult<()> {
         let mut scope = FlushScope { tables: 0, deletes };
         for name in &tables {
-            let (id, _) = TableId::all()
-                .find(|(_, t)| t.name == name.as_str())
-                .ok_or_else(|| {
-                    PyValueError::new_err(format!("{name:?} is not one of the five tables"))
-                })?;
+            let id = table_by_name(name).ok_or_else(|| {
+                PyValueError::new_err(format!("{name:?} is not one of the five tables"))
+            })?;
             scope.tables |= 1 << id.index();
         }
         exclusive(slf)?.do_flush(slf.py(), scope)

@@ -71,6 +71,16 @@ def bridge_of(obj: Any, side: Optional["_Side"] = None) -> Any:
     return None if ref is None else ref()
 
 
+def copy_key(child: Any, child_attrs: List[str], parent: Any, parent_attrs: List[str]) -> bool:
+    """Sets ``child``'s key to ``parent``'s; False (nothing set) while ``parent`` has no id."""
+    values = [getattr(parent, a) for a in parent_attrs]
+    if None in values:
+        return False
+    for a, v in zip(child_attrs, values):
+        setattr(child, a, v)
+    return True
+
+
 class _Side:
     """One relationship as this package hands it out: from ``owner`` objects to ``target``
     ones along ``pairs`` of (owner attribute, target attribute)."""
@@ -100,17 +110,14 @@ class _Side:
              parent_attrs: List[str]) -> None:
         """Points ``child``'s key at ``parent`` now, or at the next flush if ``parent`` has
         no id yet; puts the one in the other's session."""
-        values = [getattr(parent, a) for a in parent_attrs]
-        if None not in values:
-            for a, v in zip(child_attrs, values):
-                setattr(child, a, v)
+        keyed = copy_key(child, child_attrs, parent, parent_attrs)
         bridge = bridge_of(child) or bridge_of(parent)
         if bridge is None:
-            if None in values:
+            if not keyed:
                 child.__dict__.setdefault(_PENDING, []).append(
                     (child_attrs, parent, parent_attrs))
             return
-        if None in values:
+        if not keyed:
             bridge.defer_link(child, child_attrs, parent, parent_attrs)
         for obj in (child, parent):
             if obj not in bridge:
@@ -167,10 +174,12 @@ class _Parent(_Side):
 class _Children(_Side):
     """``run.workflow_steps``: the objects whose foreign key names the owner."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, backref: Optional[str] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.pk = [a for a, _ in self.pairs]
         self.fk = [b for _, b in self.pairs]
+        #: The parent attribute on the child's side (``step.run``), if there is one.
+        self.backref = backref
 
     def __get__(self, instance: Any, owner: Any = None) -> Any:
         if instance is None:
@@ -187,10 +196,6 @@ class _Children(_Side):
         values = [getattr(parent, a) for a in self.pk]
         return None not in values and [getattr(child, b) for b in self.fk] == values
 
-    @property
-    def backref(self) -> Optional[str]:
-        return _BACKREFS.get((self.owner, self.key))
-
     def load(self, instance: Any) -> List[Any]:
         bridge = bridge_of(instance, self)
         if bridge is None:
@@ -203,10 +208,6 @@ class _Children(_Side):
         pending = [o for o in bridge.new
                    if isinstance(o, self.target) and o not in rows and self.names(o, instance)]
         return [o for o in rows + pending if not any(o is d for d in deleted)]
-
-
-#: (class, collection key) -> the key of the parent attribute on the child's side.
-_BACKREFS: Dict[Tuple[type, str], str] = {}
 
 
 class Collection(list):
@@ -351,15 +352,16 @@ class Wiring:
         remote = prop.mapper
         pairs = [(self._attr(local, lc), self._attr(remote, rc))
                  for lc, rc in prop.local_remote_pairs]
-        kind = _Parent if prop.direction is MANYTOONE else _Children
-        side = kind(prop.key, owner, target, pairs, original=original)
+        side: _Side
+        if prop.direction is MANYTOONE:
+            side = _Parent(prop.key, owner, target, pairs, original=original)
+        else:
+            back = prop.back_populates or prop.backref
+            if isinstance(back, tuple):  # backref=("name", {...options})
+                back = back[0]
+            side = _Children(prop.key, owner, target, pairs, original=original, backref=back)
         if original is None and "__init__" not in owner.__dict__:
             owner.__init__ = _set_added_attributes  # type: ignore[misc]
-        if kind is _Children and prop.back_populates:
-            _BACKREFS[(owner, prop.key)] = prop.back_populates
-        elif kind is _Children and prop.backref:
-            back = prop.backref if isinstance(prop.backref, str) else prop.backref[0]
-            _BACKREFS[(owner, prop.key)] = back
         setattr(owner, prop.key, side)
 
     def _attr(self, mapper: Mapper, column: Any) -> str:

@@ -23,7 +23,9 @@ from sqlalchemy.engine import Connection, Engine
 from cmbagent_db import _native, models
 from cmbagent_db._native import DbSession
 from cmbagent_db.sqlalchemy import OWN_TABLES, Base, metadata
-from cmbagent_db.sqlalchemy.relationships import BRIDGE, bridge_of, register_bridge, take_links
+from cmbagent_db.sqlalchemy.relationships import (
+    BRIDGE, bridge_of, copy_key, register_bridge, take_links,
+)
 
 _OWN = (models.Model,)
 
@@ -152,15 +154,7 @@ class Session:
         self._links.append((child, child_attrs, parent, parent_attrs))
 
     def _resolve_links(self) -> None:
-        waiting = []
-        for child, child_attrs, parent, parent_attrs in self._links:
-            values = [getattr(parent, a) for a in parent_attrs]
-            if None in values:
-                waiting.append((child, child_attrs, parent, parent_attrs))
-                continue
-            for a, v in zip(child_attrs, values):
-                setattr(child, a, v)
-        self._links = waiting
+        self._links = [link for link in self._links if not copy_key(*link)]
 
     # ------------------------------------------------------------------ SQL
 
