@@ -759,6 +759,10 @@ impl PyDbSession {
 
     fn do_flush(&mut self, py: Python<'_>, scope: FlushScope) -> PyResult<()> {
         self.check_usable()?;
+        if scope.tables == FlushScope::ALL.tables {
+            // Every pending object is taken: no need to sort them out (every commit).
+            return self.flush_pending(py, scope);
+        }
         let (pending, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
             .into_iter()
             .partition(|obj| {
