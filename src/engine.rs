@@ -11,6 +11,8 @@ use crate::pool::{Pool, Pooled};
 use crate::url::{self, Target};
 
 pub struct Engine {
+    /// The URL it is registered under (`engine(key)` finds it again).
+    key: String,
     pool: Arc<Pool>,
     /// Set once the schema was checked (and brought to head) for sessions.
     ready: Mutex<bool>,
@@ -26,6 +28,10 @@ impl Engine {
             Target::Sqlite { .. } => Dialect::Sqlite,
             Target::Postgres { .. } => Dialect::Postgres,
         }
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
     pub fn display_url(&self) -> &str {
@@ -116,6 +122,7 @@ pub fn engine(url: &str) -> Result<Arc<Engine>> {
     }
     let parsed = url::parse(url)?;
     let e = Arc::new(Engine {
+        key: url.to_string(),
         pool: Arc::new(Pool::new(parsed)),
         ready: Mutex::new(false),
     });

@@ -18,14 +18,17 @@ use crate::dbapi::{self, Column, Outcome, ReadAs};
 use crate::dialect::Dialect;
 use crate::engine;
 use crate::error::{Error, ErrorKind, Result};
+use crate::pool::Pooled;
 use crate::python::convert::to_py_from;
 use crate::python::errors::raise;
 use crate::python::session::PyDbSession;
 use crate::url;
 use crate::value::Value;
 
-/// One database connection of its own (not from a session's pool): SQLAlchemy pools these
-/// itself. Calls from several threads are serialised.
+/// One database connection: of its own (`connect()`; SQLAlchemy pools these itself), or
+/// one a session of this package took from its engine's pool and lent to SQLAlchemy
+/// (`DbSession._lend_connection`), which goes back to that pool when closed. Calls from
+/// several threads are serialised.
 #[pyclass(module = "cmbagent_db.dbapi", name = "Connection", frozen)]
 pub struct PyDbapiConnection {
     state: Mutex<State>,
@@ -34,9 +37,36 @@ pub struct PyDbapiConnection {
     url: String,
 }
 
+/// The connection a DB-API connection talks on.
+// One per DB-API connection, never in a collection (see `Held`).
+#[allow(clippy::large_enum_variant)]
+enum Link {
+    Own(Conn),
+    Pooled(Pooled),
+}
+
+impl std::ops::Deref for Link {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        match self {
+            Link::Own(c) => c,
+            Link::Pooled(p) => p,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Link {
+    fn deref_mut(&mut self) -> &mut Conn {
+        match self {
+            Link::Own(c) => c,
+            Link::Pooled(p) => p,
+        }
+    }
+}
+
 struct State {
     /// None once closed.
-    conn: Option<Conn>,
+    conn: Option<Link>,
     autocommit: bool,
     /// The process that opened the connection (see `live`).
     pid: u32,
@@ -56,12 +86,26 @@ impl State {
             ));
         }
         self.conn
-            .as_mut()
+            .as_deref_mut()
             .ok_or_else(|| Error::interface("the DB-API connection is closed"))
     }
 }
 
 impl PyDbapiConnection {
+    /// A DB-API connection over `conn`, a connection of `engine`'s pool (with whatever
+    /// transaction is open on it), which goes back to the pool when this one closes.
+    pub fn lend(engine: &engine::Engine, conn: Pooled) -> PyDbapiConnection {
+        PyDbapiConnection {
+            url: engine.key().to_string(),
+            dialect: engine.dialect(),
+            state: Mutex::new(State {
+                conn: Some(Link::Pooled(conn)),
+                autocommit: false,
+                pid: std::process::id(),
+            }),
+        }
+    }
+
     /// Runs `f` on the open connection after any other thread's call (the caller has
     /// released the GIL); for a session this connection lends itself to.
     pub fn run<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
@@ -136,7 +180,7 @@ impl PyDbapiConnection {
     #[getter]
     fn broken(&self) -> bool {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.pid != std::process::id() || state.conn.as_ref().is_none_or(Conn::is_broken)
+        state.pid != std::process::id() || state.conn.as_deref().is_none_or(Conn::is_broken)
     }
 
     #[getter]
@@ -417,7 +461,7 @@ pub fn connect(
         url: url.to_string(),
         dialect: conn.dialect(),
         state: Mutex::new(State {
-            conn: Some(conn),
+            conn: Some(Link::Own(conn)),
             autocommit,
             pid: std::process::id(),
         }),

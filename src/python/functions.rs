@@ -78,6 +78,16 @@ pub fn get_db_session(py: Python<'_>, url: Option<String>) -> PyResult<Py<PyDbSe
     PyDbSession::open(py, engine)
 }
 
+/// A session on the pool of this package's engine for `url` (a URL as the DB-API's
+/// `connect` takes it), without bringing the database to head: what a
+/// `cmbagent_db.sqlalchemy` session runs on when its engine lets this package pool the
+/// connections (the application's `create_all` made the schema).
+#[pyfunction]
+#[pyo3(name = "_pool_session")]
+pub fn pool_session(py: Python<'_>, url: &str) -> PyResult<Py<PyDbSession>> {
+    PyDbSession::open(py, engine::engine(url)?)
+}
+
 /// Brings the database to `target` (head, base, a revision, +N, -N); returns the revision
 /// now current. A downgrade that would drop tables holding rows needs `force=True`.
 #[pyfunction]

@@ -43,6 +43,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(expression::not_, m)?)?;
     m.add_function(wrap_pyfunction!(expression::aliased, m)?)?;
     m.add_function(wrap_pyfunction!(functions::get_db_session, m)?)?;
+    m.add_function(wrap_pyfunction!(functions::pool_session, m)?)?;
     m.add_function(wrap_pyfunction!(functions::init_database, m)?)?;
     m.add_function(wrap_pyfunction!(functions::migrate, m)?)?;
     m.add_function(wrap_pyfunction!(functions::current, m)?)?;

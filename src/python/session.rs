@@ -1295,6 +1295,50 @@ impl PyDbSession {
         Ok(shared(slf)?.failed.is_none())
     }
 
+    /// The DB-API connection this session runs on from now on: the one its open
+    /// transaction holds (the transaction goes on), else one checked out of its engine's
+    /// pool. `cmbagent_db.sqlalchemy` hands it to SQLAlchemy, so both share one
+    /// connection; closing the DB-API connection gives it back to the pool.
+    fn _lend_connection(slf: &Bound<'_, Self>) -> PyResult<Py<PyDbapiConnection>> {
+        let py = slf.py();
+        let mut this = exclusive(slf)?;
+        this.check_usable()?;
+        if let Some(lender) = &this.lender {
+            return Ok(lender.clone_ref(py));
+        }
+        let engine = this.engine.clone();
+        // Without a lender the slot holds a pooled connection or none.
+        let pooled = match this.slot().take() {
+            Some(Held::Pooled(p)) => p,
+            _ => py.detach(|| engine.connect())?,
+        };
+        let lent = Py::new(py, PyDbapiConnection::lend(&engine, pooled))?;
+        this.lender = Some(lent.clone_ref(py));
+        Ok(lent)
+    }
+
+    /// Runs this session on `conn` from now on, or on its engine's pool with None (what
+    /// `cmbagent_db.sqlalchemy` does when SQLAlchemy's pool is to hold the connection, or
+    /// after the connection it shared was lost). Only between transactions: the objects
+    /// the session tracks stay as they are.
+    #[pyo3(signature = (conn))]
+    fn _switch_connection(
+        slf: &Bound<'_, Self>,
+        conn: Option<Py<PyDbapiConnection>>,
+    ) -> PyResult<()> {
+        let mut this = exclusive(slf)?;
+        let slot = this.slot();
+        if slot.as_mut().is_some_and(Held::in_transaction) {
+            return Err(raise(
+                ErrorKind::InvalidRequest,
+                "the session's connection cannot change inside a transaction: commit or roll back first",
+            ));
+        }
+        *slot = None;
+        this.lender = conn;
+        Ok(())
+    }
+
     fn in_transaction(slf: &Bound<'_, Self>) -> PyResult<bool> {
         Ok(exclusive(slf)?
             .slot()

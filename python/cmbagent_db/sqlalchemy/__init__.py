@@ -67,8 +67,14 @@ def engine_url(url: Union[str, URL]) -> URL:
 
 
 def create_engine(url: Union[str, URL], **kwargs: Any) -> Engine:
-    """SQLAlchemy's ``create_engine`` on this package's connections."""
-    return sqlalchemy.create_engine(engine_url(url), **kwargs)
+    """SQLAlchemy's ``create_engine`` on this package's connections. Left with SQLAlchemy's
+    default pool, its sessions take their connections from this package's pool
+    (``cmbagent_db.sqlalchemy.pooling``)."""
+    from cmbagent_db.sqlalchemy.pooling import note_engine
+
+    engine = sqlalchemy.create_engine(engine_url(url), **kwargs)
+    note_engine(engine, kwargs)
+    return engine
 
 
 _TYPES: dict = {

@@ -11,6 +11,7 @@ before its steps and a step before an approval whose ``step_id`` names it, and
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, cast
@@ -19,10 +20,12 @@ from sqlalchemy import event
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import orm
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import PoolProxiedConnection
 
-from cmbagent_db import _native, models
+from cmbagent_db import _native, dbapi, models
 from cmbagent_db._native import DbSession
 from cmbagent_db.sqlalchemy import OWN_TABLES, Base, metadata
+from cmbagent_db.sqlalchemy.pooling import lend_to_sqlalchemy, own_pool_url
 from cmbagent_db.sqlalchemy.relationships import (
     BRIDGE, bridge_of, copy_key, register_bridge, take_links,
 )
@@ -42,22 +45,21 @@ class Session:
     (``autoflush=False``, ``expire_on_commit=False``)."""
 
     def __init__(self, bind: Engine, **kwargs: Any) -> None:
-        from cmbagent_db import dbapi
-        from cmbagent_db.exceptions import InterfaceError
-
         self.bind = bind
-        # The pool's connection; SQLAlchemy's Connection over it is made with the ORM
-        # session, when first needed.
-        self._pooled = bind.raw_connection()
+        #: The pool connection SQLAlchemy's Connection runs on. Where this package pools
+        #: the engine's connections (``pooling``), it is found when SQLAlchemy is first
+        #: needed: the five's connection, lent, if they hold a transaction open, else one
+        #: of SQLAlchemy's pool that the five then run on too. Otherwise it is checked
+        #: out of SQLAlchemy's pool now.
+        self._pooled: Optional[PoolProxiedConnection] = None
         self._connection: Optional[Connection] = None
-        raw = self._pooled.dbapi_connection
-        if not isinstance(raw, dbapi.Connection):
-            self._pooled.close()
-            raise InterfaceError(
-                "a cmbagent_db.sqlalchemy session shares its connection with this package: "
-                "make the engine with cmbagent_db.sqlalchemy.create_engine"
-            )
-        self._db: DbSession = raw.session()
+        url = own_pool_url(bind)
+        #: Whether the engine lets this package pool its connections.
+        self._own_pool = url is not None
+        if url is not None:
+            self._db: DbSession = _native._pool_session(url)
+        else:
+            self._db = self._checkout_from_sqlalchemy().session()
         kwargs.pop("bind", None)
         self._orm_kwargs: Dict[str, Any] = kwargs
         #: SQLAlchemy's session, made when first needed: five-model work never pays for it.
@@ -72,11 +74,51 @@ class Session:
 
     @property
     def _orm(self) -> orm.Session:
-        if self._orm_session is None:
+        if self._connection is None:
+            if self._pooled is None:
+                if self._db.in_transaction():  # the five's open transaction goes on
+                    self._pooled = lend_to_sqlalchemy(self.bind, self._db._lend_connection())
+                else:  # the five follow SQLAlchemy onto a connection of its pool
+                    self._db._switch_connection(self._checkout_from_sqlalchemy())
             self._connection = Connection(self.bind, connection=self._pooled)
-            self._orm_session = orm.Session(bind=self._connection, **self._orm_kwargs)
-            self._orm_session.info[BRIDGE] = weakref.ref(self)
-        return self._orm_session
+            if self._orm_session is None:
+                self._orm_session = orm.Session(bind=self._connection, **self._orm_kwargs)
+                self._orm_session.info[BRIDGE] = weakref.ref(self)
+            else:
+                self._orm_session.bind = self._connection
+        return cast(orm.Session, self._orm_session)
+
+    def _replace_lost_connection(self) -> None:
+        """After a rollback: when the shared connection was lost (SQLAlchemy invalidated
+        it, or the server ended it), both sides go on, with their objects, on a new one."""
+        pooled = self._pooled
+        if pooled is None:
+            return
+        raw = pooled.dbapi_connection
+        if raw is not None and not raw.broken:
+            return
+        with contextlib.suppress(Exception):  # closing what is already gone
+            (pooled if self._connection is None else self._connection).close()
+        self._connection = None
+        if self._own_pool:
+            self._pooled = None
+            self._db._switch_connection(None)
+        else:
+            self._db._switch_connection(self._checkout_from_sqlalchemy())
+
+    def _checkout_from_sqlalchemy(self) -> "dbapi.Connection":
+        """Checks a connection out of the engine's SQLAlchemy pool for this session."""
+        from cmbagent_db.exceptions import InterfaceError
+
+        self._pooled = self.bind.raw_connection()
+        raw = self._pooled.dbapi_connection
+        if not isinstance(raw, dbapi.Connection):
+            self._pooled.close()
+            raise InterfaceError(
+                "a cmbagent_db.sqlalchemy session shares its connection with this package: "
+                "make the engine with cmbagent_db.sqlalchemy.create_engine"
+            )
+        return raw
 
     def _orm_clean(self) -> bool:
         return self._orm_session is None or self._orm_session._is_clean()
@@ -225,9 +267,12 @@ class Session:
             self._write_own_before(step)
 
     def commit(self) -> None:
-        self.flush()
+        if self._links or not self._orm_clean():
+            self.flush()
         try:
-            self._db.commit()  # commits the shared connection: both kinds of rows
+            # Flushes what is left of the five's and commits the shared connection: both
+            # kinds of rows.
+            self._db.commit()
             if self._orm_session is not None:
                 self._orm_session.commit()
         except BaseException:
@@ -244,6 +289,7 @@ class Session:
         finally:
             if self._orm_session is not None:
                 self._orm_session.rollback()
+            self._replace_lost_connection()
 
     def close(self) -> None:
         try:
@@ -251,7 +297,10 @@ class Session:
             if self._orm_session is not None:
                 self._orm_session.close()
         finally:
-            (self._pooled if self._connection is None else self._connection).close()
+            if self._connection is not None:
+                self._connection.close()
+            elif self._pooled is not None:
+                self._pooled.close()
 
     def in_transaction(self) -> bool:
         theirs = self._orm_session is not None and self._orm_session.in_transaction()
@@ -323,6 +372,8 @@ class sessionmaker:
         self.kw = kwargs
 
     def __call__(self, **kwargs: Any) -> Session:
+        if not kwargs and self.bind is not None:
+            return Session(self.bind, **self.kw)
         bind = kwargs.pop("bind", self.bind)
         if bind is None:
             raise ValueError("sessionmaker needs bind=engine")
