@@ -72,6 +72,8 @@ class PgServer(pg_throwaway.PgServer):
         ),
         external_description="{env}",
         db_prefix="bench",
+        # ssl = on, for the rows over TLS (sslmode=require) beside the plain ones.
+        tls=True,
         purpose="the PostgreSQL benchmarks",
         missing_binaries_hint=f"Install them, set {ENV_BINDIR}, or point {ENV_URL} at a server",
     )

@@ -367,6 +367,24 @@ def run_backend(backend: str, cfg: Dict[str, Any], work: str, server,
                 for d in dbs.values():
                     ds.drop(d)
 
+        # 11. Rows 1 and 3 over TLS (sslmode=require) for every system: what TLS costs
+        # this package against what it costs psycopg2. Needs a server with ssl on (the
+        # throwaway one has it).
+        if backend == "postgresql" and server is not None and server.cluster is not None:
+            def over_tls(d: Dict[str, Any]) -> Dict[str, Any]:
+                return dict(d, dsn=d["dsn"] + ("&" if "?" in d["dsn"] else "?") + "sslmode=require")
+
+            for workload, dbs_of in (("create_commit", lambda: ds.copy("base")), ("lookup", lambda: big)):
+                log(f"[{backend}] 11. over TLS (sslmode=require): {workload}")
+                p = cfg[workload]
+                dbs = {s: dbs_of() for s in SYSTEMS}
+                record(f"tls:{workload}", run_interleaved(
+                    {s: Worker.python(spec(s, workload, [over_tls(dbs[s])], p)) for s in SYSTEMS},
+                    p["reps"], writes=workload == "create_commit"))
+                if workload == "create_commit":
+                    for d in dbs.values():
+                        ds.drop(d)
+
         # 7. .all(): a fresh process per measurement, systems in varying order.
         log(f"[{backend}] 7. load all")
         runs: Dict[str, List[Dict[str, Any]]] = {s: [] for s in SYSTEMS}
@@ -654,6 +672,9 @@ def build_rows(results, backends: List[str], cfg) -> List[Row]:
              "the cmbagent_db column runs rows 1 / 3 in cmbagent_db.sqlalchemy sessions (Base "
              "also maps another model; the lookups' session holds one of its objects); the raw "
              "column is cmbagent_db's own get_db_session(): vs raw is the bridge's cost"),
+            ("tls", "11", "over TLS (sslmode=require)",
+             "rows 1 / 3 with sslmode=require for every system: rustls in cmbagent_db, "
+             "OpenSSL through libpq in psycopg2"),
         ):
             if not any((b, f"{key}:create_commit", s) in results for s in SYSTEMS):
                 continue  # a run saved before this workload existed

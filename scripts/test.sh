@@ -4,8 +4,8 @@
 #     bash scripts/test.sh [extra pytest arguments...]
 #
 # On a fresh Debian/Ubuntu machine, as root or as a normal user. Steps:
-#   1. system packages: PostgreSQL server binaries (initdb, pg_ctl), python3-venv, a C
-#      compiler, libsqlite3-dev; installed with apt-get when missing and we are root, else it says how.
+#   1. system packages: PostgreSQL server binaries (initdb, pg_ctl), openssl, python3-venv,
+#      a C compiler, libsqlite3-dev; installed with apt-get when missing and we are root, else it says how.
 #      Rust (cargo >= the rust-version in Cargo.toml) must come from https://rustup.rs.
 #   2. virtualenv .venv (created once, reused), pip install -r requirements-test.txt
 #   3. build and install the package into .venv: maturin develop --release
@@ -82,6 +82,10 @@ elif [ ! -x "$VENV/bin/python" ] && ! "$PYTHON" -c 'import venv, ensurepip' >/de
 fi
 if ! command -v cc >/dev/null 2>&1; then
     apt_pkgs+=(gcc libc6-dev)
+fi
+# The TLS tests make their certificate authority and certificates with openssl.
+if needs_pg_binaries && ! command -v openssl >/dev/null 2>&1; then
+    apt_pkgs+=(openssl)
 fi
 # The module links the system's SQLite (the library Python's sqlite3 uses: one copy per
 # process), so building it needs the headers and the linker name.

@@ -44,28 +44,60 @@ fn returned_any(conn: &mut Conn, sql: &str, params: &[Value]) -> Result<bool> {
         .is_empty())
 }
 
-/// Marks the request expired if it is pending and past its deadline at `now`.
-fn expire_one(conn: &mut Conn, id: &str, now: DateTime<Utc>) -> Result<bool> {
+/// The requests a resolving call may touch: any (the default), or only those of one chat
+/// session and / or one run. A request outside the scope is treated exactly as an id that
+/// does not exist, so a caller learns nothing of other sessions' requests.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scope {
+    pub session_id: Option<String>,
+    pub run_id: Option<String>,
+}
+
+impl Scope {
+    /// ` AND session_id = <n> AND run_id = <n+1>` for what the scope names, with
+    /// placeholders from `first`, and their values.
+    fn condition(&self, d: Dialect, first: usize) -> (String, Vec<Value>) {
+        let mut sql = String::new();
+        let mut values = Vec::new();
+        for (column, value) in [("session_id", &self.session_id), ("run_id", &self.run_id)] {
+            if let Some(v) = value {
+                sql.push_str(&format!(" AND {column} = {}", p(d, first + values.len())));
+                values.push(Value::Text(v.clone()));
+            }
+        }
+        (sql, values)
+    }
+}
+
+/// Marks the request expired if it is pending, within `scope` and past its deadline at
+/// `now`.
+fn expire_one(conn: &mut Conn, id: &str, now: DateTime<Utc>, scope: &Scope) -> Result<bool> {
     let d = conn.dialect();
+    let (within, scoped) = scope.condition(d, 3);
+    let mut params = vec![Value::Text(id.into()), Value::Timestamp(now)];
+    params.extend(scoped);
     returned_any(
         conn,
         &format!(
-            "UPDATE approval_requests SET status = 'expired' WHERE id = {} AND status = 'pending' AND expires_at <= {} RETURNING id",
+            "UPDATE approval_requests SET status = 'expired' WHERE id = {} AND status = 'pending' AND expires_at <= {}{within} RETURNING id",
             p(d, 1),
             p(d, 2)
         ),
-        &[Value::Text(id.into()), Value::Timestamp(now)],
+        &params,
     )
 }
 
-fn status_of(conn: &mut Conn, id: &str) -> Result<Option<String>> {
+fn status_of(conn: &mut Conn, id: &str, scope: &Scope) -> Result<Option<String>> {
     let d = conn.dialect();
+    let (within, scoped) = scope.condition(d, 2);
+    let mut params = vec![Value::Text(id.into())];
+    params.extend(scoped);
     let rows = conn.query(
         &format!(
-            "SELECT status FROM approval_requests WHERE id = {}",
+            "SELECT status FROM approval_requests WHERE id = {}{within}",
             p(d, 1)
         ),
-        &[Value::Text(id.into())],
+        &params,
         &[("status", ColType::Str(20))],
     )?;
     Ok(rows.into_iter().next().map(|r| match &r[0] {
@@ -75,11 +107,11 @@ fn status_of(conn: &mut Conn, id: &str) -> Result<Option<String>> {
 }
 
 /// After a compare-and-set matched nothing: why not.
-fn why_not(conn: &mut Conn, id: &str, now: DateTime<Utc>) -> Result<Outcome> {
-    if expire_one(conn, id, now)? {
+fn why_not(conn: &mut Conn, id: &str, now: DateTime<Utc>, scope: &Scope) -> Result<Outcome> {
+    if expire_one(conn, id, now, scope)? {
         return Ok(Outcome::Expired);
     }
-    Ok(match status_of(conn, id)? {
+    Ok(match status_of(conn, id, scope)? {
         None => Outcome::NotFound,
         Some(s) => Outcome::AlreadyFinal(s),
     })
@@ -120,50 +152,58 @@ pub fn check_resolution(resolution: &str) -> Result<()> {
     ))
 }
 
-/// Resolves a pending, unexpired request with `resolution` and `result` (JSON text).
-/// Runs inside the caller's write transaction.
+/// Resolves a pending, unexpired request within `scope` with `resolution` and `result`
+/// (JSON text), in one compare-and-set statement. Runs inside the caller's write
+/// transaction.
 pub fn resolve(
     conn: &mut Conn,
     id: &str,
     resolution: &str,
     result: Option<String>,
     now: DateTime<Utc>,
+    scope: &Scope,
 ) -> Result<Outcome> {
     check_resolution(resolution)?;
     let d = conn.dialect();
+    let (within, scoped) = scope.condition(d, 5);
     let sql = format!(
         "UPDATE approval_requests SET status = 'resolved', resolution = {}, result = {}, resolved_at = {} \
-         WHERE id = {} AND status = 'pending' AND expires_at > {} RETURNING id",
+         WHERE id = {} AND status = 'pending' AND expires_at > {}{within} RETURNING id",
         p(d, 1),
         p(d, 2),
         p(d, 3),
         p(d, 4),
         p(d, 3)
     );
-    let params = [
+    let mut params = vec![
         Value::Text(resolution.into()),
         result.map_or(Value::Null, Value::Json),
         Value::Timestamp(now),
         Value::Text(id.into()),
     ];
+    params.extend(scoped);
     if returned_any(conn, &sql, &params)? {
         return Ok(Outcome::Done);
     }
-    why_not(conn, id, now)
+    why_not(conn, id, now, scope)
 }
 
-/// Cancels a pending request (even an overdue one: nobody will resolve it either way).
-pub fn cancel(conn: &mut Conn, id: &str, now: DateTime<Utc>) -> Result<Outcome> {
+/// Cancels a pending request within `scope` (even an overdue one: nobody will resolve it
+/// either way).
+pub fn cancel(conn: &mut Conn, id: &str, now: DateTime<Utc>, scope: &Scope) -> Result<Outcome> {
     let d = conn.dialect();
+    let (within, scoped) = scope.condition(d, 3);
     let sql = format!(
-        "UPDATE approval_requests SET status = 'cancelled', resolved_at = {} WHERE id = {} AND status = 'pending' RETURNING id",
+        "UPDATE approval_requests SET status = 'cancelled', resolved_at = {} WHERE id = {} AND status = 'pending'{within} RETURNING id",
         p(d, 1),
         p(d, 2)
     );
-    if returned_any(conn, &sql, &[Value::Timestamp(now), Value::Text(id.into())])? {
+    let mut params = vec![Value::Timestamp(now), Value::Text(id.into())];
+    params.extend(scoped);
+    if returned_any(conn, &sql, &params)? {
         return Ok(Outcome::Done);
     }
-    why_not(conn, id, now)
+    why_not(conn, id, now, scope)
 }
 
 /// How many requests one sweep transaction expires at most, unless the caller says.
@@ -385,7 +425,7 @@ impl Waiter {
         if let Some(deadline) = self.expires_at {
             if now >= deadline {
                 let expired = self.conn.begin_write().and_then(|()| {
-                    expire_one(&mut self.conn, &self.id, now)?;
+                    expire_one(&mut self.conn, &self.id, now, &Scope::default())?;
                     self.conn.commit()
                 });
                 if let Err(e) = expired {
@@ -468,22 +508,75 @@ mod tests {
     }
 
     #[test]
-    fn resolves_exactly_once() {
+    fn a_scoped_call_sees_only_its_sessions_and_runs_requests() {
         let (mut c, now) = db_with_request(TimeDelta::minutes(5));
+        c.execute("UPDATE approval_requests SET session_id = 's'", &[])
+            .unwrap();
+        let scope = |session: Option<&str>, run: Option<&str>| Scope {
+            session_id: session.map(str::to_string),
+            run_id: run.map(str::to_string),
+        };
+        // Another session's or run's request answers as an unknown id does, and stays.
+        for other in [
+            scope(Some("x"), None),
+            scope(None, Some("x")),
+            scope(Some("s"), Some("x")),
+        ] {
+            assert_eq!(
+                resolve(&mut c, "a", "approved", None, now, &other).unwrap(),
+                Outcome::NotFound
+            );
+            assert_eq!(cancel(&mut c, "a", now, &other).unwrap(), Outcome::NotFound);
+        }
+        let late = now + TimeDelta::minutes(10);
         assert_eq!(
-            resolve(&mut c, "a", "approved", Some("{\"ok\": true}".into()), now).unwrap(),
-            Outcome::Done
-        );
-        assert_eq!(
-            resolve(&mut c, "a", "rejected", None, now).unwrap(),
-            Outcome::AlreadyFinal("resolved".into())
-        );
-        assert_eq!(
-            resolve(&mut c, "zzz", "approved", None, now).unwrap(),
+            resolve(&mut c, "a", "approved", None, late, &scope(Some("x"), None)).unwrap(),
             Outcome::NotFound
         );
         assert_eq!(
-            resolve(&mut c, "a", "maybe", None, now).unwrap_err().kind,
+            status_of(&mut c, "a", &Scope::default())
+                .unwrap()
+                .as_deref(),
+            Some("pending")
+        );
+        let own = scope(Some("s"), Some("r"));
+        assert_eq!(
+            resolve(&mut c, "a", "approved", None, now, &own).unwrap(),
+            Outcome::Done
+        );
+        assert_eq!(
+            cancel(&mut c, "a", now, &own).unwrap(),
+            Outcome::AlreadyFinal("resolved".into())
+        );
+    }
+
+    #[test]
+    fn resolves_exactly_once() {
+        let (mut c, now) = db_with_request(TimeDelta::minutes(5));
+        assert_eq!(
+            resolve(
+                &mut c,
+                "a",
+                "approved",
+                Some("{\"ok\": true}".into()),
+                now,
+                &Scope::default()
+            )
+            .unwrap(),
+            Outcome::Done
+        );
+        assert_eq!(
+            resolve(&mut c, "a", "rejected", None, now, &Scope::default()).unwrap(),
+            Outcome::AlreadyFinal("resolved".into())
+        );
+        assert_eq!(
+            resolve(&mut c, "zzz", "approved", None, now, &Scope::default()).unwrap(),
+            Outcome::NotFound
+        );
+        assert_eq!(
+            resolve(&mut c, "a", "maybe", None, now, &Scope::default())
+                .unwrap_err()
+                .kind,
             ErrorKind::Value
         );
     }
@@ -492,10 +585,15 @@ mod tests {
     fn an_overdue_request_expires_instead_of_resolving() {
         let (mut c, now) = db_with_request(TimeDelta::seconds(-1));
         assert_eq!(
-            resolve(&mut c, "a", "approved", None, now).unwrap(),
+            resolve(&mut c, "a", "approved", None, now, &Scope::default()).unwrap(),
             Outcome::Expired
         );
-        assert_eq!(status_of(&mut c, "a").unwrap().as_deref(), Some("expired"));
+        assert_eq!(
+            status_of(&mut c, "a", &Scope::default())
+                .unwrap()
+                .as_deref(),
+            Some("expired")
+        );
         assert!(expire_overdue_batch(&mut c, now, SWEEP_BATCH)
             .unwrap()
             .is_empty());
@@ -521,7 +619,12 @@ mod tests {
         assert_eq!(expire_overdue_batch(&mut c, now, 3).unwrap().len(), 3);
         assert_eq!(expire_overdue_batch(&mut c, now, 3).unwrap(), ids(&["o6"]));
         assert!(expire_overdue_batch(&mut c, now, 3).unwrap().is_empty());
-        assert_eq!(status_of(&mut c, "a").unwrap().as_deref(), Some("pending"));
+        assert_eq!(
+            status_of(&mut c, "a", &Scope::default())
+                .unwrap()
+                .as_deref(),
+            Some("pending")
+        );
         let e = expire_overdue_batch(&mut c, now, 0).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Value);
     }
@@ -543,7 +646,7 @@ mod tests {
             vec!["a".to_string()]
         );
         assert_eq!(
-            cancel(&mut c, "a", now).unwrap(),
+            cancel(&mut c, "a", now, &Scope::default()).unwrap(),
             Outcome::AlreadyFinal("expired".into())
         );
     }

@@ -56,10 +56,77 @@ pub enum Target {
         access: Access,
     },
     Postgres {
-        /// A libpq-style URL `tokio-postgres` accepts (scheme normalised).
+        /// A libpq-style URL `tokio-postgres` accepts (scheme normalised), without the TLS
+        /// settings; what it leaves out is filled when a connection opens, as libpq does
+        /// (`backend::libpq`).
         conninfo: String,
         timeouts: PgTimeouts,
+        tls: TlsParams,
     },
+}
+
+/// libpq's `sslmode`: whether a PostgreSQL connection uses TLS and what it checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// No TLS.
+    Disable,
+    /// Without TLS first; with TLS (unverified) when the server refuses that.
+    Allow,
+    /// TLS when the server offers it (unverified), else without. libpq's default.
+    Prefer,
+    /// TLS or nothing; the certificate is checked as `VerifyCa` when a root certificate
+    /// file is there (libpq's rule), else not.
+    Require,
+    /// TLS, with the server's certificate chain checked against the root certificates.
+    VerifyCa,
+    /// `VerifyCa`, and the certificate names the host connected to.
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn parse(v: &str) -> Result<SslMode> {
+        Ok(match v {
+            "disable" => SslMode::Disable,
+            "allow" => SslMode::Allow,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => {
+                return Err(Error::interface(format!(
+                    "sslmode={v:?}: use disable, allow, prefer, require, verify-ca or verify-full"
+                )))
+            }
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Whether the server's certificate must chain to a trusted root.
+    pub fn verifies(self) -> bool {
+        matches!(self, SslMode::VerifyCa | SslMode::VerifyFull)
+    }
+}
+
+/// The TLS settings a PostgreSQL URL gives (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`,
+/// `sslcrl`); `None` is left to libpq's environment variables and default files.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TlsParams {
+    pub mode: Option<SslMode>,
+    /// A file of PEM certificates, or `system` for the system's trusted roots.
+    pub rootcert: Option<String>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub crl: Option<PathBuf>,
 }
 
 /// How long a PostgreSQL client waits for the server; `None` is no bound.
@@ -183,6 +250,31 @@ fn limit(name: &str, v: &str) -> Result<Option<Duration>> {
     Ok(Some(seconds(name, v)?).filter(|d| !d.is_zero()))
 }
 
+/// A query value with its `%XX` escapes decoded (SQLAlchemy renders a path's `/` as
+/// `%2F`); an escape that is not one is kept as written.
+fn decoded(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| v.to_string())
+}
+
 fn split_query(s: &str) -> (&str, Vec<(&str, &str)>) {
     // A '?' inside the userinfo (an unencoded one in a password) does not start the query.
     let from = s.rfind('@').map_or(0, |at| at + 1);
@@ -203,7 +295,6 @@ fn split_query(s: &str) -> (&str, Vec<(&str, &str)>) {
 
 /// Query parameters that `tokio-postgres` understands and we pass through.
 const PG_PARAMS: &[&str] = &[
-    "sslmode",
     "application_name",
     "options",
     "keepalives",
@@ -307,9 +398,27 @@ pub fn parse(url: &str) -> Result<DbUrl> {
                 connect: Some(DEFAULT_CONNECT_TIMEOUT),
                 command: None,
             };
+            if let Some(v) = std::env::var("PGCONNECT_TIMEOUT")
+                .ok()
+                .filter(|v| !v.is_empty())
+            {
+                timeouts.connect = limit("PGCONNECT_TIMEOUT", &v)?;
+            }
+            let mut tls = TlsParams::default();
             for (k, v) in &params {
                 let (k, v) = (*k, *v);
                 match k {
+                    "sslmode" => tls.mode = Some(SslMode::parse(v)?),
+                    "sslrootcert" => tls.rootcert = Some(decoded(v)),
+                    "sslcert" => tls.cert = Some(decoded(v).into()),
+                    "sslkey" => tls.key = Some(decoded(v).into()),
+                    "sslcrl" => tls.crl = Some(decoded(v).into()),
+                    "sslpassword" | "sslcrldir" | "sslsni" | "sslcompression" | "sslnegotiation"
+                    | "ssl_min_protocol_version" | "ssl_max_protocol_version" | "gssencmode" => {
+                        return Err(Error::not_supported(format!(
+                            "URL parameter {k:?} is not supported (TLS takes sslmode, sslrootcert, sslcert, sslkey and sslcrl; a client key must not be encrypted)"
+                        )))
+                    }
                     "auto_migrate" => auto_migrate = parse_bool(k, v)?,
                     "echo" => echo = parse_bool(k, v)?,
                     "hide_parameters" => hide_parameters = parse_bool(k, v)?,
@@ -328,18 +437,19 @@ pub fn parse(url: &str) -> Result<DbUrl> {
                     passed.push(format!("{k}={v}"));
                 }
             }
-            if rest.is_empty() {
-                return Err(Error::interface(format!(
-                    "malformed PostgreSQL URL {display:?}: no host"
-                )));
-            }
+            // What the URL leaves out (even the host: `postgresql://`) is filled when a
+            // connection opens, from libpq's environment variables and defaults.
             let mut conninfo = format!("postgresql://{rest}");
             if !passed.is_empty() {
                 conninfo.push('?');
                 conninfo.push_str(&passed.join("&"));
             }
             Ok(DbUrl {
-                target: Target::Postgres { conninfo, timeouts },
+                target: Target::Postgres {
+                    conninfo,
+                    timeouts,
+                    tls,
+                },
                 auto_migrate,
                 echo: Echo::new(echo, hide_parameters),
                 display,
@@ -457,10 +567,14 @@ mod tests {
             assert_eq!(
                 u.target,
                 Target::Postgres {
-                    conninfo: "postgresql://u:pw@h:5432/db?sslmode=disable&keepalives_idle=60&keepalives_interval=10&keepalives_retries=6".into(),
+                    conninfo: "postgresql://u:pw@h:5432/db?keepalives_idle=60&keepalives_interval=10&keepalives_retries=6".into(),
                     timeouts: PgTimeouts {
                         connect: Some(DEFAULT_CONNECT_TIMEOUT),
                         command: None,
+                    },
+                    tls: TlsParams {
+                        mode: Some(SslMode::Disable),
+                        ..TlsParams::default()
                     },
                 }
             );
@@ -473,7 +587,9 @@ mod tests {
             .unwrap()
             .target
         {
-            Target::Postgres { conninfo, timeouts } => (conninfo, timeouts),
+            Target::Postgres {
+                conninfo, timeouts, ..
+            } => (conninfo, timeouts),
             t => panic!("not postgres: {t:?}"),
         }
     }
@@ -513,6 +629,46 @@ mod tests {
         let (conninfo, _) = pg_target("?keepalives_idle=5");
         assert!(conninfo.contains("keepalives_idle=5"), "{conninfo}");
         assert!(!conninfo.contains("keepalives_idle=60"), "{conninfo}");
+    }
+
+    #[test]
+    fn postgres_tls_settings_are_read_not_passed_on() {
+        let tls = |q: &str| match parse(&format!("postgresql://u@h/db{q}")).map(|u| u.target) {
+            Ok(Target::Postgres { conninfo, tls, .. }) => {
+                assert!(!conninfo.contains("ssl"), "{conninfo}");
+                Ok(tls)
+            }
+            Ok(t) => panic!("not postgres: {t:?}"),
+            Err(e) => Err(e),
+        };
+        assert_eq!(tls("").unwrap(), TlsParams::default());
+        let given = tls(
+            "?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&sslcert=/c.pem&sslkey=/k.pem&sslcrl=/r.pem",
+        )
+        .unwrap();
+        assert_eq!(given.mode, Some(SslMode::VerifyFull));
+        assert_eq!(given.rootcert.as_deref(), Some("/etc/ca.pem"));
+        assert_eq!(given.cert, Some(PathBuf::from("/c.pem")));
+        assert_eq!(given.key, Some(PathBuf::from("/k.pem")));
+        assert_eq!(given.crl, Some(PathBuf::from("/r.pem")));
+        for mode in [
+            "disable",
+            "allow",
+            "prefer",
+            "require",
+            "verify-ca",
+            "verify-full",
+        ] {
+            let parsed = tls(&format!("?sslmode={mode}")).unwrap().mode.unwrap();
+            assert_eq!(parsed.name(), mode);
+        }
+        let bad = tls("?sslmode=always").unwrap_err();
+        assert_eq!(bad.kind, crate::error::ErrorKind::Interface);
+        assert!(bad.message.contains("verify-full"), "{}", bad.message);
+        let encrypted = tls("?sslpassword=x").unwrap_err();
+        assert_eq!(encrypted.kind, crate::error::ErrorKind::NotSupported);
+        assert_eq!(decoded("100%"), "100%");
+        assert_eq!(decoded("a%2Fb%zz"), "a/b%zz");
     }
 
     #[test]

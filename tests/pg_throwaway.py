@@ -86,6 +86,8 @@ class Recipe:
                             lines every server gets: listen_addresses, unix_socket_directories,
                             password_encryption, log_min_messages, port
     initdb_sync             False: ``initdb --no-sync``
+    tls                     True: ``ssl = on`` with a certificate authority and certificates
+                            made for the server (``Cluster.tls_files``: see ``make_tls_files``)
     tmp_prefix, tmp_bases   the temporary directory: its name's prefix, and the directories
                             it may be made in, first usable wins
     preferred_major         the /usr/lib/postgresql/<major>/bin to prefer to the newest
@@ -112,6 +114,7 @@ class Recipe:
     missing_binaries_hint: str
     os_users: Tuple[str, ...] = ("postgres",)
     initdb_sync: bool = True
+    tls: bool = False
     preferred_major: Optional[int] = None
 
 
@@ -128,6 +131,41 @@ def require_psycopg2(purpose: str) -> Any:
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def make_tls_files(d: Path, owner: Optional[pwd.struct_passwd] = None) -> Dict[str, Path]:
+    """Certificates made with the ``openssl`` command in ``d``: a CA (``ca.crt``), a server
+    certificate it signed for the name ``localhost`` only (``server.crt`` / ``.key``, owned by
+    ``owner``, the server's OS user), a client certificate for the role ``certuser``
+    (``client.crt`` / ``.key``), and another CA that signed nothing (``other-ca.crt``). Keys
+    are mode 0600."""
+    if shutil.which("openssl") is None:
+        raise PgServerError("a TLS server needs the openssl command (apt-get install openssl)")
+    d.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    for ca in ("ca", "other-ca"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                "-subj", f"/CN=throwaway {ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.crt")
+    for name, subject, ext in (
+        ("server", "/CN=localhost", "subjectAltName=DNS:localhost"),
+        ("client", "/CN=certuser", "extendedKeyUsage=clientAuth"),
+    ):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subject,
+                "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        (d / f"{name}.ext").write_text(ext + "\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
+    files = {n: d / n for n in ("ca.crt", "other-ca.crt", "server.crt", "server.key",
+                                "client.crt", "client.key")}
+    for f in d.iterdir():
+        f.chmod(0o600 if f.suffix == ".key" else 0o644)
+    if owner is not None:
+        for f in ("server.crt", "server.key", "ca.crt"):
+            os.chown(files[f], owner.pw_uid, owner.pw_gid)
+    return files
 
 
 def free_port() -> int:
@@ -272,6 +310,8 @@ class Cluster:
         self.datadir: Optional[str] = None
         self.logfile: Optional[str] = None
         self.port: Optional[int] = None
+        #: With ``recipe.tls``: the files ``make_tls_files`` made.
+        self.tls_files: Dict[str, Path] = {}
         self._lock = threading.Lock()
         self._stopped = False
 
@@ -402,6 +442,14 @@ class Cluster:
                 "password_encryption = 'scram-sha-256'\n"
                 "log_min_messages = warning\n"
             )
+            if recipe.tls:
+                self.tls_files = make_tls_files(Path(self.tmpdir) / "tls", self.run_as)
+                f.write(
+                    "ssl = on\n"
+                    f"ssl_cert_file = '{self.tls_files['server.crt']}'\n"
+                    f"ssl_key_file = '{self.tls_files['server.key']}'\n"
+                    f"ssl_ca_file = '{self.tls_files['ca.crt']}'\n"
+                )
 
         last = ""
         for _attempt in range(5):

@@ -321,6 +321,77 @@ def test_cancel(db, parents, migrated_url):
     assert row(migrated_url, req.id)["resolution"] is None
 
 
+# ------------------------------------------------------------ scoped resolution
+
+
+def one_result_each(procs, out_q, what):
+    """Starts ``procs`` and returns the one result each puts on ``out_q``."""
+    for p in procs:
+        p.start()
+    try:
+        return [get(out_q, 120, what) for _ in procs]
+    finally:
+        stop_all(procs)
+
+
+def _two_sessions_requests(db):
+    """Two chat sessions with a run and a pending request each: [(sid, rid, request)]."""
+    out = []
+    for name in ("alice", "bob"):
+        s = Session(name=name)
+        db.add(s)
+        db.commit()
+        r = WorkflowRun(session_id=s.id)
+        db.add(r)
+        db.commit()
+        out.append((s.id, r.id, approvals.request(db, r.id, "plan_approval", {"who": name},
+                                                  60, session_id=s.id)))
+    return out
+
+
+def test_a_scoped_resolve_answers_another_sessions_request_as_an_unknown_id(db, migrated_url):
+    (a_sid, a_rid, a_req), (b_sid, b_rid, b_req) = _two_sessions_requests(db)
+    for scope in ({"session_id": b_sid}, {"run_id": b_rid}, {"session_id": a_sid, "run_id": b_rid}):
+        with pytest.raises(ApprovalNotFound) as other:
+            approvals.resolve(db, a_req.id, "approved", **scope)
+        with pytest.raises(ApprovalNotFound) as unknown:
+            approvals.resolve(db, "no-such-id", "approved", **scope)
+        assert str(other.value).replace(a_req.id, "ID") == str(unknown.value).replace("no-such-id", "ID")
+        with pytest.raises(ApprovalNotFound):
+            approvals.cancel(db, a_req.id, **scope)
+    assert row(migrated_url, a_req.id)["status"] == "pending"
+    assert approvals.resolve(db, a_req.id, "approved", {"ok": 1}, session_id=a_sid, run_id=a_rid)
+    assert row(migrated_url, a_req.id)["resolution"] == "approved"
+    # Its own session's request already final: False, as without a scope.
+    assert approvals.resolve(db, a_req.id, "rejected", session_id=a_sid) is False
+    assert approvals.cancel(db, b_req.id, session_id=b_sid) is True
+    assert row(migrated_url, b_req.id)["status"] == "cancelled"
+
+
+def _scoped_racer(url, aid, sid, barrier, out_q):
+    db = get_db_session(url)
+    approvals.pending(db)
+    barrier.wait(timeout=60)
+    try:
+        out_q.put((sid, approvals.resolve(db, aid, "approved", {"by": sid}, session_id=sid)))
+    except ApprovalNotFound:
+        out_q.put((sid, "not found"))
+    db.close()
+
+
+def test_racing_resolvers_of_mixed_sessions_leave_one_winner_of_the_right_one(db, migrated_url):
+    (a_sid, _, a_req), (b_sid, _, _) = _two_sessions_requests(db)
+    sids = [a_sid, b_sid] * 4
+    barrier = CTX.Barrier(len(sids))
+    out_q = CTX.Queue()
+    procs = [CTX.Process(target=_scoped_racer, args=(migrated_url, a_req.id, sid, barrier, out_q))
+             for sid in sids]
+    results = one_result_each(procs, out_q, "scoped resolvers")
+    assert sorted(r for sid, r in results if sid == b_sid) == ["not found"] * 4
+    assert sorted(r for sid, r in results if sid == a_sid) == [False, False, False, True]
+    assert row(migrated_url, a_req.id)["result"] == {"by": a_sid}
+
+
 # ------------------------------------------------------------ resolve race
 
 
@@ -958,12 +1029,7 @@ def test_concurrent_sweepers_expire_each_request_once(db, parents, migrated_url)
     due = insert_overdue(migrated_url, rid, sid, 6_000)
     out_q = CTX.Queue()
     procs = [CTX.Process(target=_sweeper, args=(migrated_url, out_q)) for _ in range(3)]
-    for p in procs:
-        p.start()
-    try:
-        results = [get(out_q, 120, "a sweeper's ids") for _ in procs]
-    finally:
-        stop_all(procs)
+    results = one_result_each(procs, out_q, "a sweeper's ids")
     assert all(isinstance(r, list) for r in results), results
     swept = [i for r in results for i in r]
     assert sorted(swept) == due  # every one expired, by exactly one sweeper

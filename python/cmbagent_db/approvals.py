@@ -50,18 +50,28 @@ def request(
     return approval
 
 
-def resolve(db: DbSession, approval_id: str, resolution: str, result: Any = None) -> bool:
+def resolve(db: DbSession, approval_id: str, resolution: str, result: Any = None, *,
+            session_id: Optional[str] = None, run_id: Optional[str] = None) -> bool:
     """Resolves a pending request with ``resolution`` (approved, rejected, modified) and an
     optional JSON ``result``. True for the single caller that resolved it; False when it was
     already resolved, cancelled or expired, or its deadline has passed (it is then marked
     expired). Raises ApprovalNotFound for an unknown id, ValueError for an unknown
-    resolution, TypeError / ValueError for a result JSON cannot hold."""
-    return _native.approval_resolve(native(db), approval_id, resolution, result)
+    resolution, TypeError / ValueError for a result JSON cannot hold.
+
+    With ``session_id`` and / or ``run_id`` (those of the WebSocket that sent the answer),
+    only a request of that session / run is resolved, in the same single statement; a
+    request of another one answers exactly as an unknown id (ApprovalNotFound), so an id
+    alone answers nobody else's request."""
+    return _native.approval_resolve(native(db), approval_id, resolution, result,
+                                    session_id=session_id, run_id=run_id)
 
 
-def cancel(db: DbSession, approval_id: str) -> bool:
-    """Cancels a pending request; True if this call cancelled it."""
-    return _native.approval_cancel(native(db), approval_id)
+def cancel(db: DbSession, approval_id: str, *, session_id: Optional[str] = None,
+           run_id: Optional[str] = None) -> bool:
+    """Cancels a pending request; True if this call cancelled it. ``session_id`` /
+    ``run_id`` scope it as for ``resolve``."""
+    return _native.approval_cancel(native(db), approval_id, session_id=session_id,
+                                   run_id=run_id)
 
 
 def expire_overdue_batches(

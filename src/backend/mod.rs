@@ -2,8 +2,10 @@
 //! [`Value`]s and SQL text rendered for [`Conn::dialect`].
 
 mod checkpoint;
+mod libpq;
 mod postgres;
 mod sqlite;
+mod tls;
 
 use crate::dbapi;
 use crate::dialect::Dialect;
@@ -48,9 +50,16 @@ impl Conn {
                 synchronous,
                 access,
             } => Inner::Sqlite(sqlite::open(path, *busy_timeout, *synchronous, *access)?),
-            Target::Postgres { conninfo, timeouts } => Inner::Postgres(Box::new(
-                postgres::PgConn::open(conninfo, *timeouts, &url.display)?,
-            )),
+            Target::Postgres {
+                conninfo,
+                timeouts,
+                tls,
+            } => Inner::Postgres(Box::new(postgres::PgConn::open(
+                conninfo,
+                *timeouts,
+                tls,
+                &url.display,
+            )?)),
         };
         let wal_database = match &url.target {
             // Absolute, so a later chdir of the process cannot point the checkpoint

@@ -8,20 +8,21 @@
 use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::future::Future;
-use std::str::FromStr;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
+use tokio_postgres::config::{Host, SslMode as PgSslMode};
 use tokio_postgres::types::{to_sql_checked, Format, FromSql, IsNull, ToSql, Type};
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::{Row, Shape};
+use super::{libpq, tls, Row, Shape};
 use crate::dbapi;
 use crate::error::{Error, ErrorKind, Result};
-use crate::url::PgTimeouts;
+use crate::url::{PgTimeouts, SslMode, TlsParams};
 use crate::value::Value;
 
 type BoxError = Box<dyn StdError + Sync + Send>;
@@ -43,6 +44,10 @@ struct Driver {
     /// The task that moves the connection's bytes.
     connection: tokio::task::JoinHandle<()>,
     timeouts: PgTimeouts,
+    /// TLS for a cancel request, where the connection requires it. Otherwise the request
+    /// goes without (the server takes it either way, and a plain one is written without
+    /// waiting for the server's answer to a TLS request).
+    cancel_tls: Option<MakeRustlsConnect>,
     /// Set when a statement outlived `command_timeout` (the connection's state is unknown)
     /// or the server ended the session with a FATAL error (an administrator's terminate, a
     /// shutdown): the pool must not hand the connection out again, even before the driver
@@ -74,7 +79,14 @@ impl Driver {
                 let grace = self.timeouts.connect.unwrap_or(limit);
                 // Best effort: a server that does not answer may not take the cancel either.
                 let _ = self.runtime.block_on(async {
-                    tokio::time::timeout(grace, token.cancel_query(NoTls)).await
+                    match &self.cancel_tls {
+                        Some(tls) => tokio::time::timeout(grace, token.cancel_query(tls.clone()))
+                            .await
+                            .map(|_| ()),
+                        None => tokio::time::timeout(grace, token.cancel_query(NoTls))
+                            .await
+                            .map(|_| ()),
+                    }
                 });
                 Err(Error::operational(format!(
                     "the server did not answer within command_timeout={}s; the statement was cancelled and the connection closed",
@@ -122,9 +134,29 @@ const STATEMENT_CACHE: usize = 512;
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 impl PgConn {
-    pub fn open(conninfo: &str, timeouts: PgTimeouts, display: &str) -> Result<PgConn> {
-        let mut config = Config::from_str(conninfo)
-            .map_err(|e| Error::interface(format!("malformed PostgreSQL URL {display}: {e}")))?;
+    pub fn open(
+        conninfo: &str,
+        timeouts: PgTimeouts,
+        params: &TlsParams,
+        display: &str,
+    ) -> Result<PgConn> {
+        // Whatever the server answers (a missing database is SQLSTATE 3D000, which would
+        // otherwise read as a ProgrammingError), failing to connect is operational.
+        let failed = |mut e: Error| {
+            e.kind = ErrorKind::Operational;
+            e.context(format!("cannot connect to PostgreSQL at {display}"))
+        };
+        let settings =
+            libpq::settings(conninfo, params, &|k| std::env::var(k).ok()).map_err(|mut e| {
+                if e.kind == ErrorKind::Interface {
+                    e.message = format!("{display}: {}", e.message);
+                    e
+                } else {
+                    failed(e)
+                }
+            })?;
+        let mut config = settings.config;
+        let tls = tls::connector(&settings.tls).map_err(failed)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -135,24 +167,52 @@ impl PgConn {
             // Each TCP attempt, then the whole exchange below.
             config.connect_timeout(limit);
         }
-        let attempt = config.connect(NoTls);
-        let outcome = runtime.block_on(async {
-            match timeouts.connect {
-                Some(limit) => tokio::time::timeout(limit, attempt)
-                    .await
-                    .map_err(|_| limit),
-                None => Ok(attempt.await),
-            }
-        });
-        // Whatever the server answers (a missing database is SQLSTATE 3D000, which would
-        // otherwise read as a ProgrammingError), failing to connect is operational.
-        let failed = |mut e: Error| {
-            e.kind = ErrorKind::Operational;
-            e.context(format!("cannot connect to PostgreSQL at {display}"))
+        let host = match config.get_hosts().first() {
+            Some(Host::Tcp(h)) => h.clone(),
+            Some(Host::Unix(p)) => p.display().to_string(),
+            None => String::new(),
         };
+        let connect = |config: &Config| {
+            let attempt = config.connect(tls.clone());
+            runtime.block_on(async {
+                match timeouts.connect {
+                    Some(limit) => tokio::time::timeout(limit, attempt)
+                        .await
+                        .map_err(|_| limit),
+                    None => Ok(attempt.await),
+                }
+            })
+        };
+        let mut outcome = connect(&config);
+        if settings.tls.mode == SslMode::Allow
+            && config.get_ssl_mode() == PgSslMode::Disable
+            && matches!(&outcome, Ok(Err(e)) if e.as_db_error().is_some())
+        {
+            // `allow`: the server refused the connection without TLS; try once with it.
+            config.ssl_mode(PgSslMode::Require);
+            outcome = connect(&config);
+        }
         let (client, mut connection) = match outcome {
             Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => return Err(failed(Error::from(e))),
+            Ok(Err(e)) => {
+                let explained = tls::explain(&e, &settings.tls, &host);
+                let mut error = match explained {
+                    Some(why) => Error::operational(why),
+                    None => Error::from(e),
+                };
+                if error.message.contains("server does not support TLS") {
+                    error.message.push_str(&format!(
+                        " (sslmode={} needs TLS: turn ssl on in the server, or connect with sslmode=prefer)",
+                        settings.tls.mode.name()
+                    ));
+                }
+                if let Some(note) = &settings.password_note {
+                    if error.message.contains("password") {
+                        error.message.push_str(&format!(" ({note})"));
+                    }
+                }
+                return Err(failed(error));
+            }
             Err(limit) => {
                 return Err(failed(Error::operational(format!(
                     "no answer within connect_timeout={}s (the server accepted the connection but did not complete start-up)",
@@ -178,6 +238,7 @@ impl PgConn {
                 runtime,
                 connection,
                 timeouts,
+                cancel_tls: (config.get_ssl_mode() == PgSslMode::Require).then_some(tls),
                 abandoned: false,
             },
             notifications,

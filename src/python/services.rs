@@ -35,18 +35,25 @@ fn outcome(outcome: Outcome, id: &str) -> PyResult<bool> {
     }
 }
 
-/// Resolves a pending request in one compare-and-set statement; True for the one caller
-/// that resolved it, False when it was already final or had expired (it is then marked
-/// expired). Commits.
+/// Resolves a pending request (of `session_id` / `run_id` when given) in one
+/// compare-and-set statement; True for the one caller that resolved it, False when it was
+/// already final or had expired (it is then marked expired). Commits.
 #[pyfunction]
-#[pyo3(name = "approval_resolve", signature = (db, approval_id, resolution, result = None))]
+#[pyo3(
+    name = "approval_resolve",
+    signature = (db, approval_id, resolution, result = None, *, session_id = None, run_id = None)
+)]
+#[allow(clippy::too_many_arguments)] // the Python signature's keywords
 pub fn resolve(
     py: Python<'_>,
     db: &Bound<'_, PyDbSession>,
     approval_id: String,
     resolution: String,
     result: Option<&Bound<'_, PyAny>>,
+    session_id: Option<String>,
+    run_id: Option<String>,
 ) -> PyResult<bool> {
+    let scope = approvals::Scope { session_id, run_id };
     let result = match result {
         Some(r) => match to_value(col!(APPROVAL_REQUESTS, "result"), r, Purpose::Store)? {
             Value::Json(s) => Some(s),
@@ -59,19 +66,27 @@ pub fn resolve(
     let mut s = exclusive(db)?;
     let id = approval_id.clone();
     let done = s.write_and_commit(py, move |c| {
-        approvals::resolve(c, &id, &resolution, result, Utc::now())
+        approvals::resolve(c, &id, &resolution, result, Utc::now(), &scope)
     })?;
     s.refresh_ids(py, APPROVAL_REQUESTS, std::slice::from_ref(&approval_id))?;
     outcome(done, &approval_id)
 }
 
-/// Cancels a pending request; True if this call cancelled it. Commits.
+/// Cancels a pending request (of `session_id` / `run_id` when given); True if this call
+/// cancelled it. Commits.
 #[pyfunction]
-#[pyo3(name = "approval_cancel")]
-pub fn cancel(py: Python<'_>, db: &Bound<'_, PyDbSession>, approval_id: String) -> PyResult<bool> {
+#[pyo3(name = "approval_cancel", signature = (db, approval_id, *, session_id = None, run_id = None))]
+pub fn cancel(
+    py: Python<'_>,
+    db: &Bound<'_, PyDbSession>,
+    approval_id: String,
+    session_id: Option<String>,
+    run_id: Option<String>,
+) -> PyResult<bool> {
+    let scope = approvals::Scope { session_id, run_id };
     let mut s = exclusive(db)?;
     let id = approval_id.clone();
-    let done = s.write_and_commit(py, move |c| approvals::cancel(c, &id, Utc::now()))?;
+    let done = s.write_and_commit(py, move |c| approvals::cancel(c, &id, Utc::now(), &scope))?;
     s.refresh_ids(py, APPROVAL_REQUESTS, std::slice::from_ref(&approval_id))?;
     outcome(done, &approval_id)
 }
