@@ -60,9 +60,7 @@ def note_engine(engine: Engine, kwargs: Dict[str, Any]) -> None:
     if _POOL_SETTINGS.intersection(kwargs) or type(engine.pool) is not QueuePool:
         return
     args, params = engine.dialect.create_connect_args(engine.url)
-    params = dict(params)
-    params.pop("check_same_thread", None)
-    params.update(kwargs.get("connect_args") or {})
+    params = {**params, **(kwargs.get("connect_args") or {})}
     params.pop("check_same_thread", None)
     if params or len(args) != 1:
         return
