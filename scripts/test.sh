@@ -4,7 +4,7 @@
 #     bash scripts/test.sh [extra pytest arguments...]
 #
 # On a fresh Debian/Ubuntu machine, as root or as a normal user. Steps:
-#   1. system packages: PostgreSQL server binaries (initdb, pg_ctl), openssl, python3-venv,
+#   1. system packages: PostgreSQL server binaries (initdb, pg_ctl), openssl, pgbouncer, python3-venv,
 #      a C compiler, libsqlite3-dev; installed with apt-get when missing and we are root, else it says how.
 #      Rust (cargo >= the rust-version in Cargo.toml) must come from https://rustup.rs.
 #   2. virtualenv .venv (created once, reused), pip install -r requirements-test.txt
@@ -17,7 +17,8 @@
 #
 # Environment: PYTHON (interpreter for the venv, default python3), VENV (default .venv),
 # CMBAGENT_DB_TEST_BACKENDS (default sqlite,postgresql), CMBAGENT_DB_TEST_PG_URL (use this
-# server instead of starting one), CMBAGENT_DB_TEST_PG_BINDIR (where initdb/pg_ctl live).
+# server instead of starting one), CMBAGENT_DB_TEST_PG_BINDIR (where initdb/pg_ctl live),
+# CMBAGENT_DB_TEST_PGBOUNCER (a pgbouncer binary other than the one on PATH).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,13 +39,17 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 is_root() { [ "$(id -u)" -eq 0 ]; }
 
 # ---------------------------------------------------------------------------- 1. system
-needs_pg_binaries() {
-    [ -z "${CMBAGENT_DB_TEST_PG_URL:-}" ] || return 1
+needs_pg() {
     local backends="${CMBAGENT_DB_TEST_BACKENDS:-sqlite,postgresql}"
     case ",${backends// /}," in
         *,postgresql,* | *,postgres,* | *,pg,*) return 0 ;;
         *) return 1 ;;
     esac
+}
+
+needs_pg_binaries() {
+    [ -z "${CMBAGENT_DB_TEST_PG_URL:-}" ] || return 1
+    needs_pg
 }
 
 find_pg_bindir() {
@@ -86,6 +91,12 @@ fi
 # The TLS tests make their certificate authority and certificates with openssl.
 if needs_pg_binaries && ! command -v openssl >/dev/null 2>&1; then
     apt_pkgs+=(openssl)
+fi
+# The PgBouncer tests start a pgbouncer in transaction mode in front of the server (the
+# throwaway one or CMBAGENT_DB_TEST_PG_URL's).
+if needs_pg && [ -z "${CMBAGENT_DB_TEST_PGBOUNCER:-}" ] \
+        && ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+    apt_pkgs+=(pgbouncer)
 fi
 # The module links the system's SQLite (the library Python's sqlite3 uses: one copy per
 # process), so building it needs the headers and the linker name.

@@ -6,14 +6,14 @@
 //! serialises writers, and PostgreSQL re-checks the WHERE clause of an UPDATE that waited
 //! for another's row lock.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Datelike, Utc};
 
 use crate::backend::{Conn, Row};
 use crate::dialect::Dialect;
 use crate::error::{Error, ErrorKind, Result};
-use crate::schema::{ColType, APPROVAL_REQUESTS, TABLES};
+use crate::schema::ColType;
 use crate::value::Value;
 
 pub const RESOLUTIONS: [&str; 3] = ["approved", "rejected", "modified"];
@@ -71,7 +71,12 @@ impl Scope {
 
 /// Marks the request expired if it is pending, within `scope` and past its deadline at
 /// `now`.
-fn expire_one(conn: &mut Conn, id: &str, now: DateTime<Utc>, scope: &Scope) -> Result<bool> {
+pub(crate) fn expire_one(
+    conn: &mut Conn,
+    id: &str,
+    now: DateTime<Utc>,
+    scope: &Scope,
+) -> Result<bool> {
     let d = conn.dialect();
     let (within, scoped) = scope.condition(d, 3);
     let mut params = vec![Value::Text(id.into()), Value::Timestamp(now)];
@@ -339,132 +344,6 @@ pub enum WaitEnd {
     /// A status outside the schema's states (NULL, or a value another client wrote):
     /// final for a waiter, since nothing here will ever move it on.
     UnknownStatus(Option<String>),
-}
-
-/// Waits on one request over a dedicated connection, without holding a transaction.
-/// `poll` blocks for at most the given slice, so the caller can check for interrupts.
-pub struct Waiter {
-    conn: Conn,
-    id: String,
-    seen: Option<i64>,
-    expires_at: Option<DateTime<Utc>>,
-}
-
-/// How often SQLite's change counter is read while nothing changes: a few microseconds of
-/// work per read, well under the wake-up latency cmbagent needs.
-const SQLITE_TICK: Duration = Duration::from_millis(1);
-
-/// How long a waiter's own write waits for a lock before it looks again.
-const LOCK_WAIT: Duration = Duration::from_millis(100);
-
-impl Waiter {
-    pub fn new(mut conn: Conn, id: &str) -> Result<Waiter> {
-        if conn.dialect() == Dialect::Postgres {
-            ensure_notify_trigger(&mut conn)?;
-            conn.batch(&format!("LISTEN {CHANNEL}"))?;
-        }
-        // Marking the request expired must not block the waiter behind a client that holds
-        // the row: its caller's timeout and cancellation stay in force.
-        conn.set_lock_timeout(LOCK_WAIT)?;
-        Ok(Waiter {
-            conn,
-            id: id.to_string(),
-            seen: None,
-            expires_at: None,
-        })
-    }
-
-    fn read(&mut self) -> Result<Option<WaitEnd>> {
-        let table = &TABLES[APPROVAL_REQUESTS];
-        let columns: Vec<(&str, ColType)> = table.columns.iter().map(|c| (c.name, c.ty)).collect();
-        let names: Vec<&str> = table.columns.iter().map(|c| c.name).collect();
-        let sql = format!(
-            "SELECT {} FROM approval_requests WHERE id = {}",
-            names.join(", "),
-            self.conn.dialect().placeholder(1)
-        );
-        let mut rows = self
-            .conn
-            .query(&sql, &[Value::Text(self.id.clone())], &columns)?;
-        let Some(row) = rows.pop() else {
-            return Ok(Some(WaitEnd::NotFound));
-        };
-        let status = match &row[crate::col!(APPROVAL_REQUESTS, "status").column] {
-            Value::Text(s) => Some(s.clone()),
-            _ => None,
-        };
-        if let Value::Timestamp(t) = row[crate::col!(APPROVAL_REQUESTS, "expires_at").column] {
-            self.expires_at = Some(t);
-        }
-        Ok(match status.as_deref() {
-            Some("pending") => None,
-            // Rows of cmbagent's first approval table name their decision in the status.
-            Some(s) if s == "resolved" || RESOLUTIONS.contains(&s) => Some(WaitEnd::Resolved(row)),
-            Some("expired") => Some(WaitEnd::Expired),
-            Some("cancelled") => Some(WaitEnd::Cancelled),
-            _ => Some(WaitEnd::UnknownStatus(status)),
-        })
-    }
-
-    /// The request's deadline, once read.
-    pub fn expires_at(&self) -> Option<DateTime<Utc>> {
-        self.expires_at
-    }
-
-    /// Checks the request, then blocks up to `slice` for a change signal. `Some` when the
-    /// wait is over; the request's own deadline passing marks it expired.
-    pub fn poll(&mut self, slice: Duration) -> Result<Option<WaitEnd>> {
-        let version = self.conn.data_version()?;
-        if self.seen.is_none() || version != self.seen || version.is_none() {
-            self.seen = version;
-            if let Some(end) = self.read()? {
-                return Ok(Some(end));
-            }
-        }
-        let now = Utc::now();
-        if let Some(deadline) = self.expires_at {
-            if now >= deadline {
-                let expired = self.conn.begin_write().and_then(|()| {
-                    expire_one(&mut self.conn, &self.id, now, &Scope::default())?;
-                    self.conn.commit()
-                });
-                if let Err(e) = expired {
-                    self.conn.rollback()?;
-                    // Another client holds the row (or the write lock): it decides the
-                    // row's fate when it finishes; look again on the next poll.
-                    if e.kind == ErrorKind::Operational && !self.conn.is_broken() {
-                        return Ok(None);
-                    }
-                    return Err(e);
-                }
-                // Whatever the row says now (a resolver may have won the race) decides.
-                self.seen = None;
-                return self.read();
-            }
-        }
-        let until_deadline = self
-            .expires_at
-            .and_then(|d| (d - now).to_std().ok())
-            .unwrap_or(slice);
-        let slice = slice.min(until_deadline);
-        let started = Instant::now();
-        match self.conn.dialect() {
-            Dialect::Postgres => {
-                if !self.conn.notifications(slice)?.is_empty() {
-                    self.seen = None;
-                }
-            }
-            Dialect::Sqlite => {
-                while started.elapsed() < slice {
-                    std::thread::sleep(SQLITE_TICK.min(slice));
-                    if self.conn.data_version()? != self.seen {
-                        break;
-                    }
-                }
-            }
-        }
-        Ok(None)
-    }
 }
 
 #[cfg(test)]

@@ -4,9 +4,10 @@
 use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::backend::{Conn, Row};
+use crate::dialect::Dialect;
 use crate::error::{Error, ErrorKind, Result};
 use crate::schema::{ColType, ACTIVE_CONNECTIONS, TABLES};
-use crate::value::Value;
+use crate::value::{json_string, Value};
 
 fn all_columns() -> (String, Vec<(&'static str, ColType)>) {
     let t = &TABLES[ACTIVE_CONNECTIONS];
@@ -73,6 +74,93 @@ pub fn heartbeat(
     conn.query(&sql, &params, &shape)?
         .pop()
         .ok_or_else(|| Error::internal("heartbeat upsert returned no row"))
+}
+
+/// Inserts or refreshes the connection row of every task in `tasks` (task id, and the
+/// session id to store, None keeping the stored one) in one statement, whatever their
+/// number: the rows go as one JSON parameter, so the statement text (and its prepared
+/// form) is the same for every call. A task named twice counts once, with its last
+/// session id. `with_sessions` false leaves every row's session id as stored, without
+/// rewriting its index entry. Returns the number of tasks refreshed or inserted.
+pub fn heartbeat_many(
+    conn: &mut Conn,
+    tasks: &[(String, Option<String>)],
+    with_sessions: bool,
+    server_instance: &str,
+    now: DateTime<Utc>,
+) -> Result<u64> {
+    let mut last: std::collections::HashMap<&str, usize> =
+        std::collections::HashMap::with_capacity(tasks.len());
+    for (i, (task, _)) in tasks.iter().enumerate() {
+        last.insert(task.as_str(), i);
+    }
+    if last.is_empty() {
+        return Ok(0);
+    }
+    let mut rows = String::with_capacity(tasks.len() * 100);
+    rows.push('[');
+    for (i, (task, session)) in tasks.iter().enumerate() {
+        if last.get(task.as_str()) != Some(&i) {
+            continue;
+        }
+        if rows.len() > 1 {
+            rows.push(',');
+        }
+        rows.push_str("{\"id\":\"");
+        rows.push_str(&uuid::Uuid::new_v4().to_string());
+        rows.push_str("\",\"task_id\":");
+        json_string(task, &mut rows);
+        rows.push_str(",\"session_id\":");
+        match session {
+            Some(s) => json_string(s, &mut rows),
+            None => rows.push_str("null"),
+        }
+        rows.push('}');
+    }
+    rows.push(']');
+    let columns = "id, task_id, session_id, server_instance, connected_at, last_heartbeat";
+    let keep_session = if with_sessions {
+        ", session_id = COALESCE(excluded.session_id, active_connections.session_id)"
+    } else {
+        ""
+    };
+    let on_conflict = format!(
+        "ON CONFLICT (task_id) DO UPDATE SET last_heartbeat = excluded.last_heartbeat, \
+         server_instance = excluded.server_instance{keep_session}"
+    );
+    let (sql, params) = match conn.dialect() {
+        Dialect::Sqlite => (
+            format!(
+                "INSERT INTO active_connections ({columns}) SELECT json_extract(j.value, '$.id'), \
+                 json_extract(j.value, '$.task_id'), json_extract(j.value, '$.session_id'), ?1, ?2, ?2 \
+                 FROM json_each(?3) AS j WHERE true {on_conflict}"
+            ),
+            vec![
+                Value::Text(server_instance.into()),
+                Value::Timestamp(now),
+                Value::Text(rows),
+            ],
+        ),
+        // The table's own row type reads each value with its column's input function, so
+        // a `timestamp` column of a database another tool made takes the instant as UTC,
+        // as a `timestamptz` one does.
+        Dialect::Postgres => {
+            let mut shared = String::from("{\"server_instance\":");
+            json_string(server_instance, &mut shared);
+            let at = now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            shared.push_str(&format!(",\"connected_at\":\"{at}\",\"last_heartbeat\":\"{at}\"}}"));
+            (
+                format!(
+                    "INSERT INTO active_connections ({columns}) SELECT r.id, r.task_id, r.session_id, \
+                     s.server_instance, s.connected_at, s.last_heartbeat \
+                     FROM json_populate_recordset(NULL::active_connections, $1::json) AS r, \
+                     json_populate_record(NULL::active_connections, $2::json) AS s {on_conflict}"
+                ),
+                vec![Value::Text(rows), Value::Text(shared)],
+            )
+        }
+    };
+    conn.execute(&sql, &params)
 }
 
 /// A removed connection: its row id and task id.
@@ -180,6 +268,61 @@ mod tests {
             Value::Text(s) => s.clone(),
             v => panic!("{v:?}"),
         }
+    }
+
+    fn rows_of(c: &mut Conn) -> Vec<Row> {
+        let (columns, shape) = all_columns();
+        c.query(
+            &format!("SELECT {columns} FROM active_connections ORDER BY task_id"),
+            &[],
+            &shape,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn heartbeat_many_upserts_every_task_in_one_statement() {
+        let mut c = db();
+        for s in ["s-old", "s-b", "s-1", "s-2"] {
+            c.execute(
+                "INSERT INTO sessions (id, name) VALUES (?1, 'x')",
+                &[Value::Text(s.into())],
+            )
+            .unwrap();
+        }
+        let t0 = crate::value::now_micros();
+        let first = heartbeat(&mut c, "a", Some("s-old"), "w1", t0).unwrap();
+        let t1 = t0 + TimeDelta::seconds(5);
+        let tasks = vec![
+            ("a".to_string(), None),
+            ("b\"\u{e9}".to_string(), Some("s-b".to_string())),
+            ("c".to_string(), Some("s-1".to_string())),
+            ("c".to_string(), Some("s-2".to_string())),
+        ];
+        assert_eq!(heartbeat_many(&mut c, &tasks, true, "w2", t1).unwrap(), 3);
+        let rows = rows_of(&mut c);
+        assert_eq!(rows.len(), 3);
+        // The existing row keeps its id, connected_at and (None given) its session.
+        assert_eq!(rows[0][0], first[0]);
+        assert_eq!(rows[0][2], Value::Text("s-old".into()));
+        assert_eq!(rows[0][4], first[4]);
+        assert_eq!(rows[1][1], Value::Text("b\"\u{e9}".into()));
+        assert_eq!(
+            rows[2][2],
+            Value::Text("s-2".into()),
+            "the last session of a task wins"
+        );
+        for r in &rows {
+            assert_eq!(r[3], Value::Text("w2".into()));
+            assert_eq!(r[5], Value::Timestamp(t1));
+        }
+        // Without session ids every stored one stays.
+        assert_eq!(
+            heartbeat_many(&mut c, &[("c".into(), None)], false, "w3", t1).unwrap(),
+            1
+        );
+        assert_eq!(rows_of(&mut c)[2][2], Value::Text("s-2".into()));
+        assert_eq!(heartbeat_many(&mut c, &[], true, "w3", t1).unwrap(), 0);
     }
 
     #[test]

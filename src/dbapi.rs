@@ -86,6 +86,17 @@ pub fn transaction_effect(sql: &str) -> Option<bool> {
     }
 }
 
+/// Whether `sql` may return rows (and so has columns to describe even when it returns
+/// none): a query, or a statement with a RETURNING clause. Others (DDL, INSERT / UPDATE /
+/// DELETE without RETURNING, SET, ...) return none.
+pub fn may_return_rows(sql: &str) -> bool {
+    match leading_keyword(sql).as_str() {
+        "SELECT" | "WITH" | "VALUES" | "TABLE" | "SHOW" | "EXPLAIN" | "FETCH" => true,
+        "INSERT" | "UPDATE" | "DELETE" | "MERGE" => sql.to_ascii_uppercase().contains("RETURNING"),
+        _ => false,
+    }
+}
+
 /// Whether `sql`, run outside a transaction and without autocommit, first begins one.
 fn begins_transaction(conn: &mut Conn, sql: &str) -> Result<bool> {
     if transaction_effect(sql).is_some() {
@@ -145,6 +156,18 @@ pub fn execute_many(
 mod tests {
     use super::*;
     use crate::url;
+
+    #[test]
+    fn queries_and_returning_clauses_may_return_rows() {
+        assert!(may_return_rows("  -- read\nselect 1"));
+        assert!(may_return_rows("WITH x AS (SELECT 1) SELECT * FROM x"));
+        assert!(may_return_rows(
+            "insert into t (a) values ($1) returning id"
+        ));
+        assert!(!may_return_rows("INSERT INTO t (a) VALUES ($1)"));
+        assert!(!may_return_rows("CREATE TABLE t (a int)"));
+        assert!(!may_return_rows("SET lock_timeout = 10"));
+    }
 
     #[test]
     fn keywords_skip_comments_and_savepoint_rollbacks_stay_open() {

@@ -30,6 +30,15 @@ impl Engine {
         }
     }
 
+    /// How long one connection attempt may take (`connect_timeout`); None for SQLite, or
+    /// a URL that waits for ever.
+    pub fn connect_timeout(&self) -> Option<std::time::Duration> {
+        match &self.pool.url().target {
+            Target::Postgres { timeouts, .. } => timeouts.connect,
+            Target::Sqlite { .. } => None,
+        }
+    }
+
     pub fn key(&self) -> &str {
         &self.key
     }
@@ -76,7 +85,9 @@ impl Engine {
     /// A connection of its own, outside the pool, for a waiter: it holds the connection for
     /// the whole wait and runs only short statements on it.
     pub fn open_for_waiter(&self) -> Result<Conn> {
-        Conn::open(&self.pool.url().for_short_statements())
+        let listen = url::listen_url(&self.key, &|k| std::env::var(k).ok())?;
+        let url = listen.as_ref().unwrap_or(self.pool.url());
+        Conn::open(&url.for_short_statements())
     }
 
     /// Runs `f` on a pooled connection and hands both back. `f` must be safe to run again:

@@ -21,6 +21,7 @@ pub mod trace;
 pub mod unit_of_work;
 pub mod url;
 pub mod value;
+pub mod watch;
 
 #[cfg(feature = "python")]
 mod python;

@@ -62,7 +62,39 @@ pub enum Target {
         conninfo: String,
         timeouts: PgTimeouts,
         tls: TlsParams,
+        statements: Statements,
     },
+}
+
+/// Whether a PostgreSQL connection keeps prepared statements from one transaction to the
+/// next (URL parameter `prepared_statements=auto|true|false`).
+///
+/// A pooler in transaction mode (PgBouncer's `pool_mode = transaction`) hands each
+/// transaction whichever server connection is free, so a statement prepared in one
+/// transaction is missing in the next ("prepared statement \"s3\" does not exist"), and
+/// session settings leak to other clients. With `PerTransaction` every statement goes
+/// unnamed, parsed with its values in one round trip, and settings are made per
+/// transaction (`SET LOCAL`). `Auto` chooses it when the server's own `port` setting is not
+/// the port connected to, which is what a pooler in between looks like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Statements {
+    #[default]
+    Auto,
+    Cached,
+    PerTransaction,
+}
+
+impl Statements {
+    fn parse(v: &str) -> Result<Statements> {
+        if v.eq_ignore_ascii_case("auto") {
+            return Ok(Statements::Auto);
+        }
+        Ok(if parse_bool("prepared_statements", v)? {
+            Statements::Cached
+        } else {
+            Statements::PerTransaction
+        })
+    }
 }
 
 /// libpq's `sslmode`: whether a PostgreSQL connection uses TLS and what it checks.
@@ -405,6 +437,7 @@ pub fn parse(url: &str) -> Result<DbUrl> {
                 timeouts.connect = limit("PGCONNECT_TIMEOUT", &v)?;
             }
             let mut tls = TlsParams::default();
+            let mut statements = Statements::Auto;
             for (k, v) in &params {
                 let (k, v) = (*k, *v);
                 match k {
@@ -424,6 +457,7 @@ pub fn parse(url: &str) -> Result<DbUrl> {
                     "hide_parameters" => hide_parameters = parse_bool(k, v)?,
                     "connect_timeout" => timeouts.connect = limit(k, v)?,
                     "command_timeout" => timeouts.command = limit(k, v)?,
+                    "prepared_statements" => statements = Statements::parse(v)?,
                     _ if PG_PARAMS.contains(&k) => passed.push(format!("{k}={v}")),
                     _ => {
                         return Err(Error::interface(format!(
@@ -449,6 +483,7 @@ pub fn parse(url: &str) -> Result<DbUrl> {
                     conninfo,
                     timeouts,
                     tls,
+                    statements,
                 },
                 auto_migrate,
                 echo: Echo::new(echo, hide_parameters),
@@ -459,6 +494,29 @@ pub fn parse(url: &str) -> Result<DbUrl> {
             "database URL scheme {other:?} is not supported: use sqlite:// or postgresql://"
         ))),
     }
+}
+
+/// The URL a waiter on the database `key` LISTENs through, where it is not `key` itself:
+/// `CMBAGENT_DATABASE_LISTEN_URL`, which names the PostgreSQL server directly for the
+/// database that `CMBAGENT_DATABASE_URL` reaches through a pooler in transaction mode (a
+/// pooler cannot relay LISTEN). It applies to that database's URL only, so a process
+/// that opens others never waits on the wrong one.
+pub fn listen_url(key: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Option<DbUrl>> {
+    let Some(listen) = env("CMBAGENT_DATABASE_LISTEN_URL").filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    if env("CMBAGENT_DATABASE_URL").as_deref() != Some(key) {
+        return Ok(None);
+    }
+    let parsed = parse(&listen)
+        .map_err(|e| e.context("CMBAGENT_DATABASE_LISTEN_URL is not a usable database URL"))?;
+    if !matches!(parsed.target, Target::Postgres { .. }) {
+        return Err(Error::interface(format!(
+            "CMBAGENT_DATABASE_LISTEN_URL must be a postgresql:// URL, not {:?}",
+            parsed.display
+        )));
+    }
+    Ok(Some(parsed))
 }
 
 /// cmbagent's default: `CMBAGENT_DATABASE_URL`, else a SQLite file under the work dir
@@ -576,6 +634,7 @@ mod tests {
                         mode: Some(SslMode::Disable),
                         ..TlsParams::default()
                     },
+                    statements: Statements::Auto,
                 }
             );
             assert!(!u.display.contains("pw"));
@@ -592,6 +651,48 @@ mod tests {
             } => (conninfo, timeouts),
             t => panic!("not postgres: {t:?}"),
         }
+    }
+
+    #[test]
+    fn the_listen_url_applies_to_cmbagents_database_only() {
+        let pooled = "postgresql://u@pooler:6432/db";
+        let env = |k: &str| match k {
+            "CMBAGENT_DATABASE_URL" => Some(pooled.to_string()),
+            "CMBAGENT_DATABASE_LISTEN_URL" => Some("postgresql://u:pw@server:5432/db".into()),
+            _ => None,
+        };
+        let got = listen_url(pooled, &env).unwrap().unwrap();
+        assert!(got.display.contains("server:5432") && !got.display.contains("pw"));
+        assert!(listen_url("postgresql://u@elsewhere/db", &env)
+            .unwrap()
+            .is_none());
+        assert!(listen_url(pooled, &|_| None).unwrap().is_none());
+        let sqlite = |k: &str| match k {
+            "CMBAGENT_DATABASE_LISTEN_URL" => Some("sqlite:///x.db".to_string()),
+            _ => env(k),
+        };
+        let e = listen_url(pooled, &sqlite).unwrap_err();
+        assert!(e.message.contains("postgresql://"), "{}", e.message);
+    }
+
+    #[test]
+    fn prepared_statements_parameter() {
+        let of = |q: &str| match parse(&format!("postgresql://u@h/db{q}")).map(|u| u.target) {
+            Ok(Target::Postgres { statements, .. }) => Ok(statements),
+            Ok(t) => panic!("not postgres: {t:?}"),
+            Err(e) => Err(e),
+        };
+        assert_eq!(of("").unwrap(), Statements::Auto);
+        assert_eq!(of("?prepared_statements=auto").unwrap(), Statements::Auto);
+        assert_eq!(of("?prepared_statements=true").unwrap(), Statements::Cached);
+        assert_eq!(
+            of("?prepared_statements=off").unwrap(),
+            Statements::PerTransaction
+        );
+        let e = of("?prepared_statements=sometimes").unwrap_err();
+        assert!(e.message.contains("prepared_statements"), "{}", e.message);
+        // Ours alone: not passed on to the server as a connection option.
+        assert_eq!(pg_target("?prepared_statements=false").0, pg_target("").0);
     }
 
     #[test]

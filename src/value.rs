@@ -1,6 +1,8 @@
 //! Values as they cross between the binding and the backends, and the text encodings
 //! SQLAlchemy uses for them on SQLite.
 
+use std::fmt::Write;
+
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, NaiveTime, Timelike, Utc};
 
 /// One column value. Timestamps are always UTC; JSON is kept as its encoded text. The
@@ -127,6 +129,32 @@ fn split_offset(s: &str) -> Option<(&str, i64)> {
         }
         None => Some((s, 0)),
     }
+}
+
+/// A JSON string with `ensure_ascii`: printable ASCII as is, the rest as `\uXXXX`
+/// (lowercase hex, surrogate pairs beyond the BMP), and the short escapes json uses.
+pub fn json_string(s: &str, out: &mut String) {
+    out.reserve(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            ' '..='~' => out.push(c),
+            _ => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    let _ = write!(out, "\\u{unit:04x}");
+                }
+            }
+        }
+    }
+    out.push('"');
 }
 
 #[cfg(test)]

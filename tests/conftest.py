@@ -47,7 +47,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import pytest
 
@@ -244,6 +244,16 @@ def pg_server() -> PgServer:
         pytest.fail(str(exc), pytrace=False)
 
 
+@pytest.fixture(scope="session")
+def pgbouncer(pg_server: PgServer) -> pg_throwaway.PgBouncer:
+    """PgBouncer in transaction mode in front of the session's PostgreSQL server, pooling
+    4 server connections per database (tests/pg_throwaway.py)."""
+    try:
+        return pg_throwaway.PgBouncer(pg_server).start()
+    except PgServerError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
 def _sqlite_url_in(directory: Path) -> str:
     return f"sqlite:///{directory / 'test.db'}"
 
@@ -306,6 +316,18 @@ def migrated_url(db_url: str) -> str:
 
     cmbagent_db.init_database(db_url)
     return db_url
+
+
+@pytest.fixture
+def db(migrated_url: str) -> Iterator[Any]:
+    """A ``get_db_session`` session of ``migrated_url``, closed after the test."""
+    from cmbagent_db import get_db_session
+
+    session = get_db_session(migrated_url)
+    try:
+        yield session
+    finally:
+        session.close()
 
 
 @pytest.fixture

@@ -296,6 +296,53 @@ def restore_signal_handlers() -> None:
 # --------------------------------------------------------------------------------------
 
 
+def pick_os_user(recipe: Recipe) -> pwd.struct_passwd:
+    """As root: the OS user to run a server as (PostgreSQL and PgBouncer refuse root)."""
+    env = recipe.os_user_env
+    wanted = os.environ.get(env)
+    names = [wanted] if wanted else list(recipe.os_users)
+    for name in names:
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise PgServerError(
+        "running as root, and PostgreSQL refuses to run as root, but no OS user "
+        f"{' / '.join(names)} exists to run it as (set {env})"
+    )
+
+
+def make_tmpdir(recipe: Recipe, run_as: Optional[pwd.struct_passwd]) -> str:
+    """A new temporary directory that ``run_as`` (None: this user) may use."""
+    errors = []
+    for base in dict.fromkeys(recipe.tmp_bases):
+        if not os.path.isdir(base):
+            continue
+        # Unix socket paths are limited to ~107 bytes.
+        if len(base) > 60:
+            errors.append(f"{base}: path too long for a unix socket")
+            continue
+        d = tempfile.mkdtemp(prefix=recipe.tmp_prefix, dir=base)
+        if run_as is None:
+            return d
+        os.chown(d, run_as.pw_uid, run_as.pw_gid)
+        os.chmod(d, 0o700)
+        probe = subprocess.run(
+            ["/bin/sh", "-c", 'cd "$1" && touch "$1/.probe" && rm "$1/.probe"', "sh", d],
+            user=run_as.pw_uid,
+            group=run_as.pw_gid,
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+            cwd="/",
+        )
+        if probe.returncode == 0:
+            return d
+        errors.append(f"{base}: not usable by {run_as.pw_name}: {probe.stderr.strip()}")
+        shutil.rmtree(d, ignore_errors=True)
+    raise PgServerError("no temporary directory usable for PostgreSQL: " + "; ".join(errors))
+
+
 class Cluster:
     """A PostgreSQL data directory and its postmaster, in a temporary directory."""
 
@@ -304,7 +351,7 @@ class Cluster:
         self.bindir = find_bindir(recipe)
         self.major = pg_major(self.bindir)
         self.run_as: Optional[pwd.struct_passwd] = (
-            self._pick_os_user() if os.geteuid() == 0 else None
+            pick_os_user(recipe) if os.geteuid() == 0 else None
         )
         self.tmpdir: Optional[str] = None
         self.datadir: Optional[str] = None
@@ -314,20 +361,6 @@ class Cluster:
         self.tls_files: Dict[str, Path] = {}
         self._lock = threading.Lock()
         self._stopped = False
-
-    def _pick_os_user(self) -> pwd.struct_passwd:
-        env = self.recipe.os_user_env
-        wanted = os.environ.get(env)
-        names = [wanted] if wanted else list(self.recipe.os_users)
-        for name in names:
-            try:
-                return pwd.getpwnam(name)
-            except KeyError:
-                continue
-        raise PgServerError(
-            "running as root, and PostgreSQL refuses to run as root, but no OS user "
-            f"{' / '.join(names)} exists to run it as (set {env})"
-        )
 
     # -- running the server binaries ------------------------------------------------------
     def _env(self) -> Dict[str, str]:
@@ -371,40 +404,11 @@ class Cluster:
         with open(self.logfile, errors="replace") as f:
             return "".join(f.readlines()[-n:])
 
-    def _make_tmpdir(self) -> str:
-        errors = []
-        for base in dict.fromkeys(self.recipe.tmp_bases):
-            if not os.path.isdir(base):
-                continue
-            # Unix socket paths are limited to ~107 bytes.
-            if len(base) > 60:
-                errors.append(f"{base}: path too long for a unix socket")
-                continue
-            d = tempfile.mkdtemp(prefix=self.recipe.tmp_prefix, dir=base)
-            if self.run_as is None:
-                return d
-            os.chown(d, self.run_as.pw_uid, self.run_as.pw_gid)
-            os.chmod(d, 0o700)
-            probe = subprocess.run(
-                ["/bin/sh", "-c", 'cd "$1" && touch "$1/.probe" && rm "$1/.probe"', "sh", d],
-                user=self.run_as.pw_uid,
-                group=self.run_as.pw_gid,
-                extra_groups=[],
-                capture_output=True,
-                text=True,
-                cwd="/",
-            )
-            if probe.returncode == 0:
-                return d
-            errors.append(f"{base}: not usable by {self.run_as.pw_name}: {probe.stderr.strip()}")
-            shutil.rmtree(d, ignore_errors=True)
-        raise PgServerError("no temporary directory usable for PostgreSQL: " + "; ".join(errors))
-
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> int:
         """initdb and start the server; returns its port."""
         recipe = self.recipe
-        self.tmpdir = self._make_tmpdir()
+        self.tmpdir = make_tmpdir(self.recipe, self.run_as)
         self.datadir = os.path.join(self.tmpdir, "data")
         self.logfile = os.path.join(self.tmpdir, "server.log")
         pwfile = os.path.join(self.tmpdir, "pwfile")
@@ -680,3 +684,112 @@ class PgServer:
                 self.drop_database(name)
             except Exception:
                 pass
+
+
+# --------------------------------------------------------------------------------------
+# PgBouncer in front of a server
+# --------------------------------------------------------------------------------------
+
+
+class PgBouncer:
+    """PgBouncer in transaction mode (``pool_mode = transaction``, the mode deployments of
+    several instances run it in) in front of ``server``, listening on a free port of
+    127.0.0.1, in a temporary directory. Clients log in as any user without a password
+    (``auth_type = any``); PgBouncer logs in to the server as the server URL's user.
+    Debian's package is ``pgbouncer``; ``CMBAGENT_DB_TEST_PGBOUNCER`` names another binary."""
+
+    binary_env = "CMBAGENT_DB_TEST_PGBOUNCER"
+
+    def __init__(self, server: "PgServer", pool_size: int = 4) -> None:
+        self.server = server
+        self.pool_size = pool_size
+        self.run_as = pick_os_user(server.recipe) if os.geteuid() == 0 else None
+        self.tmpdir: Optional[str] = None
+        self.port: Optional[int] = None
+        self.proc: Optional["subprocess.Popen[bytes]"] = None
+
+    @classmethod
+    def binary(cls) -> str:
+        found = os.environ.get(cls.binary_env) or shutil.which("pgbouncer") or (
+            "/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
+        if not found:
+            raise PgServerError(
+                "the PgBouncer tests need pgbouncer (Debian: apt-get install pgbouncer, "
+                f"or set {cls.binary_env}); scripts/test.sh installs it")
+        return found
+
+    def start(self) -> "PgBouncer":
+        target = urlsplit(self.server.admin_url)
+        self.tmpdir = make_tmpdir(self.server.recipe, self.run_as)
+        conf = os.path.join(self.tmpdir, "pgbouncer.ini")
+        self.port = free_port()
+        server_conn = (f"host={target.hostname} port={target.port or 5432} "
+                       f"user={unquote(target.username or '')} "
+                       f"password={unquote(target.password or '')}")
+        with open(conf, "w") as f:
+            f.write(
+                "[databases]\n"
+                f"* = {server_conn}\n"
+                "[pgbouncer]\n"
+                "listen_addr = 127.0.0.1\n"
+                f"listen_port = {self.port}\n"
+                "unix_socket_dir =\n"
+                "auth_type = any\n"
+                "pool_mode = transaction\n"
+                f"default_pool_size = {self.pool_size}\n"
+                "max_client_conn = 2000\n"
+                "ignore_startup_parameters = extra_float_digits\n"
+                f"logfile = {self.tmpdir}/pgbouncer.log\n"
+                f"pidfile = {self.tmpdir}/pgbouncer.pid\n"
+            )
+        os.chmod(conf, 0o600)
+        if self.run_as is not None:
+            os.chown(conf, self.run_as.pw_uid, self.run_as.pw_gid)
+        self._spawn(conf)
+        register_cleanup(self)
+        return self
+
+    def _spawn(self, conf: str) -> None:
+        run_as = self.run_as
+        self.proc = subprocess.Popen(
+            [self.binary(), conf],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=self.tmpdir,
+            user=run_as.pw_uid if run_as is not None else None,
+            group=run_as.pw_gid if run_as is not None else None,
+            extra_groups=[] if run_as is not None else None,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise PgServerError(f"pgbouncer did not start:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 30) -> str:
+        path = os.path.join(self.tmpdir or "", "pgbouncer.log")
+        if not os.path.exists(path):
+            return "(no pgbouncer log)"
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+
+    def url_for(self, dbname: str, user: str = "cmbagent") -> str:
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{quote(dbname, safe='')}"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self.tmpdir:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self.tmpdir = None

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from cmbagent_db import IntegrityError, connections, get_db_session
+from cmbagent_db import DataError, IntegrityError, connections, get_db_session
 from cmbagent_db.models import ActiveConnection, Session
 
 from helpers import fetch_all, row_count
@@ -24,15 +24,6 @@ CTX = multiprocessing.get_context("spawn")
 HB_PROCS = 8
 HB_ROUNDS = 4
 HB_TASKS = 10
-
-
-@pytest.fixture
-def db(migrated_url):
-    session = get_db_session(migrated_url)
-    try:
-        yield session
-    finally:
-        session.close()
 
 
 @pytest.fixture
@@ -166,6 +157,53 @@ def test_heartbeat_with_missing_session_is_an_integrity_error(db, migrated_url, 
         connections.heartbeat(db, "task-x", session_id="no-such-session")
     db.rollback()
     assert rows(migrated_url) == [("task-x", ok.id, session_id, socket.gethostname())]
+
+
+# ---------------------------------------------------------------- heartbeat_many
+
+
+def test_heartbeat_many_refreshes_and_inserts_in_one_call(db, migrated_url, session_id):
+    kept = connections.heartbeat(db, "t0000", session_id=session_id, server_instance="old")
+    tasks = [f"t{i:04d}" for i in range(2500)]
+    assert connections.heartbeat_many(db, tasks, server_instance="w2") == 2500
+    got = rows(migrated_url)
+    assert [r[0] for r in got] == tasks
+    # The existing row keeps its id and, with no session ids given, its session.
+    assert got[0] == ("t0000", kept.id, session_id, "w2")
+    assert {r[3] for r in got} == {"w2"}
+    assert len({r[1] for r in got}) == 2500
+    stamps = fetch_all(migrated_url, "SELECT DISTINCT last_heartbeat FROM active_connections")
+    assert len(stamps) == 1
+    # Session ids, one per task (None keeps the stored one); a task named twice counts once
+    # with its last session id.
+    n = connections.heartbeat_many(db, ["t0001", "t0000", "t0001"],
+                                   session_ids=[None, None, session_id], server_instance="w3")
+    assert n == 2
+    got = {r[0]: r for r in rows(migrated_url)}
+    assert got["t0000"][2:] == (session_id, "w3")
+    assert got["t0001"][2:] == (session_id, "w3")
+    assert connections.heartbeat_many(db, []) == 0
+    # Refreshed rows are live; a reap with a short TTL takes them all at once.
+    assert connections.owner(db, "t2499", ttl_seconds=30) == "w2"
+
+
+def test_heartbeat_many_bad_input_writes_nothing(db, migrated_url, session_id):
+    with pytest.raises(TypeError, match="not one string"):
+        connections.heartbeat_many(db, "task-1")
+    with pytest.raises(TypeError):
+        connections.heartbeat_many(db, ["a", None])
+    with pytest.raises(ValueError, match="one session id"):
+        connections.heartbeat_many(db, ["a", "b"], session_ids=[session_id])
+    with pytest.raises(DataError, match="100 characters"):
+        connections.heartbeat_many(db, ["a", "x" * 101])
+    assert row_count(migrated_url, "active_connections") == 0
+    # A missing session fails the whole statement: no row of the call is written.
+    with pytest.raises(IntegrityError):
+        connections.heartbeat_many(db, ["a", "b"], session_ids=[session_id, "no-such"])
+    db.rollback()
+    assert row_count(migrated_url, "active_connections") == 0
+    assert connections.heartbeat_many(db, ["a", "b"], session_ids=[session_id, None]) == 2
+    assert [r[0] for r in rows(migrated_url)] == ["a", "b"]
 
 
 # ---------------------------------------------------------------- bad input

@@ -523,23 +523,40 @@ def _pending_request(url):
 
 
 def test_waiter_on_a_server_that_stopped_answering_fails_after_the_connect_timeout(stalling_url):
-    """A waiter runs only one-row statements: they are bounded by the connect timeout, so a
-    hung server ends a long wait with an OperationalError instead of never."""
+    """The watcher runs only one-row statements, bounded by the connect timeout: a server
+    that never answered fails the wait after it; one that stops answering for a while is
+    waited out; one gone for good ends the wait with an OperationalError after twice the
+    connect timeout (at least 10 s) instead of at the caller's timeout."""
     url, proxy = stalling_url
     url += "?connect_timeout=2"
     db, rid = _pending_request(url)
     proxy.stall()
-    # Connecting the waiter's own connection: bounded by connect_timeout.
+    # The watcher's first connection: bounded by connect_timeout.
     _fails_within(lambda: approvals.wait(rid, timeout=60, url=url), 1.9, 6.0)
     proxy.resume()
-    # Mid-wait: the waiter connected, then the server stopped answering.
+    # Mid-wait, the server stops answering for 3 s: the wait goes on, and the resolution
+    # made once it answers again reaches the waiter.
     threading.Timer(0.5, proxy.stall).start()
-    err = _fails_within(lambda: approvals.wait(rid, timeout=60, url=url), 2.4, 8.0)
-    assert "command_timeout=2" in str(err), err
+    threading.Timer(3.5, proxy.resume).start()
+
+    def resolve_later() -> None:
+        time.sleep(5)
+        other = get_db_session(url)
+        assert approvals.resolve(other, rid, "approved") is True
+        other.close()
+
+    resolver = threading.Thread(target=resolve_later)
+    resolver.start()
+    assert approvals.wait(rid, timeout=60, url=url).resolution == "approved"
+    resolver.join()
+    # Gone for good: the wait ends with the reason.
+    db.close()
+    db, rid = _pending_request(url)
+    threading.Timer(0.5, proxy.stall).start()
+    err = _fails_within(lambda: approvals.wait(rid, timeout=60, url=url), 10.0, 18.0)
+    assert "out of reach" in str(err), err
     proxy.resume()
-    # Nothing was lost: the request is still pending and can be resolved.
     db.rollback()
-    assert approvals.resolve(db, rid, "approved") is True
     db.close()
 
 

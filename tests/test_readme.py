@@ -69,6 +69,7 @@ def test_readme_block_runs(index, migrated_url, monkeypatch):
         "run": run,
         "plan": ["load data", "fit", "plot"],
         "task_id": "task-readme",
+        "task_ids": ["task-readme", "task-readme-2"],
         "socket": socket,
         "cmbagent_db": cmbagent_db,
         "proceed": lambda *args: said.append(("proceed", args)),

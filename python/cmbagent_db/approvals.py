@@ -17,13 +17,13 @@ client wakes it too.
 from __future__ import annotations
 
 import asyncio
-import functools
-import threading
+import atexit
 from typing import Any, Iterator, List, Optional
 
 from cmbagent_db._native import DbSession
 from cmbagent_db import _native
 from cmbagent_db._sessions import native
+from cmbagent_db.exceptions import ApprovalTimeout
 from cmbagent_db.models import ApprovalRequest
 
 #: The resolution values ``resolve`` accepts.
@@ -109,22 +109,55 @@ def wait(
     only ``timeout`` passes (the request stays pending), ApprovalNotFound for an unknown id,
     DataError for a status outside the request states (written by another client). A
     ``timeout`` longer than the clock can count (about 1e19 s) means no timeout. ``url``
-    defaults to cmbagent's database URL."""
+    defaults to cmbagent's database URL.
+
+    Every waiter of a database in a process shares one watcher thread and one connection
+    (see ``wait_async``); a waiting thread only sleeps on a condition."""
     return _native.approval_wait(approval_id, timeout, url=url)
+
+
+def _settle(fut: "asyncio.Future[None]") -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 async def wait_async(
     approval_id: str, timeout: Optional[float] = None, *, url: Optional[str] = None
 ) -> ApprovalRequest:
-    """``wait`` for asyncio code: runs in a worker thread, so the event loop keeps going.
-    Cancelling the awaiting task stops the wait within about 50 ms."""
-    stop = threading.Event()
-    call = functools.partial(_native.approval_wait, approval_id, timeout, url=url, stop=stop)
+    """``wait`` for asyncio code: an awaitable the database's watcher thread completes
+    through the event loop, with no thread or connection per waiter, so thousands can wait
+    in one loop. Cancelling the awaiting task stops the wait at once (the request stays
+    as it is)."""
+    if timeout is not None:
+        if not timeout >= 0:  # negative, or NaN
+            raise ValueError(
+                f"timeout must be a non-negative number of seconds or None, got {timeout}")
+        if timeout > 1e18:  # beyond what the clock counts: no timeout, as for wait
+            timeout = None
+    loop = asyncio.get_running_loop()
+    fut: "asyncio.Future[None]" = loop.create_future()
+
+    def woke() -> None:  # the watcher's thread
+        try:
+            loop.call_soon_threadsafe(_settle, fut)
+        except RuntimeError:  # the loop was closed meanwhile
+            pass
+
+    ticket = _native.approval_watch(approval_id, url=url, notify=woke)
     try:
-        return await asyncio.get_running_loop().run_in_executor(None, call)
-    except asyncio.CancelledError:
-        stop.set()
-        raise
+        await asyncio.wait_for(fut, timeout)
+        done = ticket.result()
+        assert done is not None  # the watcher completes the future only once it has ended
+        return done
+    except asyncio.TimeoutError:
+        raise ApprovalTimeout(
+            f"approval request {approval_id} is still pending after {timeout}s; it stays pending"
+        ) from None
+    finally:
+        ticket.close()
+
+
+atexit.register(_native._approvals_at_exit)
 
 
 __all__ = [

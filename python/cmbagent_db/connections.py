@@ -12,7 +12,7 @@ Every call that writes commits the session before returning.
 from __future__ import annotations
 
 import socket
-from typing import List, Optional
+from typing import Iterable, List, Optional
 
 from cmbagent_db._native import DbSession
 from cmbagent_db import _native
@@ -31,6 +31,22 @@ def heartbeat(
     to this host's name. A given ``session_id`` replaces the stored one; None keeps it."""
     instance = server_instance if server_instance is not None else socket.gethostname()
     return _native.connection_heartbeat(native(db), task_id, instance, session_id)
+
+
+def heartbeat_many(
+    db: DbSession,
+    task_ids: Iterable[str],
+    session_ids: Optional[Iterable[Optional[str]]] = None,
+    server_instance: Optional[str] = None,
+) -> int:
+    """``heartbeat`` for every connection an instance holds, in one statement (an upsert)
+    whatever their number: one round trip per tick for 10,000 connections. ``session_ids``,
+    when given, has one session id per task (None keeps the stored one); a task named
+    twice counts once, with its last session id. Returns how many tasks were refreshed or
+    inserted. ``ActiveConnection`` objects already loaded in ``db`` keep the values they
+    had (``db.refresh(obj)`` reads them again)."""
+    instance = server_instance if server_instance is not None else socket.gethostname()
+    return _native.connection_heartbeat_many(native(db), task_ids, instance, session_ids)
 
 
 def disconnect(db: DbSession, task_id: str) -> bool:
@@ -61,4 +77,4 @@ def reap_stale(db: DbSession, ttl_seconds: float) -> List[str]:
     return _native.connection_reap_stale(native(db), ttl_seconds)
 
 
-__all__ = ["heartbeat", "disconnect", "release_instance", "live", "owner", "reap_stale"]
+__all__ = ["heartbeat", "heartbeat_many", "disconnect", "release_instance", "live", "owner", "reap_stale"]

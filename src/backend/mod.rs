@@ -54,10 +54,12 @@ impl Conn {
                 conninfo,
                 timeouts,
                 tls,
+                statements,
             } => Inner::Postgres(Box::new(postgres::PgConn::open(
                 conninfo,
                 *timeouts,
                 tls,
+                *statements,
                 &url.display,
             )?)),
         };
@@ -155,10 +157,11 @@ impl Conn {
     /// decoded by what the column holds, and its counts. The transaction state follows
     /// what the statement did (a `COMMIT` or `BEGIN` typed by the caller included).
     pub fn run_any(&mut self, sql: &str, params: &[Value]) -> Result<dbapi::Outcome> {
+        let in_transaction = self.in_transaction;
         let inner = &mut self.inner;
         let out = traced(self.echo, sql, params, || match inner {
             Inner::Sqlite(c) => sqlite::run_any(c, sql, params),
-            Inner::Postgres(c) => c.run_any(sql, params),
+            Inner::Postgres(c) => c.run_any(sql, params, in_transaction),
         });
         match &self.inner {
             Inner::Sqlite(c) => self.in_transaction = !c.is_autocommit(),
@@ -203,8 +206,11 @@ impl Conn {
 
     pub fn begin_write(&mut self) -> Result<()> {
         if !self.in_transaction {
-            let sql = self.dialect().begin_write();
-            self.control(sql)?;
+            let sql = match &self.inner {
+                Inner::Postgres(c) => c.begin_sql(),
+                Inner::Sqlite(_) => self.dialect().begin_write().into(),
+            };
+            self.control(&sql)?;
             self.in_transaction = true;
         }
         Ok(())
@@ -242,9 +248,16 @@ impl Conn {
     pub fn set_lock_timeout(&mut self, wait: std::time::Duration) -> Result<()> {
         match &mut self.inner {
             Inner::Sqlite(c) => Ok(c.busy_timeout(wait)?),
-            Inner::Postgres(c) => {
-                c.batch(&format!("SET lock_timeout = {}", wait.as_millis().max(1)))
-            }
+            Inner::Postgres(c) => c.set_lock_timeout(wait),
+        }
+    }
+
+    /// Whether this connection can LISTEN for notifications: a PostgreSQL connection whose
+    /// session stays its own (not one behind a pooler in transaction mode).
+    pub fn can_listen(&self) -> bool {
+        match &self.inner {
+            Inner::Sqlite(_) => false,
+            Inner::Postgres(c) => !c.per_transaction(),
         }
     }
 

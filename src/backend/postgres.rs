@@ -22,7 +22,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use super::{libpq, tls, Row, Shape};
 use crate::dbapi;
 use crate::error::{Error, ErrorKind, Result};
-use crate::url::{PgTimeouts, SslMode, TlsParams};
+use crate::url::{PgTimeouts, SslMode, Statements, TlsParams};
 use crate::value::Value;
 
 type BoxError = Box<dyn StdError + Sync + Send>;
@@ -36,6 +36,11 @@ pub struct PgConn {
     notifications: mpsc::UnboundedReceiver<String>,
     /// Statements prepared on this connection, by SQL text.
     statements: HashMap<String, Statement>,
+    /// No statement or setting outlives its transaction (`url::Statements`): statements go
+    /// unnamed, the cache above stays empty, and `lock_timeout` is set in each transaction.
+    per_transaction: bool,
+    /// The `lock_timeout` of each transaction, where it cannot be the session's.
+    lock_timeout: Option<Duration>,
 }
 
 /// The runtime that moves a connection's bytes, and the bounds on waiting for them.
@@ -138,6 +143,7 @@ impl PgConn {
         conninfo: &str,
         timeouts: PgTimeouts,
         params: &TlsParams,
+        statements: Statements,
         display: &str,
     ) -> Result<PgConn> {
         // Whatever the server answers (a missing database is SQLSTATE 3D000, which would
@@ -232,7 +238,7 @@ impl PgConn {
                 }
             }
         });
-        Ok(PgConn {
+        let mut conn = PgConn {
             client,
             driver: Driver {
                 runtime,
@@ -243,7 +249,59 @@ impl PgConn {
             },
             notifications,
             statements: HashMap::new(),
+            per_transaction: statements == Statements::PerTransaction,
+            lock_timeout: None,
+        };
+        if statements == Statements::Auto {
+            conn.per_transaction = conn.behind_pooler(config.get_ports()).map_err(failed)?;
+        }
+        Ok(conn)
+    }
+
+    /// Whether something between us and the server relays the connection: the server's
+    /// `port` setting is none of the ports connected to (PgBouncer, pgcat, Odyssey and
+    /// pgpool listen on their own). A port forward that renumbers looks the same; it costs
+    /// only the statement cache.
+    fn behind_pooler(&mut self, dialed: &[u16]) -> Result<bool> {
+        let answer = self
+            .driver
+            .run(&self.client, self.client.simple_query("SHOW port"))?;
+        let server_port = answer.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0)?.parse::<u16>().ok(),
+            _ => None,
+        });
+        Ok(match server_port {
+            Some(port) if dialed.is_empty() => port != 5432,
+            Some(port) => !dialed.contains(&port),
+            None => false,
         })
+    }
+
+    pub fn per_transaction(&self) -> bool {
+        self.per_transaction
+    }
+
+    /// `lock_timeout` for this connection's statements: the session's setting, or, behind
+    /// a pooler, each transaction's.
+    pub fn set_lock_timeout(&mut self, wait: Duration) -> Result<()> {
+        let ms = wait.as_millis().max(1);
+        if self.per_transaction {
+            self.lock_timeout = Some(wait);
+            return Ok(());
+        }
+        self.batch(&format!("SET lock_timeout = {ms}"))
+    }
+
+    /// The statement that begins a transaction, with its settings.
+    pub fn begin_sql(&self) -> std::borrow::Cow<'static, str> {
+        match self.lock_timeout {
+            Some(wait) => format!(
+                "BEGIN; SET LOCAL lock_timeout = {}",
+                wait.as_millis().max(1)
+            )
+            .into(),
+            None => "BEGIN".into(),
+        }
     }
 
     pub fn is_closed(&self) -> bool {
@@ -265,6 +323,12 @@ impl PgConn {
     }
 
     pub fn execute(&mut self, sql: &str, params: &[Value]) -> Result<u64> {
+        if self.per_transaction {
+            let params = unnamed_params(params);
+            return self
+                .driver
+                .run(&self.client, self.client.execute_typed(sql, &params));
+        }
         let stmt = self.prepared(sql)?;
         let params = as_params(params);
         self.driver
@@ -272,11 +336,16 @@ impl PgConn {
     }
 
     pub fn query(&mut self, sql: &str, params: &[Value], shape: Shape) -> Result<Vec<Row>> {
-        let stmt = self.prepared(sql)?;
-        let params = as_params(params);
-        let rows = self
-            .driver
-            .run(&self.client, self.client.query(&stmt, &params))?;
+        let rows = if self.per_transaction {
+            let params = unnamed_params(params);
+            self.driver
+                .run(&self.client, self.client.query_typed(sql, &params))?
+        } else {
+            let stmt = self.prepared(sql)?;
+            let params = as_params(params);
+            self.driver
+                .run(&self.client, self.client.query(&stmt, &params))?
+        };
         rows.iter()
             .map(|row| {
                 (0..shape.len())
@@ -292,7 +361,15 @@ impl PgConn {
 
     /// Any statement (the DB-API): its columns with their type OIDs, rows decoded by each
     /// column's server type, and the number of rows it changed or returned.
-    pub fn run_any(&mut self, sql: &str, params: &[Value]) -> Result<dbapi::Outcome> {
+    pub fn run_any(
+        &mut self,
+        sql: &str,
+        params: &[Value],
+        in_transaction: bool,
+    ) -> Result<dbapi::Outcome> {
+        if self.per_transaction {
+            return self.run_any_unnamed(sql, params, in_transaction);
+        }
         let stmt = self.prepared(sql)?;
         if stmt.params().len() != params.len() {
             return Err(Error::new(
@@ -304,22 +381,7 @@ impl PgConn {
                 ),
             ));
         }
-        let columns: Vec<dbapi::Column> = stmt
-            .columns()
-            .iter()
-            .map(|c| dbapi::Column {
-                name: c.name().to_string(),
-                type_oid: Some(c.type_().oid()),
-                read_as: match *c.type_() {
-                    Type::NUMERIC => dbapi::ReadAs::Decimal,
-                    Type::DATE => dbapi::ReadAs::Date,
-                    Type::TIME => dbapi::ReadAs::Time,
-                    Type::UUID => dbapi::ReadAs::Uuid,
-                    Type::TIMESTAMP => dbapi::ReadAs::NaiveDatetime,
-                    _ => dbapi::ReadAs::Native,
-                },
-            })
-            .collect();
+        let columns = described(stmt.columns());
         let bound = as_params(params);
         if columns.is_empty() {
             let changed = self
@@ -335,28 +397,67 @@ impl PgConn {
         let rows = self
             .driver
             .run(&self.client, self.client.query(&stmt, &bound))?;
-        let rows = rows
-            .iter()
-            .map(|row| {
-                (0..columns.len())
-                    .map(|i| {
-                        row.try_get::<_, AnyDecoded>(i).map(|d| d.0).map_err(|e| {
-                            // The decoder's own text is the cause; the driver's names
-                            // only the column number.
-                            let why = StdError::source(&e).map_or(e.to_string(), |c| c.to_string());
-                            Error::data(format!(
-                                "column {} could not be read: {why}",
-                                columns[i].name
-                            ))
-                        })
-                    })
-                    .collect::<Result<Row>>()
-            })
-            .collect::<Result<Vec<Row>>>()?;
+        let rows = decoded_rows(&rows, &columns)?;
         Ok(dbapi::Outcome {
             rowcount: i64::try_from(rows.len()).unwrap_or(i64::MAX),
             columns,
             rows,
+            lastrowid: None,
+        })
+    }
+
+    /// `run_any` where no statement may outlive its transaction: the statement goes
+    /// unnamed with its values (one round trip). Its columns come with its rows; a
+    /// statement that may return rows and returned none is described by preparing it once
+    /// more, inside a transaction (the caller's, or one of its own that it rolls back), so
+    /// the prepared statement is closed before a pooler can hand the server to another
+    /// client.
+    fn run_any_unnamed(
+        &mut self,
+        sql: &str,
+        params: &[Value],
+        in_transaction: bool,
+    ) -> Result<dbapi::Outcome> {
+        let bound = unnamed_params(params);
+        let (rows, affected) = self.driver.run(&self.client, async {
+            let stream = self
+                .client
+                .query_typed_raw(sql, bound.iter().map(|(v, t)| (*v, t.clone())))
+                .await?;
+            let mut stream = std::pin::pin!(stream);
+            let mut rows = Vec::new();
+            while let Some(row) = futures_util::StreamExt::next(&mut stream).await {
+                rows.push(row?);
+            }
+            Ok((rows, stream.rows_affected()))
+        })?;
+        let columns = match rows.first() {
+            Some(row) => described(row.columns()),
+            None if dbapi::may_return_rows(sql) => {
+                if !in_transaction {
+                    self.batch("BEGIN")?;
+                }
+                let described_now = self
+                    .driver
+                    .run(&self.client, self.client.prepare(sql))
+                    .map(|stmt| described(stmt.columns()));
+                if !in_transaction {
+                    self.batch("ROLLBACK")?;
+                }
+                described_now?
+            }
+            None => Vec::new(),
+        };
+        let decoded = decoded_rows(&rows, &columns)?;
+        let rowcount = if columns.is_empty() {
+            affected.unwrap_or(0)
+        } else {
+            decoded.len() as u64
+        };
+        Ok(dbapi::Outcome {
+            rowcount: i64::try_from(rowcount).unwrap_or(i64::MAX),
+            columns,
+            rows: decoded,
             lastrowid: None,
         })
     }
@@ -390,6 +491,56 @@ impl PgConn {
 
 fn as_params(values: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
     values.iter().map(|v| v as &(dyn ToSql + Sync)).collect()
+}
+
+/// Values for an unnamed statement: each of unknown type, so the server infers it from
+/// the statement as it does when preparing, and in PostgreSQL's text form, which every
+/// type reads.
+fn unnamed_params(values: &[Value]) -> Vec<(&(dyn ToSql + Sync), Type)> {
+    values
+        .iter()
+        .map(|v| (v as &(dyn ToSql + Sync), Type::UNKNOWN))
+        .collect()
+}
+
+/// The DB-API's description of a statement's result columns.
+fn described(columns: &[tokio_postgres::Column]) -> Vec<dbapi::Column> {
+    columns
+        .iter()
+        .map(|c| dbapi::Column {
+            name: c.name().to_string(),
+            type_oid: Some(c.type_().oid()),
+            read_as: match *c.type_() {
+                Type::NUMERIC => dbapi::ReadAs::Decimal,
+                Type::DATE => dbapi::ReadAs::Date,
+                Type::TIME => dbapi::ReadAs::Time,
+                Type::UUID => dbapi::ReadAs::Uuid,
+                Type::TIMESTAMP => dbapi::ReadAs::NaiveDatetime,
+                _ => dbapi::ReadAs::Native,
+            },
+        })
+        .collect()
+}
+
+/// Rows of any statement, each value decoded by its column's server type.
+fn decoded_rows(rows: &[tokio_postgres::Row], columns: &[dbapi::Column]) -> Result<Vec<Row>> {
+    rows.iter()
+        .map(|row| {
+            (0..columns.len())
+                .map(|i| {
+                    row.try_get::<_, AnyDecoded>(i).map(|d| d.0).map_err(|e| {
+                        // The decoder's own text is the cause; the driver's names only the
+                        // column number.
+                        let why = StdError::source(&e).map_or(e.to_string(), |c| c.to_string());
+                        Error::data(format!(
+                            "column {} could not be read: {why}",
+                            columns[i].name
+                        ))
+                    })
+                })
+                .collect::<Result<Row>>()
+        })
+        .collect()
 }
 
 /// Binds by the type the server inferred for the parameter, so one `Value` serves
@@ -439,6 +590,9 @@ impl ToSql for Value {
     }
 
     fn encode_format(&self, ty: &Type) -> Format {
+        if *ty == Type::UNKNOWN && !matches!(self, Value::Null) {
+            return Format::Text;
+        }
         let binary = match self {
             Value::Null => true,
             Value::Bool(_) => *ty == Type::BOOL,

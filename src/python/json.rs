@@ -14,6 +14,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use crate::python::convert::type_name;
+use crate::value::json_string;
 
 /// How deep a JSON value may nest: deeper is refused (as is a value that contains itself).
 const MAX_DEPTH: usize = 512;
@@ -66,7 +67,7 @@ fn encode(v: &Bound<'_, PyAny>, out: &mut String, depth: usize) -> Option<()> {
         return None;
     }
     if let Ok(s) = v.cast_exact::<PyString>() {
-        string(s.to_str().ok()?, out);
+        json_string(s.to_str().ok()?, out);
         return Some(());
     }
     if other_scalar(v, out)? {
@@ -112,14 +113,14 @@ fn items<'py>(
 /// A dict key: str as is; float, int, bool and None by their JSON text, as a string.
 fn key(k: &Bound<'_, PyAny>, out: &mut String) -> Option<()> {
     if let Ok(s) = k.cast_exact::<PyString>() {
-        string(s.to_str().ok()?, out);
+        json_string(s.to_str().ok()?, out);
         return Some(());
     }
     let mut text = String::new();
     if !other_scalar(k, &mut text)? {
         return None;
     }
-    string(&text, out);
+    json_string(&text, out);
     Some(())
 }
 
@@ -158,32 +159,6 @@ fn float(f: &Bound<'_, PyFloat>, out: &mut String) -> Option<()> {
     }
     out.push_str(f.repr().ok()?.to_str().ok()?);
     Some(())
-}
-
-/// A JSON string with `ensure_ascii`: printable ASCII as is, the rest as `\uXXXX`
-/// (lowercase hex, surrogate pairs beyond the BMP), and the short escapes json uses.
-fn string(s: &str, out: &mut String) {
-    out.reserve(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            ' '..='~' => out.push(c),
-            _ => {
-                let mut units = [0u16; 2];
-                for unit in c.encode_utf16(&mut units) {
-                    let _ = write!(out, "\\u{unit:04x}");
-                }
-            }
-        }
-    }
-    out.push('"');
 }
 
 /// Refuses what `json.dumps(v, allow_nan=False)` would refuse, without encoding: a column

@@ -34,6 +34,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<session::PyDbSession>()?;
     m.add_class::<query::PyQuery>()?;
     m.add_class::<services::OverdueSweep>()?;
+    m.add_class::<services::PyTicket>()?;
     m.add_class::<dbapi::PyDbapiConnection>()?;
     m.add_class::<dbapi::PyDbapiCursor>()?;
     m.add_function(wrap_pyfunction!(dbapi::connect, m)?)?;
@@ -65,6 +66,9 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(services::pending, m)?)?;
     m.add_function(wrap_pyfunction!(services::wait, m)?)?;
     m.add_function(wrap_pyfunction!(services::heartbeat, m)?)?;
+    m.add_function(wrap_pyfunction!(services::heartbeat_many, m)?)?;
+    m.add_function(wrap_pyfunction!(services::watch_request, m)?)?;
+    m.add_function(wrap_pyfunction!(services::at_exit, m)?)?;
     m.add_function(wrap_pyfunction!(services::disconnect, m)?)?;
     m.add_function(wrap_pyfunction!(services::release_instance, m)?)?;
     m.add_function(wrap_pyfunction!(services::reap_stale, m)?)?;

@@ -1,6 +1,8 @@
 //! The approval and connection lifecycle services (`cmbagent_db.approvals` and
 //! `cmbagent_db.connections` wrap these). Every call that writes commits before returning.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -8,7 +10,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDateTime;
 
-use crate::approvals::{self, Outcome, WaitEnd, Waiter, RESOLUTIONS};
+use crate::approvals::{self, Outcome, WaitEnd, RESOLUTIONS};
 use crate::col;
 use crate::connections;
 use crate::engine;
@@ -23,6 +25,7 @@ use crate::schema::{ACTIVE_CONNECTIONS, APPROVAL_REQUESTS};
 use crate::unit_of_work::ObjState;
 use crate::url;
 use crate::value::Value;
+use crate::watch;
 
 fn outcome(outcome: Outcome, id: &str) -> PyResult<bool> {
     match outcome {
@@ -215,16 +218,74 @@ pub fn pending(
     exclusive(db)?.fetch(py, &select, false)
 }
 
-/// Blocks until the request is resolved and returns it (detached from any session),
-/// without holding the GIL or a transaction. See `cmbagent_db.approvals.wait`.
+/// How a wait ended, for Python: the request (detached from any session) when it was
+/// resolved, else the exception that says how it ended.
+fn ended(py: Python<'_>, approval_id: &str, outcome: watch::Outcome) -> PyResult<Py<PyAny>> {
+    match outcome? {
+        WaitEnd::Resolved(row) => {
+            let mut model = PyModel::loaded(APPROVAL_REQUESTS, row, None);
+            model.state = ObjState::Detached;
+            instantiate(py, model)
+        }
+        WaitEnd::Expired => Err(raise(
+            ErrorKind::ApprovalExpired,
+            format!("approval request {approval_id} expired before anyone resolved it"),
+        )),
+        WaitEnd::Cancelled => Err(raise(
+            ErrorKind::ApprovalCancelled,
+            format!("approval request {approval_id} was cancelled"),
+        )),
+        WaitEnd::NotFound => Err(raise(
+            ErrorKind::ApprovalNotFound,
+            format!("no approval request has id {approval_id:?}"),
+        )),
+        WaitEnd::UnknownStatus(status) => {
+            let shown = status.map_or("NULL".to_string(), |s| format!("{s:?}"));
+            Err(raise(
+                ErrorKind::Data,
+                format!(
+                    "approval request {approval_id} has status {shown}, which is not one of \
+                     the states a request can be in (pending, {}, resolved, expired, \
+                     cancelled); the wait ends here",
+                    RESOLUTIONS.join(", ")
+                ),
+            ))
+        }
+    }
+}
+
+/// The engine of `url` (default: cmbagent's), its database brought up as for a session.
+fn waited_engine(py: Python<'_>, url: Option<String>) -> PyResult<Arc<engine::Engine>> {
+    let url = match url {
+        Some(u) => u,
+        None => url::default_url()?,
+    };
+    let engine = engine::engine(&url)?;
+    py.detach(|| engine.ensure_ready())?;
+    Ok(engine)
+}
+
+/// Set when the interpreter begins to exit: the watcher threads then call no Python.
+static EXITING: AtomicBool = AtomicBool::new(false);
+
+/// Called at interpreter exit (an `atexit` hook of `cmbagent_db.approvals`): from then on,
+/// a watcher thread fills its waiters' slots but calls no Python back.
 #[pyfunction]
-#[pyo3(name = "approval_wait", signature = (approval_id, timeout = None, *, url = None, stop = None))]
+#[pyo3(name = "_approvals_at_exit")]
+pub fn at_exit() {
+    EXITING.store(true, Ordering::SeqCst);
+}
+
+/// Blocks until the request is resolved and returns it (detached from any session),
+/// without holding the GIL or a transaction, on the database's one watcher. See
+/// `cmbagent_db.approvals.wait`.
+#[pyfunction]
+#[pyo3(name = "approval_wait", signature = (approval_id, timeout = None, *, url = None))]
 pub fn wait(
     py: Python<'_>,
     approval_id: String,
     timeout: Option<f64>,
     url: Option<String>,
-    stop: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     if let Some(t) = timeout {
         if !(t.is_finite() && t >= 0.0) {
@@ -233,66 +294,29 @@ pub fn wait(
             )));
         }
     }
-    let url = match url {
-        Some(u) => u,
-        None => url::default_url()?,
-    };
-    let engine = engine::engine(&url)?;
-    let id = approval_id.clone();
-    let mut waiter = py.detach(|| {
-        engine.ensure_ready()?;
-        Waiter::new(engine.open_for_waiter()?, &id)
-    })?;
+    let engine = waited_engine(py, url)?;
+    let ticket = watch::watch(&engine, &approval_id, None)?;
     // A timeout longer than a monotonic clock can count (centuries) is no deadline at all.
     let deadline = timeout.and_then(|t| {
         Duration::try_from_secs_f64(t)
             .ok()
             .and_then(|d| Instant::now().checked_add(d))
     });
-    // Short slices keep Ctrl-C and asyncio cancellation responsive.
-    let slice = Duration::from_millis(50);
+    // Signals reach Python in its main thread only: there, short slices keep Ctrl-C
+    // responsive; any other thread sleeps until the outcome or its deadline.
+    let threading = py.import("threading")?;
+    let main = threading
+        .call_method0("current_thread")?
+        .is(&threading.call_method0("main_thread")?);
     loop {
-        let this_slice = match deadline {
-            Some(d) => slice.min(d.saturating_duration_since(Instant::now())),
-            None => slice,
+        let until = if main {
+            let slice = Instant::now() + Duration::from_millis(50);
+            Some(deadline.map_or(slice, |d| d.min(slice)))
+        } else {
+            deadline
         };
-        match py.detach(|| waiter.poll(this_slice))? {
-            Some(WaitEnd::Resolved(row)) => {
-                let mut model = PyModel::loaded(APPROVAL_REQUESTS, row, None);
-                model.state = ObjState::Detached;
-                return instantiate(py, model);
-            }
-            Some(WaitEnd::Expired) => {
-                return Err(raise(
-                    ErrorKind::ApprovalExpired,
-                    format!("approval request {approval_id} expired before anyone resolved it"),
-                ))
-            }
-            Some(WaitEnd::Cancelled) => {
-                return Err(raise(
-                    ErrorKind::ApprovalCancelled,
-                    format!("approval request {approval_id} was cancelled"),
-                ))
-            }
-            Some(WaitEnd::NotFound) => {
-                return Err(raise(
-                    ErrorKind::ApprovalNotFound,
-                    format!("no approval request has id {approval_id:?}"),
-                ))
-            }
-            Some(WaitEnd::UnknownStatus(status)) => {
-                let shown = status.map_or("NULL".to_string(), |s| format!("{s:?}"));
-                return Err(raise(
-                    ErrorKind::Data,
-                    format!(
-                        "approval request {approval_id} has status {shown}, which is not one of \
-                         the states a request can be in (pending, {}, resolved, expired, \
-                         cancelled); the wait ends here",
-                        RESOLUTIONS.join(", ")
-                    ),
-                ));
-            }
-            None => {}
+        if let Some(outcome) = py.detach(|| ticket.wait(until)) {
+            return ended(py, &approval_id, outcome);
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(raise(
@@ -303,13 +327,62 @@ pub fn wait(
                 ),
             ));
         }
-        if let Some(stop) = stop {
-            if stop.call_method0("is_set")?.is_truthy()? {
-                return Err(raise(ErrorKind::ApprovalTimeout, format!("wait for approval request {approval_id} was cancelled by its caller; the request stays pending")));
-            }
-        }
         py.check_signals()?;
     }
+}
+
+/// A wait registered with the database's watcher, for asyncio
+/// (`cmbagent_db.approvals.wait_async`): `notify` is called once it has ended.
+#[pyclass(name = "ApprovalTicket", module = "cmbagent_db._native", frozen)]
+pub struct PyTicket {
+    approval_id: String,
+    ticket: Mutex<Option<watch::Ticket>>,
+}
+
+#[pymethods]
+impl PyTicket {
+    /// The request, resolved (or the exception of how the wait ended); None while the
+    /// wait goes on.
+    fn result(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        let outcome = match &*self.ticket.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(t) => t.wait(Some(Instant::now())),
+            None => None,
+        };
+        outcome.map(|o| ended(py, &self.approval_id, o)).transpose()
+    }
+
+    /// Stops waiting (the request is left as it is).
+    fn close(&self) {
+        self.ticket.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+/// Registers a wait for `approval_id` with the database's watcher; `notify()` is called
+/// (from the watcher's thread, with the GIL) once it has ended.
+#[pyfunction]
+#[pyo3(name = "approval_watch", signature = (approval_id, *, url = None, notify))]
+pub fn watch_request(
+    py: Python<'_>,
+    approval_id: String,
+    url: Option<String>,
+    notify: Py<PyAny>,
+) -> PyResult<PyTicket> {
+    let engine = waited_engine(py, url)?;
+    let callback: watch::Notify = Box::new(move || {
+        if EXITING.load(Ordering::SeqCst) {
+            return;
+        }
+        Python::attach(|py| {
+            if let Err(e) = notify.call0(py) {
+                e.write_unraisable(py, None);
+            }
+        });
+    });
+    let ticket = watch::watch(&engine, &approval_id, Some(callback))?;
+    Ok(PyTicket {
+        approval_id,
+        ticket: Mutex::new(Some(ticket)),
+    })
 }
 
 fn ttl(ttl_seconds: &Bound<'_, PyAny>) -> PyResult<chrono::DateTime<Utc>> {
@@ -340,6 +413,19 @@ fn text_arg(col: ColRef, v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<String
     }
 }
 
+fn task_arg(task_id: &Bound<'_, PyAny>) -> PyResult<String> {
+    text_arg(col!(ACTIVE_CONNECTIONS, "task_id"), Some(task_id))?
+        .ok_or_else(|| PyTypeError::new_err("active_connections.task_id cannot be None"))
+}
+
+fn instance_arg(server_instance: &Bound<'_, PyAny>) -> PyResult<String> {
+    Ok(text_arg(
+        col!(ACTIVE_CONNECTIONS, "server_instance"),
+        Some(server_instance),
+    )?
+    .unwrap_or_default())
+}
+
 /// Inserts or refreshes the task's connection row in one atomic statement; returns it.
 /// Commits.
 #[pyfunction]
@@ -352,19 +438,54 @@ pub fn heartbeat(
     session_id: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Py<PyAny>> {
     let t = ACTIVE_CONNECTIONS;
-    let task = text_arg(col!(ACTIVE_CONNECTIONS, "task_id"), Some(task_id))?
-        .ok_or_else(|| PyTypeError::new_err("active_connections.task_id cannot be None"))?;
-    let instance = text_arg(
-        col!(ACTIVE_CONNECTIONS, "server_instance"),
-        Some(server_instance),
-    )?
-    .unwrap_or_default();
+    let task = task_arg(task_id)?;
+    let instance = instance_arg(server_instance)?;
     let session = text_arg(col!(ACTIVE_CONNECTIONS, "session_id"), session_id)?;
     let mut s = exclusive(db)?;
     let row = s.write_and_commit(py, move |c| {
         connections::heartbeat(c, &task, session.as_deref(), &instance, Utc::now())
     })?;
     s.merge_row(py, t, row)
+}
+
+/// Inserts or refreshes the connection row of every task in `task_ids` in one statement;
+/// returns how many tasks. Commits.
+#[pyfunction]
+#[pyo3(name = "connection_heartbeat_many", signature = (db, task_ids, server_instance, session_ids = None))]
+pub fn heartbeat_many(
+    py: Python<'_>,
+    db: &Bound<'_, PyDbSession>,
+    task_ids: &Bound<'_, PyAny>,
+    server_instance: &Bound<'_, PyAny>,
+    session_ids: Option<&Bound<'_, PyAny>>,
+) -> PyResult<u64> {
+    if task_ids.is_instance_of::<pyo3::types::PyString>() {
+        return Err(PyTypeError::new_err(
+            "task_ids must be a sequence of task ids, not one string",
+        ));
+    }
+    let mut tasks = Vec::new();
+    for task in task_ids.try_iter()? {
+        tasks.push((task_arg(&task?)?, None));
+    }
+    if let Some(sessions) = session_ids {
+        let sessions: Vec<Bound<'_, PyAny>> = sessions.try_iter()?.collect::<PyResult<_>>()?;
+        if sessions.len() != tasks.len() {
+            return Err(PyValueError::new_err(format!(
+                "session_ids has {} items for {} task_ids: give one session id (or None) per task",
+                sessions.len(),
+                tasks.len()
+            )));
+        }
+        for (task, session) in tasks.iter_mut().zip(&sessions) {
+            task.1 = text_arg(col!(ACTIVE_CONNECTIONS, "session_id"), Some(session))?;
+        }
+    }
+    let instance = instance_arg(server_instance)?;
+    let with_sessions = session_ids.is_some();
+    exclusive(db)?.write_and_commit(py, move |c| {
+        connections::heartbeat_many(c, &tasks, with_sessions, &instance, Utc::now())
+    })
 }
 
 fn forget(py: Python<'_>, s: &mut PyDbSession, removed: &[connections::Removed]) -> PyResult<()> {

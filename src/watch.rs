@@ -1,0 +1,753 @@
+//! One watcher per database per process, shared by every waiter of that database.
+//!
+//! A waiter registers the request it waits on and blocks on its own slot (or, from
+//! asyncio, is called back when the slot is filled); the watcher's one thread and one
+//! connection notice changes and fill the slots of the requests that reached a final
+//! state. Changes are noticed by PostgreSQL's LISTEN (the trigger NOTIFYs the id of every
+//! request whose status changes), by SQLite's `PRAGMA data_version`, or, where LISTEN
+//! cannot work (a pooler in transaction mode), by reading every watched request each poll.
+//! Every watched request is read again now and then anyway (a deleted row sends no
+//! notification) and after the connection is replaced. Deadlines are kept in one ordered
+//! set: a request is marked expired when its own deadline passes, without a thread of its
+//! own. With nothing to watch the thread sleeps on a condition variable and, after a
+//! while, closes its connection and ends.
+//!
+//! The thread never holds a lock of this module while it reads the database or calls a
+//! waiter back, so registering never waits for a statement, and a callback may register.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use crate::approvals::{self, WaitEnd, CHANNEL, RESOLUTIONS};
+use crate::backend::{Conn, Row};
+use crate::dialect::Dialect;
+use crate::engine::Engine;
+use crate::error::{Error, ErrorKind, Result};
+use crate::schema::{ColType, APPROVAL_REQUESTS, TABLES};
+use crate::value::Value;
+
+/// What a waiter gets: how its wait ended, or why the watcher could not tell.
+pub type Outcome = std::result::Result<WaitEnd, Error>;
+
+/// Called from the watcher's thread once a slot is filled (asyncio's waiters).
+pub type Notify = Box<dyn Fn() + Send + Sync>;
+
+/// How long the thread waits for a change before it looks at new registrations and
+/// deadlines again.
+const SLICE: Duration = Duration::from_millis(20);
+/// How often SQLite's change counter is read within a slice.
+const SQLITE_TICK: Duration = Duration::from_millis(2);
+/// How often every watched request is read when LISTEN is not available.
+const POLL: Duration = Duration::from_millis(50);
+/// How often every watched request is read anyway (deleted rows, a lost notification).
+const REREAD: Duration = Duration::from_secs(1);
+/// How long an idle watcher keeps its connection and thread.
+const IDLE: Duration = Duration::from_secs(5);
+/// The shortest time the watcher goes on trying to reach a database it has lost before
+/// it ends every wait with the error (see `Watcher::give_up`).
+const LOST_AT_LEAST: Duration = Duration::from_secs(10);
+/// Requests per read statement.
+const READ_BATCH: usize = 500;
+/// How long the watcher's own expiry write waits for a lock before it looks again.
+const LOCK_WAIT: Duration = Duration::from_millis(100);
+
+/// One waiter's place: filled once.
+struct Slot {
+    outcome: Mutex<Option<Outcome>>,
+    filled: Condvar,
+    notify: Option<Notify>,
+}
+
+impl Slot {
+    fn fill(&self, outcome: Outcome) {
+        *lock(&self.outcome) = Some(outcome);
+        self.filled.notify_all();
+        if let Some(notify) = &self.notify {
+            notify();
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// The slots waiting on each request.
+    waits: HashMap<String, Vec<Arc<Slot>>>,
+    /// Requests not read since they were registered (or since the connection changed).
+    unread: HashSet<String>,
+    /// (deadline, id) of every watched pending request.
+    deadlines: BTreeSet<(DateTime<Utc>, String)>,
+    /// Each watched request's deadline, to find its entry above.
+    deadline_of: HashMap<String, DateTime<Utc>>,
+    running: bool,
+}
+
+impl State {
+    fn forget(&mut self, id: &str) {
+        self.waits.remove(id);
+        self.unread.remove(id);
+        if let Some(d) = self.deadline_of.remove(id) {
+            self.deadlines.remove(&(d, id.to_string()));
+        }
+    }
+}
+
+/// The watcher of one database.
+struct Watcher {
+    engine: Arc<Engine>,
+    state: Mutex<State>,
+    /// Signalled when a wait is registered.
+    registered: Condvar,
+    pid: u32,
+}
+
+/// Shared by watcher threads while they are inside a database library, exclusive around
+/// `fork()` (`pthread_atfork`): a thread that forks waits until no watcher is mid-call, so
+/// the child never inherits a lock SQLite (or the allocator) holds for a watcher thread
+/// that did not come along. The watcher polls often, which would make that likely.
+struct ForkLock(std::cell::UnsafeCell<libc::pthread_rwlock_t>);
+
+// SAFETY: the rwlock is only used through the pthread calls, which synchronise.
+unsafe impl Sync for ForkLock {}
+
+static FORK_LOCK: ForkLock = ForkLock(std::cell::UnsafeCell::new(libc::PTHREAD_RWLOCK_INITIALIZER));
+
+extern "C" fn before_fork() {
+    // SAFETY: a statically initialised rwlock, released (or, in the child, made anew)
+    // right after the fork.
+    unsafe { libc::pthread_rwlock_wrlock(FORK_LOCK.0.get()) };
+}
+
+extern "C" fn after_fork_in_parent() {
+    // SAFETY: this thread took the lock in `before_fork`.
+    unsafe { libc::pthread_rwlock_unlock(FORK_LOCK.0.get()) };
+}
+
+extern "C" fn after_fork_in_child() {
+    // The child's one thread has another thread id than the one that took the lock, which
+    // glibc's unlock would misread: the child starts with a new, free lock instead.
+    // SAFETY: no other thread exists in the child yet.
+    unsafe { *FORK_LOCK.0.get() = libc::PTHREAD_RWLOCK_INITIALIZER };
+}
+
+/// A watcher thread inside a database library (see `ForkLock`).
+struct InLibrary;
+
+impl InLibrary {
+    fn enter() -> InLibrary {
+        static HANDLERS: std::sync::Once = std::sync::Once::new();
+        HANDLERS.call_once(|| {
+            // SAFETY: plain function pointers, registered once.
+            unsafe {
+                libc::pthread_atfork(
+                    Some(before_fork),
+                    Some(after_fork_in_parent),
+                    Some(after_fork_in_child),
+                )
+            };
+        });
+        // SAFETY: as above.
+        unsafe { libc::pthread_rwlock_rdlock(FORK_LOCK.0.get()) };
+        InLibrary
+    }
+}
+
+impl Drop for InLibrary {
+    fn drop(&mut self) {
+        // SAFETY: taken in `enter`.
+        unsafe { libc::pthread_rwlock_unlock(FORK_LOCK.0.get()) };
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn registry() -> &'static Mutex<HashMap<String, Arc<Watcher>>> {
+    static WATCHERS: OnceLock<Mutex<HashMap<String, Arc<Watcher>>>> = OnceLock::new();
+    WATCHERS.get_or_init(Default::default)
+}
+
+/// A registered wait. Dropping it before it is filled unregisters it.
+pub struct Ticket {
+    watcher: Arc<Watcher>,
+    id: String,
+    slot: Arc<Slot>,
+}
+
+/// Registers a wait on request `id` of `engine`'s database; `notify` is called from the
+/// watcher's thread when the outcome is there. Starts the database's watcher if none runs
+/// in this process (a child after `fork()` starts its own).
+pub fn watch(engine: &Arc<Engine>, id: &str, notify: Option<Notify>) -> Result<Ticket> {
+    let pid = std::process::id();
+    let watcher = {
+        let mut watchers = lock(registry());
+        match watchers.get(engine.key()) {
+            Some(w) if w.pid == pid => w.clone(),
+            _ => {
+                let w = Arc::new(Watcher {
+                    engine: engine.clone(),
+                    state: Mutex::new(State::default()),
+                    registered: Condvar::new(),
+                    pid,
+                });
+                // A parent's watcher, inherited by fork(), is left as it is: its thread
+                // did not come along, and its locks may be held.
+                if let Some(old) = watchers.insert(engine.key().to_string(), w.clone()) {
+                    std::mem::forget(old);
+                }
+                w
+            }
+        }
+    };
+    let slot = Arc::new(Slot {
+        outcome: Mutex::new(None),
+        filled: Condvar::new(),
+        notify,
+    });
+    let start = {
+        let mut state = lock(&watcher.state);
+        state
+            .waits
+            .entry(id.to_string())
+            .or_default()
+            .push(slot.clone());
+        state.unread.insert(id.to_string());
+        let start = !state.running;
+        state.running = true;
+        start
+    };
+    watcher.registered.notify_one();
+    if start {
+        let w = watcher.clone();
+        let spawned = std::thread::Builder::new()
+            .name("cmbagent-db-watcher".into())
+            .spawn(move || w.run());
+        if let Err(e) = spawned {
+            lock(&watcher.state).running = false;
+            return Err(Error::operational(format!(
+                "cannot start the approval watcher thread: {e}"
+            )));
+        }
+    }
+    Ok(Ticket {
+        watcher,
+        id: id.to_string(),
+        slot,
+    })
+}
+
+impl Ticket {
+    /// The outcome, once there; blocks until it is or until `until` passes (None: for
+    /// ever). The outcome stays for later calls.
+    pub fn wait(&self, until: Option<Instant>) -> Option<Outcome> {
+        let mut outcome = lock(&self.slot.outcome);
+        loop {
+            if let Some(o) = outcome.as_ref() {
+                return Some(o.clone());
+            }
+            match until {
+                None => {
+                    outcome = self
+                        .slot
+                        .filled
+                        .wait(outcome)
+                        .unwrap_or_else(|p| p.into_inner())
+                }
+                Some(t) => {
+                    let left = t.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    outcome = self
+                        .slot
+                        .filled
+                        .wait_timeout(outcome, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        // In a child after fork() the parent's watcher is not touched (see `watch`).
+        if self.watcher.pid != std::process::id() || lock(&self.slot.outcome).is_some() {
+            return;
+        }
+        let mut state = lock(&self.watcher.state);
+        let now_empty = match state.waits.get_mut(&self.id) {
+            Some(slots) => {
+                slots.retain(|s| !Arc::ptr_eq(s, &self.slot));
+                slots.is_empty()
+            }
+            None => false,
+        };
+        if now_empty {
+            state.forget(&self.id);
+        }
+    }
+}
+
+/// How a request's row ends a wait: None while it is pending.
+fn classify(row: Row) -> Option<WaitEnd> {
+    let status = match &row[crate::col!(APPROVAL_REQUESTS, "status").column] {
+        Value::Text(s) => Some(s.clone()),
+        _ => None,
+    };
+    match status.as_deref() {
+        Some("pending") => None,
+        // Rows of cmbagent's first approval table name their decision in the status.
+        Some(s) if s == "resolved" || RESOLUTIONS.contains(&s) => Some(WaitEnd::Resolved(row)),
+        Some("expired") => Some(WaitEnd::Expired),
+        Some("cancelled") => Some(WaitEnd::Cancelled),
+        _ => Some(WaitEnd::UnknownStatus(status)),
+    }
+}
+
+/// What a read found of one request.
+enum Found {
+    Final(WaitEnd),
+    Pending(Option<DateTime<Utc>>),
+}
+
+/// Reads `ids` (every column), in statements of `READ_BATCH`.
+fn read(conn: &mut Conn, ids: &[String]) -> Result<HashMap<String, Found>> {
+    let table = &TABLES[APPROVAL_REQUESTS];
+    let shape: Vec<(&str, ColType)> = table.columns.iter().map(|c| (c.name, c.ty)).collect();
+    let names: Vec<&str> = table.columns.iter().map(|c| c.name).collect();
+    let id_col = crate::col!(APPROVAL_REQUESTS, "id").column;
+    let expires_col = crate::col!(APPROVAL_REQUESTS, "expires_at").column;
+    let d = conn.dialect();
+    let mut found = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(READ_BATCH) {
+        let marks: Vec<String> = (1..=chunk.len()).map(|n| d.placeholder(n)).collect();
+        let sql = format!(
+            "SELECT {} FROM approval_requests WHERE id IN ({})",
+            names.join(", "),
+            marks.join(", ")
+        );
+        let params: Vec<Value> = chunk.iter().map(|i| Value::Text(i.clone())).collect();
+        for row in conn.query(&sql, &params, &shape)? {
+            let Value::Text(id) = row[id_col].clone() else {
+                continue;
+            };
+            let expires = match row[expires_col] {
+                Value::Timestamp(t) => Some(t),
+                _ => None,
+            };
+            let f = match classify(row) {
+                Some(end) => Found::Final(end),
+                None => Found::Pending(expires),
+            };
+            found.insert(id, f);
+        }
+    }
+    Ok(found)
+}
+
+/// Whether a SQLite error is another connection holding the database.
+fn busy(e: &Error) -> bool {
+    e.message.contains("locked") || e.message.contains("busy")
+}
+
+/// The watcher's connection and how it learns of changes.
+struct Link {
+    conn: Conn,
+    listening: bool,
+    /// SQLite's change counter when last read.
+    seen: Option<i64>,
+}
+
+impl Link {
+    fn open(engine: &Engine) -> Result<Link> {
+        let _in = InLibrary::enter();
+        let mut conn = engine.open_for_waiter()?;
+        let listening = conn.can_listen();
+        if listening {
+            approvals::ensure_notify_trigger(&mut conn)?;
+            conn.batch(&format!("LISTEN {CHANNEL}"))?;
+        }
+        // Marking a request expired must not block the watcher behind a client that
+        // holds the row.
+        conn.set_lock_timeout(LOCK_WAIT)?;
+        let seen = conn.data_version()?;
+        Ok(Link {
+            conn,
+            listening,
+            seen,
+        })
+    }
+
+    /// Waits up to `slice` for a change. `Some(ids)`: those requests changed; `None`:
+    /// something may have changed (read every watched request).
+    fn changes(&mut self, slice: Duration) -> Result<Option<Vec<String>>> {
+        match self.conn.dialect() {
+            Dialect::Postgres if self.listening => {
+                let _in = InLibrary::enter();
+                Ok(Some(self.conn.notifications(slice)?))
+            }
+            Dialect::Postgres => {
+                std::thread::sleep(slice);
+                Ok(None)
+            }
+            Dialect::Sqlite => {
+                let started = Instant::now();
+                loop {
+                    let version = {
+                        let _in = InLibrary::enter();
+                        self.conn.data_version()?
+                    };
+                    if version != self.seen {
+                        self.seen = version;
+                        return Ok(None);
+                    }
+                    if started.elapsed() >= slice {
+                        return Ok(Some(Vec::new()));
+                    }
+                    std::thread::sleep(SQLITE_TICK);
+                }
+            }
+        }
+    }
+}
+
+impl Watcher {
+    /// How long a lost database is tried again before every wait ends with the error:
+    /// twice the connect timeout, at least `LOST_AT_LEAST`. A restart, a failover or a
+    /// killed connection is over well within it; a server gone for good is not waited on
+    /// until each caller's own timeout.
+    fn give_up(&self) -> Duration {
+        self.engine
+            .connect_timeout()
+            .map_or(LOST_AT_LEAST, |t| (t * 2).max(LOST_AT_LEAST))
+    }
+
+    fn run(self: Arc<Self>) {
+        let mut link: Option<Link> = None;
+        let mut connected_once = false;
+        // Since when the database has been out of reach.
+        let mut lost_since: Option<Instant> = None;
+        let mut backoff = Duration::from_millis(100);
+        let mut last_full = Instant::now();
+        let mut idle_since: Option<Instant> = None;
+        loop {
+            // Nothing to watch: sleep until something is, and end after a while.
+            {
+                let mut state = lock(&self.state);
+                while state.waits.is_empty() {
+                    let since = *idle_since.get_or_insert_with(Instant::now);
+                    let left = IDLE.saturating_sub(since.elapsed());
+                    if left.is_zero() {
+                        state.running = false;
+                        drop(state);
+                        let _in = InLibrary::enter();
+                        drop(link);
+                        return;
+                    }
+                    state = self
+                        .registered
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+                idle_since = None;
+            }
+            let l = match link.as_mut() {
+                Some(l) => l,
+                None => match Link::open(&self.engine) {
+                    Ok(l) => {
+                        connected_once = true;
+                        lost_since = None;
+                        backoff = Duration::from_millis(100);
+                        // Whatever happened while there was no connection: read it all.
+                        let mut state = lock(&self.state);
+                        let ids: Vec<String> = state.waits.keys().cloned().collect();
+                        state.unread.extend(ids);
+                        drop(state);
+                        link.insert(l)
+                    }
+                    Err(e) => {
+                        let lost = lost_since.get_or_insert_with(Instant::now).elapsed();
+                        if !connected_once {
+                            // A database that cannot be reached at all (a wrong URL, a
+                            // password): every waiter hears it now.
+                            self.fail_all(e);
+                        } else if lost >= self.give_up() {
+                            self.fail_all(e.context(format!(
+                                "the database has been out of reach for {}s",
+                                lost.as_secs()
+                            )));
+                            lost_since = None;
+                        }
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                },
+            };
+            if let Err(e) = self.step(l, &mut last_full) {
+                match l.conn.dialect() {
+                    // The connection is gone or unusable: a new one, and everything read
+                    // again.
+                    Dialect::Postgres if l.conn.is_broken() || e.kind == ErrorKind::Operational => {
+                        lost_since.get_or_insert_with(Instant::now);
+                        let _in = InLibrary::enter();
+                        link = None;
+                    }
+                    // Another connection holds SQLite's lock: the next round reads again.
+                    Dialect::Sqlite if e.kind == ErrorKind::Operational && busy(&e) => {
+                        std::thread::sleep(SLICE)
+                    }
+                    // Anything else (a database without the table, ...) ends every wait
+                    // with the error, as it would end each of them again.
+                    _ => self.fail_all(e),
+                }
+            }
+        }
+    }
+
+    /// One round: read what is new, expire what is due, wait for a change, read what
+    /// changed.
+    fn step(&self, link: &mut Link, last_full: &mut Instant) -> Result<()> {
+        let unread: Vec<String> = lock(&self.state).unread.drain().collect();
+        if !unread.is_empty() {
+            self.read_and_fill(&mut link.conn, &unread)?;
+        }
+        self.expire_due(&mut link.conn)?;
+        let slice = {
+            let state = lock(&self.state);
+            if !state.unread.is_empty() {
+                return Ok(());
+            }
+            let until_deadline = state
+                .deadlines
+                .first()
+                .and_then(|(d, _)| (*d - Utc::now()).to_std().ok())
+                .unwrap_or(SLICE);
+            SLICE.min(until_deadline)
+        };
+        let poll = !link.listening && link.conn.dialect() == Dialect::Postgres;
+        let changed = link.changes(if poll { POLL } else { slice })?;
+        let full = changed.is_none() || last_full.elapsed() >= REREAD;
+        let ids: Vec<String> = {
+            let state = lock(&self.state);
+            match changed {
+                Some(ids) if !full => ids
+                    .into_iter()
+                    .filter(|i| state.waits.contains_key(i))
+                    .collect(),
+                _ => state.waits.keys().cloned().collect(),
+            }
+        };
+        if full {
+            *last_full = Instant::now();
+        }
+        if !ids.is_empty() {
+            self.read_and_fill(&mut link.conn, &ids)?;
+        }
+        Ok(())
+    }
+
+    /// Reads `ids` and fills the slots of those that ended (a missing row ends as not
+    /// found); notes the deadlines of those still pending.
+    fn read_and_fill(&self, conn: &mut Conn, ids: &[String]) -> Result<()> {
+        let mut found = {
+            let _in = InLibrary::enter();
+            read(conn, ids)?
+        };
+        let mut done: Vec<(Vec<Arc<Slot>>, WaitEnd)> = Vec::new();
+        {
+            let mut state = lock(&self.state);
+            for id in ids {
+                if !state.waits.contains_key(id) {
+                    continue;
+                }
+                match found.remove(id) {
+                    Some(Found::Pending(expires)) => {
+                        if let Some(d) = expires {
+                            if state.deadline_of.get(id) != Some(&d) {
+                                if let Some(old) = state.deadline_of.insert(id.clone(), d) {
+                                    state.deadlines.remove(&(old, id.clone()));
+                                }
+                                state.deadlines.insert((d, id.clone()));
+                            }
+                        }
+                    }
+                    Some(Found::Final(end)) => {
+                        let slots = state.waits.remove(id).unwrap_or_default();
+                        state.forget(id);
+                        done.push((slots, end));
+                    }
+                    None => {
+                        let slots = state.waits.remove(id).unwrap_or_default();
+                        state.forget(id);
+                        done.push((slots, WaitEnd::NotFound));
+                    }
+                }
+            }
+        }
+        for (slots, end) in done {
+            for slot in slots {
+                slot.fill(Ok(end.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks every watched request whose deadline passed expired (unless a resolver got
+    /// there first), then reads them.
+    fn expire_due(&self, conn: &mut Conn) -> Result<()> {
+        let now = Utc::now();
+        let due: Vec<String> = {
+            let state = lock(&self.state);
+            state
+                .deadlines
+                .iter()
+                .take_while(|(d, _)| *d <= now)
+                .map(|(_, id)| id.clone())
+                .collect()
+        };
+        if due.is_empty() {
+            return Ok(());
+        }
+        let in_library = InLibrary::enter();
+        for id in &due {
+            let expired = conn.begin_write().and_then(|()| {
+                approvals::expire_one(conn, id, now, &approvals::Scope::default())?;
+                conn.commit()
+            });
+            if let Err(e) = expired {
+                conn.rollback()?;
+                // Another client holds the row (or the write lock): it decides the row's
+                // fate when it finishes; the next round looks again.
+                if e.kind == ErrorKind::Operational && !conn.is_broken() {
+                    return Ok(());
+                }
+                return Err(e);
+            }
+        }
+        drop(in_library);
+        self.read_and_fill(conn, &due)
+    }
+
+    /// Fills every slot with `error`: the watcher cannot tell how their waits end.
+    fn fail_all(&self, error: Error) {
+        let slots: Vec<Arc<Slot>> = {
+            let mut state = lock(&self.state);
+            let all = state.waits.drain().flat_map(|(_, s)| s).collect();
+            state.unread.clear();
+            state.deadlines.clear();
+            state.deadline_of.clear();
+            all
+        };
+        for slot in slots {
+            slot.fill(Err(error.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine;
+    use crate::migrate;
+
+    fn db() -> (tempfile::TempDir, String, Conn) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:///{}", dir.path().join("w.db").display());
+        let mut c = Conn::open(&crate::url::parse(&url).unwrap()).unwrap();
+        migrate::migrate(&mut c, "head", false).unwrap();
+        c.batch("INSERT INTO sessions (id, name) VALUES ('s', 'n'); INSERT INTO workflow_runs (id, session_id) VALUES ('r', 's');")
+            .unwrap();
+        (dir, url, c)
+    }
+
+    fn request(c: &mut Conn, id: &str, expires_in: chrono::TimeDelta) {
+        c.execute(
+            "INSERT INTO approval_requests (id, run_id, approval_type, context, status, expires_at) VALUES (?1, 'r', 'plan_approval', '{}', 'pending', ?2)",
+            &[Value::Text(id.into()), Value::Timestamp(Utc::now() + expires_in)],
+        )
+        .unwrap();
+    }
+
+    fn ended(t: &Ticket) -> WaitEnd {
+        t.wait(Some(Instant::now() + Duration::from_secs(10)))
+            .expect("the wait did not end")
+            .unwrap()
+    }
+
+    #[test]
+    fn one_watcher_wakes_each_waiter_of_the_request_that_changed() {
+        let (_dir, url, mut c) = db();
+        let minutes = chrono::TimeDelta::minutes(5);
+        for id in ["a", "b"] {
+            request(&mut c, id, minutes);
+        }
+        let e = engine::engine(&url).unwrap();
+        let a1 = watch(&e, "a", None).unwrap();
+        let a2 = watch(&e, "a", None).unwrap();
+        let b = watch(&e, "b", None).unwrap();
+        let missing = watch(&e, "nope", None).unwrap();
+        assert_eq!(ended(&missing), WaitEnd::NotFound);
+        c.execute(
+            "UPDATE approval_requests SET status = 'cancelled' WHERE id = 'a'",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(ended(&a1), WaitEnd::Cancelled);
+        assert_eq!(ended(&a2), WaitEnd::Cancelled);
+        assert!(b
+            .wait(Some(Instant::now() + Duration::from_millis(100)))
+            .is_none());
+        // A dropped ticket unregisters: nothing is left watching "a".
+        drop(b);
+        let state = lock(&registry().lock().unwrap()[&url].state).waits.len();
+        assert_eq!(state, 0);
+    }
+
+    #[test]
+    fn a_deadline_expires_the_request_without_a_waiter_thread() {
+        let (_dir, url, mut c) = db();
+        request(&mut c, "soon", chrono::TimeDelta::milliseconds(200));
+        let e = engine::engine(&url).unwrap();
+        let t = watch(&e, "soon", None).unwrap();
+        assert_eq!(ended(&t), WaitEnd::Expired);
+        let status = c
+            .query(
+                "SELECT status FROM approval_requests WHERE id = 'soon'",
+                &[],
+                &[("status", ColType::Str(20))],
+            )
+            .unwrap();
+        assert_eq!(status[0][0], Value::Text("expired".into()));
+    }
+
+    #[test]
+    fn a_callback_hears_the_outcome() {
+        let (_dir, url, mut c) = db();
+        request(&mut c, "x", chrono::TimeDelta::minutes(5));
+        let e = engine::engine(&url).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = Mutex::new(tx);
+        let t = watch(
+            &e,
+            "x",
+            Some(Box::new(move || {
+                let _ = lock(&tx).send(());
+            })),
+        )
+        .unwrap();
+        c.execute(
+            "UPDATE approval_requests SET status = 'resolved', resolution = 'approved' WHERE id = 'x'",
+            &[],
+        )
+        .unwrap();
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(matches!(ended(&t), WaitEnd::Resolved(_)));
+    }
+}

@@ -1,0 +1,207 @@
+"""The one watcher per database per process behind ``approvals.wait`` and
+``approvals.wait_async`` (src/watch.rs), on SQLite and PostgreSQL:
+
+- hundreds of ``wait_async`` in one event loop and a hundred ``wait`` threads cost no
+  thread and, on PostgreSQL, no server connection per waiter (one for the watcher);
+  the one request resolved among them wakes its waiter alone and at once;
+- a deleted request wakes its waiters with ApprovalNotFound;
+- killing the watcher's server connection loses no waiter;
+- a child made by ``fork()`` while the parent waits gets a watcher of its own (the
+  watcher's thread, polling SQLite every 2 ms, is kept out of SQLite across the fork: a
+  child that inherited SQLite's locks mid-call would hang).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from typing import Any, List
+
+import pytest
+
+from cmbagent_db import ApprovalNotFound, OperationalError, approvals, get_db_session
+from cmbagent_db.models import Session, WorkflowRun
+
+from helpers import fetch_all, is_postgresql, raw_connect
+
+
+@pytest.fixture
+def run_id(db) -> str:
+    s = Session(name="watcher-test")
+    db.add(s)
+    db.commit()
+    r = WorkflowRun(session_id=s.id)
+    db.add(r)
+    db.commit()
+    return r.id
+
+
+def native_threads() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+
+
+def server_connections(url: str) -> int:
+    """Server connections to ``url``'s database other than the one asking."""
+    return fetch_all(url, "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                     "current_database() AND pid <> pg_backend_pid()")[0][0]
+
+
+def sql(url: str, statement: str, params: tuple = ()) -> None:
+    conn = raw_connect(url)
+    try:
+        statement = statement.replace("?", "%s") if is_postgresql(url) else statement
+        conn.cursor().execute(statement, params)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def test_many_async_waiters_share_one_watcher(db, run_id, migrated_url):
+    reqs = [approvals.request(db, run_id, "plan_approval", {"n": i}, 120) for i in range(300)]
+    db.close()
+    threads_before = native_threads()
+
+    async def main() -> Any:
+        tasks = [asyncio.create_task(approvals.wait_async(r.id, 60, url=migrated_url))
+                 for r in reqs]
+        await asyncio.sleep(0.5)
+        assert not any(t.done() for t in tasks)
+        seen = {"threads": native_threads(), "python_threads": threading.active_count()}
+        if is_postgresql(migrated_url):
+            seen["connections"] = await asyncio.to_thread(server_connections, migrated_url)
+        # Only the last request is resolved: its waiter wakes alone, promptly.
+        at = time.monotonic()
+        await asyncio.to_thread(sql, migrated_url,
+                                "UPDATE approval_requests SET status = 'resolved', "
+                                "resolution = 'approved' WHERE id = ?", (reqs[-1].id,))
+        last = await asyncio.wait_for(tasks[-1], 10)
+        seen["lag"] = time.monotonic() - at
+        await asyncio.sleep(0.2)
+        assert not any(t.done() for t in tasks[:-1])
+        # Then all the others, in one statement.
+        await asyncio.to_thread(sql, migrated_url,
+                                "UPDATE approval_requests SET status = 'resolved', "
+                                "resolution = 'rejected' WHERE status = 'pending'")
+        rest = await asyncio.wait_for(asyncio.gather(*tasks[:-1]), 20)
+        return last, rest, seen
+
+    last, rest, seen = asyncio.run(main())
+    assert last.id == reqs[-1].id and last.resolution == "approved"
+    assert sorted(r.id for r in rest) == sorted(r.id for r in reqs[:-1])
+    assert {r.resolution for r in rest} == {"rejected"}
+    assert seen["lag"] < 1.0, seen
+    # No thread per waiter: the watcher's (and asyncio.to_thread's none yet).
+    assert seen["threads"] <= threads_before + 2, seen
+    if is_postgresql(migrated_url):
+        # The watcher's connection, and at most the pool's one idle connection.
+        assert seen["connections"] <= 2, seen
+
+
+def test_many_waiting_threads_share_one_connection(db, run_id, migrated_url):
+    reqs = [approvals.request(db, run_id, "plan_approval", {}, 120) for _ in range(100)]
+    out: List[Any] = []
+    errors: List[BaseException] = []
+
+    def wait(i: str) -> None:
+        try:
+            out.append(approvals.wait(i, 30, url=migrated_url))
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wait, args=(r.id,)) for r in reqs]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    if is_postgresql(migrated_url):
+        assert server_connections(migrated_url) <= 2
+    sql(migrated_url, "UPDATE approval_requests SET status = 'cancelled' WHERE status = 'pending'")
+    for t in threads:
+        t.join(20)
+    # Cancelled: every one of them raised ApprovalCancelled.
+    assert out == [] and len(errors) == 100
+    assert {type(e).__name__ for e in errors} == {"ApprovalCancelled"}
+
+
+def test_a_deleted_request_wakes_its_waiter_with_not_found(db, run_id, migrated_url):
+    req = approvals.request(db, run_id, "plan_approval", {}, 120)
+    errors: List[BaseException] = []
+
+    def wait() -> None:
+        try:
+            approvals.wait(req.id, 30, url=migrated_url)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.3)
+    at = time.monotonic()
+    sql(migrated_url, "DELETE FROM approval_requests WHERE id = ?", (req.id,))
+    t.join(10)
+    assert [type(e) for e in errors] == [ApprovalNotFound]
+    # A deletion sends no notification: PostgreSQL's watcher finds it at its next full read.
+    assert time.monotonic() - at < 2.5
+
+
+def test_the_watchers_connection_killed_loses_no_waiter(db, run_id, migrated_url, backend):
+    if backend != "postgresql":
+        pytest.skip("a server connection to kill is PostgreSQL's")
+    reqs = [approvals.request(db, run_id, "plan_approval", {}, 120) for _ in range(20)]
+    out: List[Any] = []
+
+    def wait(i: str) -> None:
+        out.append(approvals.wait(i, 30, url=migrated_url).id)
+
+    threads = [threading.Thread(target=wait, args=(r.id,)) for r in reqs]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    fetch_all(migrated_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+              "datname = current_database() AND pid <> pg_backend_pid()")
+    # Resolved while the watcher has no connection, and after it has a new one.
+    for r in reqs[:10]:
+        assert approvals.resolve(db, r.id, "approved") is True
+    time.sleep(0.5)
+    for r in reqs[10:]:
+        assert approvals.resolve(db, r.id, "approved") is True
+    for t in threads:
+        t.join(10)
+    assert sorted(out) == sorted(r.id for r in reqs)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX")
+def test_a_forked_child_gets_a_watcher_of_its_own(db, run_id, migrated_url):
+    parent_req = approvals.request(db, run_id, "plan_approval", {}, 120)
+    child_req = approvals.request(db, run_id, "plan_approval", {}, 120)
+    got: List[str] = []
+    waiter = threading.Thread(
+        target=lambda: got.append(approvals.wait(parent_req.id, 30, url=migrated_url).id))
+    waiter.start()
+    time.sleep(0.3)
+    pid = os.fork()
+    if pid == 0:  # the child: wait on its own request, then leave without cleaning up
+        code = 1
+        try:
+            code = 0 if approvals.wait(child_req.id, 20, url=migrated_url).id == child_req.id else 2
+        except BaseException as exc:  # noqa: BLE001 - the parent sees the exit status
+            os.write(2, f"child: {exc!r}\n".encode())
+        finally:
+            os._exit(code)
+    time.sleep(0.3)
+    assert approvals.resolve(db, child_req.id, "approved") is True
+    assert approvals.resolve(db, parent_req.id, "approved") is True
+    _, status = os.waitpid(pid, 0)
+    waiter.join(10)
+    assert os.WEXITSTATUS(status) == 0
+    assert got == [parent_req.id]
+
+
+def test_a_database_without_the_table_fails_the_wait_at_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'empty.db'}?auto_migrate=false"
+    started = time.monotonic()
+    with pytest.raises(OperationalError, match="approval_requests"):
+        approvals.wait("any", 10, url=url)
+    assert time.monotonic() - started < 2
