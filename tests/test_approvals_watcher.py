@@ -21,7 +21,9 @@ from typing import Any, List
 
 import pytest
 
-from cmbagent_db import ApprovalNotFound, OperationalError, approvals, get_db_session
+from cmbagent_db import (
+    ApprovalNotFound, ApprovalTimeout, OperationalError, approvals, get_db_session,
+)
 from cmbagent_db.models import Session, WorkflowRun
 
 from helpers import fetch_all, is_postgresql, raw_connect
@@ -205,3 +207,14 @@ def test_a_database_without_the_table_fails_the_wait_at_once(tmp_path):
     with pytest.raises(OperationalError, match="approval_requests"):
         approvals.wait("any", 10, url=url)
     assert time.monotonic() - started < 2
+
+
+def test_a_wait_of_no_time_still_reads_the_request_once(db, run_id, migrated_url):
+    req = approvals.request(db, run_id, "plan_approval", {}, 120)
+    assert approvals.resolve(db, req.id, "approved") is True
+    assert approvals.wait(req.id, 0, url=migrated_url).resolution == "approved"
+    with pytest.raises(ApprovalNotFound):
+        approvals.wait("never-existed", 0, url=migrated_url)
+    pending = approvals.request(db, run_id, "plan_approval", {}, 120)
+    with pytest.raises(ApprovalTimeout):
+        approvals.wait(pending.id, 0, url=migrated_url)

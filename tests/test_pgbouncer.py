@@ -142,6 +142,9 @@ def test_the_dbapi_describes_and_counts_through_pgbouncer(pooled: str) -> None:
             cur.execute("SELECT name FROM sessions WHERE id = $1", (f"s-{autocommit}",))
             assert cur.fetchall() == [("dbapi",)]
             conn.commit()
+            with pytest.raises(ProgrammingError, match="parameters"):
+                cur.execute("SELECT name FROM sessions WHERE id = $1 AND name = $2", ("x",))
+            conn.rollback()
         finally:
             holder.close()
             conn.close()

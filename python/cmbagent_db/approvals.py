@@ -150,6 +150,9 @@ async def wait_async(
         assert done is not None  # the watcher completes the future only once it has ended
         return done
     except asyncio.TimeoutError:
+        done = ticket.result()  # ended as the timeout fell
+        if done is not None:
+            return done
         raise ApprovalTimeout(
             f"approval request {approval_id} is still pending after {timeout}s; it stays pending"
         ) from None

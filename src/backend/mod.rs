@@ -252,6 +252,11 @@ impl Conn {
         }
     }
 
+    /// The SQLite database file (absolute), when the connection is to one.
+    pub fn database_file(&self) -> Option<&std::path::Path> {
+        self.wal_database.as_ref().map(|w| w.path.as_path())
+    }
+
     /// Whether this connection can LISTEN for notifications: a PostgreSQL connection whose
     /// session stays its own (not one behind a pooler in transaction mode).
     pub fn can_listen(&self) -> bool {

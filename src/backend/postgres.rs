@@ -253,7 +253,8 @@ impl PgConn {
             lock_timeout: None,
         };
         if statements == Statements::Auto {
-            conn.per_transaction = conn.behind_pooler(config.get_ports()).map_err(failed)?;
+            // A server that cannot say (a pooler that answers SHOW itself) counts as direct.
+            conn.per_transaction = conn.behind_pooler(config.get_ports()).unwrap_or(false);
         }
         Ok(conn)
     }
@@ -419,18 +420,28 @@ impl PgConn {
         in_transaction: bool,
     ) -> Result<dbapi::Outcome> {
         let bound = unnamed_params(params);
-        let (rows, affected) = self.driver.run(&self.client, async {
-            let stream = self
-                .client
-                .query_typed_raw(sql, bound.iter().map(|(v, t)| (*v, t.clone())))
-                .await?;
-            let mut stream = std::pin::pin!(stream);
-            let mut rows = Vec::new();
-            while let Some(row) = futures_util::StreamExt::next(&mut stream).await {
-                rows.push(row?);
-            }
-            Ok((rows, stream.rows_affected()))
-        })?;
+        let (rows, affected) = self
+            .driver
+            .run(&self.client, async {
+                let stream = self
+                    .client
+                    .query_typed_raw(sql, bound.iter().map(|(v, t)| (*v, t.clone())))
+                    .await?;
+                let mut stream = std::pin::pin!(stream);
+                let mut rows = Vec::new();
+                while let Some(row) = futures_util::StreamExt::next(&mut stream).await {
+                    rows.push(row?);
+                }
+                Ok((rows, stream.rows_affected()))
+            })
+            .map_err(|mut e| {
+                // What a prepared statement's parameter count says before running: the
+                // caller's mistake, not the connection's.
+                if e.message.contains("bind message supplies") {
+                    e.kind = ErrorKind::Programming;
+                }
+                e
+            })?;
         let columns = match rows.first() {
             Some(row) => described(row.columns()),
             None if dbapi::may_return_rows(sql) => {
