@@ -47,7 +47,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -328,6 +328,20 @@ def db(migrated_url: str) -> Iterator[Any]:
         yield session
     finally:
         session.close()
+
+
+@pytest.fixture
+def parents(db: Any) -> Tuple[str, str]:
+    """(session_id, run_id) of a committed session and workflow run in ``db``."""
+    from cmbagent_db.models import Session, WorkflowRun
+
+    s = Session(name="approvals-test")
+    db.add(s)
+    db.commit()
+    r = WorkflowRun(session_id=s.id)
+    db.add(r)
+    db.commit()
+    return s.id, r.id
 
 
 @pytest.fixture

@@ -143,18 +143,6 @@ def stop_all(procs) -> None:
             p.join(timeout=5)
 
 
-@pytest.fixture
-def parents(db):
-    """(session_id, run_id) of a committed session and workflow run."""
-    s = Session(name="approvals-test")
-    db.add(s)
-    db.commit()
-    r = WorkflowRun(session_id=s.id)
-    db.add(r)
-    db.commit()
-    return s.id, r.id
-
-
 # ---------------------------------------------------------- process entry points
 # (module level, so that the spawn context can import them)
 

@@ -24,20 +24,13 @@ import pytest
 from cmbagent_db import (
     ApprovalNotFound, ApprovalTimeout, OperationalError, approvals, get_db_session,
 )
-from cmbagent_db.models import Session, WorkflowRun
 
 from helpers import fetch_all, is_postgresql, raw_connect
 
 
 @pytest.fixture
-def run_id(db) -> str:
-    s = Session(name="watcher-test")
-    db.add(s)
-    db.commit()
-    r = WorkflowRun(session_id=s.id)
-    db.add(r)
-    db.commit()
-    return r.id
+def run_id(parents) -> str:
+    return parents[1]
 
 
 def native_threads() -> int:
