@@ -7,6 +7,11 @@ statement run by the Rust core (SQLite embedded, PostgreSQL for several server i
     >>> from cmbagent_db.models import ApprovalRequest
 """
 
+# First: binds the native module to the SQLite library Python's sqlite3 module uses.
+from cmbagent_db._sqlite_library import SQLiteLibraryWarning, load as _load_native
+
+_load_native()
+
 from cmbagent_db import approvals, connections, models
 from cmbagent_db._native import (
     Aggregate,
@@ -77,6 +82,7 @@ from cmbagent_db.models import (
 
 __all__ = [
     "__version__",
+    "SQLiteLibraryWarning",
     "models",
     "approvals",
     "connections",

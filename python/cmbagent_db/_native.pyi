@@ -59,6 +59,7 @@ __all__ = [
     "Cursor",
     "dbapi_connect",
     "sqlite_version",
+    "sqlite_library",
     "SWEEP_BATCH",
     "approval_pending",
     "approval_wait",
@@ -332,6 +333,8 @@ class Query(Generic[_T]):
 
 SWEEP_BATCH: int
 sqlite_version: str
+
+def sqlite_library() -> tuple[str | None, str, int]: ...
 
 @final
 class Connection:

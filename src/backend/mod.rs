@@ -7,6 +7,8 @@ mod postgres;
 mod sqlite;
 mod tls;
 
+pub use sqlite::{library as sqlite_library, Library as SqliteLibrary};
+
 use crate::dbapi;
 use crate::dialect::Dialect;
 use crate::error::Result;

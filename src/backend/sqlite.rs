@@ -21,6 +21,48 @@ const STATEMENT_CACHE: usize = 128;
 /// RETURNING, which bulk updates and deletes use, arrived in SQLite 3.35.
 const MIN_VERSION: i32 = 3_035_000;
 
+/// The SQLite library this module's calls go to, as the dynamic loader bound them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Library {
+    /// The file that holds it (a `libsqlite3.so`, or this module itself when SQLite is
+    /// compiled in); `None` where the platform cannot tell.
+    pub file: Option<String>,
+    pub version: &'static str,
+    /// The address of its `sqlite3_libversion`: two copies of SQLite in one process are told
+    /// apart by it, whatever their files are called.
+    pub address: usize,
+}
+
+/// Which SQLite library this process's calls through this module reach.
+pub fn library() -> Library {
+    let function: unsafe extern "C" fn() -> *const std::ffi::c_char =
+        rusqlite::ffi::sqlite3_libversion;
+    let address = function as usize;
+    Library {
+        file: file_of(address),
+        version: rusqlite::version(),
+        address,
+    }
+}
+
+#[cfg(unix)]
+fn file_of(address: usize) -> Option<String> {
+    // SAFETY: dladdr only reads the loader's tables and fills `info`; a zeroed Dl_info is a
+    // valid initial value (null pointers), and `dli_fname` is checked before it is read.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    let found = unsafe { libc::dladdr(address as *const libc::c_void, &mut info) } != 0;
+    if !found || info.dli_fname.is_null() {
+        return None;
+    }
+    let name = unsafe { std::ffi::CStr::from_ptr(info.dli_fname) };
+    Some(name.to_string_lossy().into_owned()).filter(|n| !n.is_empty())
+}
+
+#[cfg(not(unix))]
+fn file_of(_address: usize) -> Option<String> {
+    None
+}
+
 pub fn open(
     path: &SqlitePath,
     busy_timeout: Duration,
@@ -272,6 +314,18 @@ fn decode(v: ValueRef<'_>, ty: ColType, column: &str) -> Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn library_names_the_file_its_calls_reach() {
+        let lib = library();
+        assert_eq!(lib.version, rusqlite::version());
+        let file = lib.file.expect("dladdr names the library");
+        assert!(Path::new(&file).exists(), "{file}");
+        // Linked against the system's library unless SQLite is compiled in.
+        #[cfg(not(feature = "bundled-sqlite"))]
+        assert!(file.contains("libsqlite3"), "{file}");
+        assert_eq!(library().address, lib.address);
+    }
 
     #[test]
     fn values_round_trip_through_sqlite() {

@@ -204,6 +204,14 @@ pub fn check(py: Python<'_>, url: Option<String>) -> PyResult<Vec<String>> {
     Ok(py.detach(|| engine.with_conn(migrations::check))?)
 }
 
+/// The SQLite library this module's calls reach: `(file, version, address of
+/// sqlite3_libversion)`, compared at import with the one Python's `sqlite3` module uses.
+#[pyfunction]
+pub fn sqlite_library() -> (Option<String>, &'static str, usize) {
+    let lib = crate::backend::sqlite_library();
+    (lib.file, lib.version, lib.address)
+}
+
 /// cmbagent's default database URL.
 #[pyfunction]
 pub fn default_url() -> PyResult<String> {

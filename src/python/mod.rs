@@ -39,6 +39,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<dbapi::PyDbapiCursor>()?;
     m.add_function(wrap_pyfunction!(dbapi::connect, m)?)?;
     m.add("sqlite_version", rusqlite::version())?;
+    m.add_function(wrap_pyfunction!(functions::sqlite_library, m)?)?;
     m.add_function(wrap_pyfunction!(expression::and_, m)?)?;
     m.add_function(wrap_pyfunction!(expression::or_, m)?)?;
     m.add_function(wrap_pyfunction!(expression::not_, m)?)?;
