@@ -5,7 +5,9 @@ closing a connection of one releases the POSIX locks the other holds and deletes
 is writing to. cmbagent opens its database through Python's ``sqlite3`` (SQLAlchemy) as well
 as through this package, so both must reach one library.
 
-The native module is linked against ``libsqlite3.so.0``. Before it is loaded, this module
+A development build of the native module is linked against ``libsqlite3.so.0``; the wheels
+are not (a manylinux wheel may only name the C library), so their SQLite symbols are bound at
+load time to whatever the process holds. Before the module is loaded, this module
 finds the object that holds the interpreter's SQLite: a system ``libsqlite3`` (Debian and
 Ubuntu Pythons, pyenv and python.org builds), a ``libsqlite3`` of the interpreter's own
 (conda), or SQLite compiled into ``_sqlite3`` or the interpreter. It makes that object's
@@ -13,7 +15,8 @@ symbols global (``dlopen(RTLD_NOLOAD | RTLD_GLOBAL)``), so the dynamic loader bi
 native module's SQLite calls to it: the global scope is searched before a module's own
 dependencies. After loading, the two are compared by the address of ``sqlite3_libversion``;
 where they differ (an interpreter whose SQLite is compiled in and hidden, or a build with the
-``bundled-sqlite`` feature), :class:`SQLiteLibraryWarning` names both files.
+``bundled-sqlite`` feature), :class:`SQLiteLibraryWarning` names both files. An interpreter
+without SQLite, or with a hidden one, gets the system's ``libsqlite3.so.0``.
 
 The logic is Python because it must run before the native module exists in the process.
 """
@@ -26,6 +29,10 @@ import sys
 import warnings
 from types import ModuleType
 from typing import Any, NamedTuple
+
+
+# What the native module falls back to where the interpreter's SQLite cannot be shared.
+SYSTEM_LIBRARY = "libsqlite3.so.0"
 
 
 class SQLiteLibraryWarning(RuntimeWarning):
@@ -129,14 +136,19 @@ def _check(found: _Found, native: ModuleType) -> None:
 def load() -> ModuleType:
     """Import ``cmbagent_db._native`` bound to the interpreter's SQLite where possible."""
     found = _interpreter_sqlite() if hasattr(os, "RTLD_NOLOAD") else None
+    if hasattr(os, "RTLD_GLOBAL") and (found is None or found.address is None):
+        try:
+            ctypes.CDLL(SYSTEM_LIBRARY, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+        except OSError:
+            pass  # a build linked against it names the problem below
     try:
         from cmbagent_db import _native
     except ImportError as exc:
-        if "libsqlite3" not in str(exc):
+        if "libsqlite3" not in str(exc) and "undefined symbol: sqlite3" not in str(exc):
             raise
         raise ImportError(
-            f"cmbagent_db needs the SQLite library libsqlite3.so.0 (3.35 or newer), the one "
-            f"Python's sqlite3 module normally uses, and the system has none: {exc}. "
+            f"cmbagent_db needs the SQLite library {SYSTEM_LIBRARY} (3.35 or newer), the one "
+            f"Python's sqlite3 module normally uses, and this process has none: {exc}. "
             "Install it (Debian/Ubuntu: apt-get install libsqlite3-0; Fedora/RHEL: "
             "dnf install sqlite-libs)."
         ) from exc
