@@ -244,6 +244,25 @@ def pg_server() -> PgServer:
         pytest.fail(str(exc), pytrace=False)
 
 
+@pytest.fixture(scope="module")
+def restartable_pg_server() -> Iterator[PgServer]:
+    """A throwaway PostgreSQL server of the module's own, which its tests may stop and start
+    (``restart()``) without touching the session's server. Needs the server binaries even
+    when ``CMBAGENT_DB_TEST_PG_URL`` names the session's server."""
+    if "postgresql" not in BACKENDS:
+        pytest.skip(f"postgresql excluded by {ENV_BACKENDS}={os.environ.get(ENV_BACKENDS)!r}")
+    try:
+        server = PgServer.start()
+    except PgServerError as exc:
+        if os.environ.get(ENV_PG_URL):
+            pytest.skip(f"restarting a server needs one this run starts: {exc}")
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def pgbouncer(pg_server: PgServer) -> pg_throwaway.PgBouncer:
     """PgBouncer in transaction mode in front of the session's PostgreSQL server, pooling

@@ -478,6 +478,20 @@ class Cluster:
                 break
         raise PgServerError(last)
 
+    def restart(self, down_for: float = 1.0) -> None:
+        """Stop the server (``-m fast``: every client's connection is closed), keep it down
+        for ``down_for`` seconds, and start it again on the same port and data."""
+        assert self.datadir is not None and self.logfile is not None
+        self._pg_ctl_stop()
+        time.sleep(down_for)
+        proc = self._run(
+            [os.path.join(self.bindir, "pg_ctl"), "-D", self.datadir, "-l", self.logfile,
+             "-w", "-t", "60", "start"],
+            timeout=90,
+        )
+        if proc.returncode != 0:
+            raise PgServerError(f"pg_ctl start after a stop failed:\n{proc.stdout}\n{self.log_tail()}")
+
     def _pg_ctl_stop(self) -> None:
         if not self.datadir or not os.path.exists(os.path.join(self.datadir, "postmaster.pid")):
             return
@@ -567,6 +581,13 @@ class PgServer:
             cluster.stop()
             raise
         return server
+
+    def restart(self, down_for: float = 1.0) -> None:
+        """Stop this throwaway server, wait ``down_for`` seconds, start it again."""
+        if self.cluster is None:
+            raise PgServerError(f"{self.description} is not this process's to restart")
+        self.cluster.restart(down_for)
+        self.wait_ready()
 
     # -- URLs ---------------------------------------------------------------------------
     def url_for(self, dbname: str) -> str:
@@ -771,6 +792,14 @@ class PgBouncer:
         self.stop()
         raise PgServerError(f"pgbouncer did not start:\n{self.log_tail()}")
 
+    def restart(self, down_for: float = 1.0) -> None:
+        """Stop PgBouncer (every client and server connection is dropped), wait
+        ``down_for`` seconds, and start it again on the same port."""
+        assert self.proc is not None and self.tmpdir is not None
+        self._terminate()
+        time.sleep(down_for)
+        self._spawn(os.path.join(self.tmpdir, "pgbouncer.ini"))
+
     def log_tail(self, n: int = 30) -> str:
         path = os.path.join(self.tmpdir or "", "pgbouncer.log")
         if not os.path.exists(path):
@@ -781,7 +810,7 @@ class PgBouncer:
     def url_for(self, dbname: str, user: str = "cmbagent") -> str:
         return f"postgresql://{user}@127.0.0.1:{self.port}/{quote(dbname, safe='')}"
 
-    def stop(self) -> None:
+    def _terminate(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -789,6 +818,9 @@ class PgBouncer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def stop(self) -> None:
+        self._terminate()
         self.proc = None
         if self.tmpdir:
             shutil.rmtree(self.tmpdir, ignore_errors=True)

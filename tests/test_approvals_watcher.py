@@ -6,6 +6,9 @@
   the one request resolved among them wakes its waiter alone and at once;
 - a deleted request wakes its waiters with ApprovalNotFound;
 - killing the watcher's server connection loses no waiter;
+- a thousand waiters lose none to a PostgreSQL restart, to their LISTEN connection being
+  terminated, or to a PgBouncer restart: each wakes within 2 s of its request being resolved
+  after recovery;
 - a child made by ``fork()`` while the parent waits gets a watcher of its own (the
   watcher's thread, polling SQLite every 2 ms, is kept out of SQLite across the fork: a
   child that inherited SQLite's locks mid-call would hang).
@@ -17,13 +20,16 @@ import asyncio
 import os
 import threading
 import time
-from typing import Any, List
+from typing import Any, Callable, Dict, List
 
 import pytest
 
+import cmbagent_db
+import pg_throwaway
 from cmbagent_db import (
     ApprovalNotFound, ApprovalTimeout, OperationalError, approvals, get_db_session,
 )
+from cmbagent_db.models import Session, WorkflowRun
 
 from helpers import fetch_all, is_postgresql, raw_connect
 
@@ -211,3 +217,95 @@ def test_a_wait_of_no_time_still_reads_the_request_once(db, run_id, migrated_url
     pending = approvals.request(db, run_id, "plan_approval", {}, 120)
     with pytest.raises(ApprovalTimeout):
         approvals.wait(pending.id, 0, url=migrated_url)
+
+
+# -- faults with a thousand waiters ------------------------------------------------------
+
+FAULT_WAITERS = 1000
+
+
+def waiting_requests(url: str, n: int) -> List[str]:
+    cmbagent_db.init_database(url)
+    db = get_db_session(url)
+    try:
+        s = Session(name="faults")
+        db.add(s)
+        db.commit()
+        r = WorkflowRun(session_id=s.id)
+        db.add(r)
+        db.commit()
+        return [approvals.request(db, r.id, "plan_approval", {"i": i}, 600).id for i in range(n)]
+    finally:
+        db.close()
+
+
+def resolve_each(url: str, ids: List[str]) -> Dict[str, float]:
+    """Resolves every request, one commit each; when each commit returned."""
+    db = get_db_session(url)
+    at = {}
+    try:
+        for i in ids:
+            assert approvals.resolve(db, i, "approved") is True
+            at[i] = time.monotonic()
+    finally:
+        db.close()
+    return at
+
+
+def lags_through(url: str, ids: List[str], fault: Callable[[], None]) -> List[float]:
+    """Every id waited on by ``wait_async`` in one event loop; ``fault`` while they all wait;
+    then each request resolved. Returns each waiter's wake-up after its resolve's commit.
+    A waiter that errors fails the gather, so none may."""
+
+    async def main() -> List[float]:
+        woke: Dict[str, float] = {}
+
+        async def one(i: str) -> None:
+            got = await approvals.wait_async(i, 120, url=url)
+            assert got.id == i and got.status != "pending"
+            woke[i] = time.monotonic()
+
+        tasks = [asyncio.create_task(one(i)) for i in ids]
+        await asyncio.sleep(1.0)  # every waiter registered and read once
+        await asyncio.to_thread(fault)
+        resolved = await asyncio.to_thread(resolve_each, url, ids)
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        return [woke[i] - resolved[i] for i in ids]
+
+    return asyncio.run(main())
+
+
+def assert_all_woke_promptly(lags: List[float]) -> None:
+    assert len(lags) == FAULT_WAITERS
+    slowest = sorted(lags)[-5:]
+    assert max(lags) < 2.0, f"slowest wake-ups after their resolve: {slowest}"
+
+
+def test_a_server_restart_loses_none_of_a_thousand_waiters(restartable_pg_server):
+    url = restartable_pg_server.create_database()
+    ids = waiting_requests(url, FAULT_WAITERS)
+    assert_all_woke_promptly(lags_through(url, ids, restartable_pg_server.restart))
+
+
+def test_the_watchers_connection_terminated_loses_none_of_a_thousand_waiters(restartable_pg_server):
+    url = restartable_pg_server.create_database()
+    ids = waiting_requests(url, FAULT_WAITERS)
+
+    def terminate() -> None:
+        # The watcher's connection (LISTEN) and the pool's: all of this database's others.
+        killed = fetch_all(url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                           "datname = current_database() AND pid <> pg_backend_pid()")
+        assert killed and all(ok for (ok,) in killed), killed
+
+    assert_all_woke_promptly(lags_through(url, ids, terminate))
+
+
+def test_a_pgbouncer_restart_loses_none_of_a_thousand_waiters(restartable_pg_server):
+    bouncer = pg_throwaway.PgBouncer(restartable_pg_server).start()
+    try:
+        direct = restartable_pg_server.create_database()
+        url = bouncer.url_for(restartable_pg_server.dbname(direct))
+        ids = waiting_requests(url, FAULT_WAITERS)
+        assert_all_woke_promptly(lags_through(url, ids, bouncer.restart))
+    finally:
+        bouncer.stop()
