@@ -47,6 +47,11 @@ const SQLITE_TICK_IDLE: Duration = Duration::from_millis(5);
 /// How long after its files were written the watcher looks every millisecond, even where
 /// it can sleep until they are written again.
 const JUST_WRITTEN: Duration = Duration::from_millis(50);
+/// How long after its files were written the watcher still reads the change counter every
+/// `SQLITE_TICK_IDLE`: a commit writes its WAL frames, waits for `fsync` (with
+/// `synchronous=FULL`, which on a busy disk takes hundreds of milliseconds), and only then
+/// publishes them, which sends no event.
+const WRITE_SETTLES: Duration = Duration::from_secs(1);
 /// How long after a change the watcher keeps looking every millisecond.
 const BUSY_FOR: Duration = Duration::from_secs(2);
 /// How often every watched request is read when LISTEN is not available.
@@ -576,7 +581,7 @@ impl Link {
                     let stamp = stamps(&self.files);
                     if self.files.is_empty()
                         || stamp != self.stamp
-                        || self.touched_at.elapsed() < JUST_WRITTEN
+                        || self.touched_at.elapsed() < WRITE_SETTLES
                         || self.counter_read.elapsed() >= COUNTER_AT_LEAST
                     {
                         if stamp != self.stamp {
@@ -601,8 +606,12 @@ impl Link {
                     match &self.dir {
                         // A commit writes its WAL frames, then publishes them in the
                         // shared-memory index, which sends no event: just after a write,
-                        // look every millisecond for a while.
-                        Some(dir) if self.touched_at.elapsed() >= JUST_WRITTEN => dir.wait(left),
+                        // look every millisecond for a while, then every few until even
+                        // a slow fsync is over.
+                        Some(dir) if self.touched_at.elapsed() >= WRITE_SETTLES => dir.wait(left),
+                        Some(_) if self.touched_at.elapsed() >= JUST_WRITTEN => {
+                            std::thread::sleep(SQLITE_TICK_IDLE)
+                        }
                         Some(_) => std::thread::sleep(SQLITE_TICK_BUSY),
                         None => std::thread::sleep(if self.changed_at.elapsed() < BUSY_FOR {
                             SQLITE_TICK_BUSY

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import threading
 import time
 from typing import Any, Callable, Dict, List
@@ -124,6 +126,59 @@ def test_many_waiting_threads_share_one_connection(db, run_id, migrated_url):
     # Cancelled: every one of them raised ApprovalCancelled.
     assert out == [] and len(errors) == 100
     assert {type(e).__name__ for e in errors} == {"ApprovalCancelled"}
+
+
+SLOW_FSYNC = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <unistd.h>
+static int slowly(const char *name, int fd) {
+    usleep(300000);
+    int (*real)(int) = (int (*)(int))dlsym(RTLD_NEXT, name);
+    return real(fd);
+}
+int fsync(int fd) { return slowly("fsync", fd); }
+int fdatasync(int fd) { return slowly("fdatasync", fd); }
+"""
+
+RESOLVE_AND_SAY_WHEN = r"""
+import sys, time
+from cmbagent_db import approvals, get_db_session
+db = get_db_session(sys.argv[1])
+assert approvals.resolve(db, sys.argv[2], "approved") is True
+print(time.time())
+"""
+
+
+def test_a_commit_behind_a_slow_fsync_wakes_its_waiter_at_once(
+        db, run_id, migrated_url, backend, tmp_path):
+    """A commit writes its WAL frames, syncs them, and only then publishes them: with a
+    300 ms fsync (LD_PRELOAD in the resolving process), the waiter still wakes within a few
+    milliseconds of the commit returning, not at the next look of every 250 ms."""
+    if backend != "sqlite":
+        pytest.skip("PostgreSQL names the request in a notification after its commit")
+    shim = tmp_path / "slow_fsync.so"
+    (tmp_path / "slow_fsync.c").write_text(SLOW_FSYNC)
+    subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(shim),
+                    str(tmp_path / "slow_fsync.c"), "-ldl"], check=True)
+    lags = []
+    for _ in range(3):
+        req = approvals.request(db, run_id, "plan_approval", {}, 120)
+        woke: List[float] = []
+        waiter = threading.Thread(
+            target=lambda: (approvals.wait(req.id, 30, url=migrated_url), woke.append(time.time())))
+        waiter.start()
+        time.sleep(0.3)  # the watcher has read the request and sleeps on the directory
+        out = subprocess.run(
+            [sys.executable, "-c", RESOLVE_AND_SAY_WHEN, migrated_url, req.id],
+            capture_output=True, text=True, timeout=60,
+            env=dict(os.environ, LD_PRELOAD=str(shim)),
+        )
+        assert out.returncode == 0, out.stderr
+        waiter.join(10)
+        assert woke, "the waiter did not wake"
+        lags.append(woke[0] - float(out.stdout.split()[-1]))
+    assert max(lags) < 0.1, f"wake-ups after each commit returned: {lags}"
 
 
 def test_a_deleted_request_wakes_its_waiter_with_not_found(db, run_id, migrated_url):
