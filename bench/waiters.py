@@ -53,18 +53,18 @@ def setup(url, n):
     return ids
 
 
-def resolver(url, ids, q):
+def resolver(url, ids, inbox, outbox):
     """Another process: once told, resolves every id back to back; when each committed."""
     db = get_db_session(url)
     approvals.pending(db, run_id="none")  # connected and warm
-    q.put("ready")
-    q.get()
+    outbox.put("ready")
+    inbox.get()
     out = {}
     for i in ids:
         approvals.resolve(db, i, "approved")
         out[i] = time.time()
     db.close()
-    q.put(out)
+    outbox.put(out)
 
 
 def pct(xs, p):
@@ -78,13 +78,24 @@ def lag_summary(woke, resolved):
             "p99_ms": round(pct(lags, 99), 2), "max_ms": round(max(lags), 2)}
 
 
-def start_resolver(url, ids):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=resolver, args=(url, ids, q))
-    p.start()
-    assert q.get(timeout=120) == "ready"
-    return p, q
+class Resolver:
+    """The resolving process. Two queues, so that no side reads back its own message."""
+
+    def __init__(self, url, ids):
+        ctx = mp.get_context("spawn")
+        self.inbox, self.outbox = ctx.Queue(), ctx.Queue()
+        self.process = ctx.Process(target=resolver, args=(url, ids, self.inbox, self.outbox))
+        self.process.start()
+        assert self.outbox.get(timeout=120) == "ready"
+
+    def go(self):
+        self.inbox.put("go")
+
+    def resolved(self):
+        """When each id's resolve committed (after go)."""
+        out = self.outbox.get(timeout=600)
+        self.process.join()
+        return out
 
 
 async def idle_share():
@@ -106,20 +117,19 @@ def wait_all(url, ids, woke):
 def resolved_back_to_back(url, ids, make_tasks):
     """make_tasks(woke) starts the waiters; once they have waited a while, idle CPU, then
     another process resolves every id: the wake-ups after each commit."""
-    p, q = start_resolver(url, ids)
+    r = Resolver(url, ids)
     woke = {}
 
     async def main():
         tasks = make_tasks(woke)
         await asyncio.sleep(3)  # all registered and read
         idle = await idle_share()
-        q.put("go")
+        r.go()
         await asyncio.gather(*tasks)
         return idle
 
     idle = asyncio.run(main())
-    resolved = q.get(timeout=600)
-    p.join()
+    resolved = r.resolved()
     return dict(lag_summary(woke, resolved), n=len(ids), idle_cpu_pct=round(idle * 100, 2))
 
 
@@ -243,15 +253,15 @@ def run_processes(url, ids, procs):
         p.start()
     for _ in ps:
         assert q.get(timeout=300)[0] == "ready"
-    rp, rq = start_resolver(url, ids)
-    rq.put("go")
-    resolved = rq.get(timeout=600)
+    r = Resolver(url, ids)
+    r.go()
+    resolved = r.resolved()
     woke = {}
     for _ in ps:
         kind, got = q.get(timeout=600)
         assert kind == "woke"
         woke.update(got)
-    for p in ps + [rp]:
+    for p in ps:
         p.join()
     return dict(lag_summary(woke, resolved), n=len(ids), processes=procs)
 
