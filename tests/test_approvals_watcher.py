@@ -150,27 +150,26 @@ print(time.time())
 """
 
 
-def test_a_commit_behind_a_slow_fsync_wakes_its_waiter_at_once(
-        db, run_id, migrated_url, backend, tmp_path):
+def test_a_commit_behind_a_slow_fsync_wakes_its_waiter_at_once(sqlite_url, tmp_path):
     """A commit writes its WAL frames, syncs them, and only then publishes them: with a
     300 ms fsync (LD_PRELOAD in the resolving process), the waiter still wakes within a few
     milliseconds of the commit returning, not at the next look of every 250 ms."""
-    if backend != "sqlite":
-        pytest.skip("PostgreSQL names the request in a notification after its commit")
     shim = tmp_path / "slow_fsync.so"
     (tmp_path / "slow_fsync.c").write_text(SLOW_FSYNC)
     subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(shim),
                     str(tmp_path / "slow_fsync.c"), "-ldl"], check=True)
+    run_id = new_run(sqlite_url)
+    db = get_db_session(sqlite_url)
     lags = []
     for _ in range(3):
         req = approvals.request(db, run_id, "plan_approval", {}, 120)
         woke: List[float] = []
         waiter = threading.Thread(
-            target=lambda: (approvals.wait(req.id, 30, url=migrated_url), woke.append(time.time())))
+            target=lambda: (approvals.wait(req.id, 30, url=sqlite_url), woke.append(time.time())))
         waiter.start()
         time.sleep(0.3)  # the watcher has read the request and sleeps on the directory
         out = subprocess.run(
-            [sys.executable, "-c", RESOLVE_AND_SAY_WHEN, migrated_url, req.id],
+            [sys.executable, "-c", RESOLVE_AND_SAY_WHEN, sqlite_url, req.id],
             capture_output=True, text=True, timeout=60,
             env=dict(os.environ, LD_PRELOAD=str(shim)),
         )
@@ -178,6 +177,7 @@ def test_a_commit_behind_a_slow_fsync_wakes_its_waiter_at_once(
         waiter.join(10)
         assert woke, "the waiter did not wake"
         lags.append(woke[0] - float(out.stdout.split()[-1]))
+    db.close()
     assert max(lags) < 0.1, f"wake-ups after each commit returned: {lags}"
 
 
@@ -279,7 +279,8 @@ def test_a_wait_of_no_time_still_reads_the_request_once(db, run_id, migrated_url
 FAULT_WAITERS = 1000
 
 
-def waiting_requests(url: str, n: int) -> List[str]:
+def new_run(url: str) -> str:
+    """A migrated database at ``url`` with a committed session and run; the run's id."""
     cmbagent_db.init_database(url)
     db = get_db_session(url)
     try:
@@ -289,7 +290,16 @@ def waiting_requests(url: str, n: int) -> List[str]:
         r = WorkflowRun(session_id=s.id)
         db.add(r)
         db.commit()
-        return [approvals.request(db, r.id, "plan_approval", {"i": i}, 600).id for i in range(n)]
+        return r.id
+    finally:
+        db.close()
+
+
+def waiting_requests(url: str, n: int) -> List[str]:
+    run_id = new_run(url)
+    db = get_db_session(url)
+    try:
+        return [approvals.request(db, run_id, "plan_approval", {"i": i}, 600).id for i in range(n)]
     finally:
         db.close()
 

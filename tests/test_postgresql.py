@@ -397,7 +397,7 @@ class StallingProxy:
                     if s is client:
                         self.client_tails[slot] = (self.client_tails[slot] + data)[-64:]
                     ends[s].sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a socket closed by close() meanwhile
             return
         finally:
             client.close()
