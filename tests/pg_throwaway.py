@@ -460,16 +460,7 @@ class Cluster:
             self.port = free_port()
             with open(conf, "a") as f:
                 f.write(f"port = {self.port}\n")
-            proc = self._run(
-                [
-                    os.path.join(self.bindir, "pg_ctl"),
-                    "-D", self.datadir,
-                    "-l", self.logfile,
-                    "-w", "-t", "60",
-                    "start",
-                ],
-                timeout=90,
-            )
+            proc = self._pg_ctl_start()
             if proc.returncode == 0:
                 return self.port
             last = f"pg_ctl start failed (exit {proc.returncode}):\n{proc.stdout}\n{self.log_tail()}"
@@ -481,16 +472,25 @@ class Cluster:
     def restart(self, down_for: float = 1.0) -> None:
         """Stop the server (``-m fast``: every client's connection is closed), keep it down
         for ``down_for`` seconds, and start it again on the same port and data."""
-        assert self.datadir is not None and self.logfile is not None
         self._pg_ctl_stop()
         time.sleep(down_for)
-        proc = self._run(
-            [os.path.join(self.bindir, "pg_ctl"), "-D", self.datadir, "-l", self.logfile,
-             "-w", "-t", "60", "start"],
-            timeout=90,
-        )
+        proc = self._pg_ctl_start()
         if proc.returncode != 0:
             raise PgServerError(f"pg_ctl start after a stop failed:\n{proc.stdout}\n{self.log_tail()}")
+
+    def _pg_ctl_start(self) -> "subprocess.CompletedProcess[Any]":
+        """pg_ctl start of the data directory, waiting until the server accepts connections."""
+        assert self.datadir is not None and self.logfile is not None
+        return self._run(
+            [
+                os.path.join(self.bindir, "pg_ctl"),
+                "-D", self.datadir,
+                "-l", self.logfile,
+                "-w", "-t", "60",
+                "start",
+            ],
+            timeout=90,
+        )
 
     def _pg_ctl_stop(self) -> None:
         if not self.datadir or not os.path.exists(os.path.join(self.datadir, "postmaster.pid")):

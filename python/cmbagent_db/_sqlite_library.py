@@ -94,26 +94,24 @@ def _interpreter_sqlite() -> _Found | None:
     except ImportError:
         return None
     version = str(getattr(_sqlite3, "sqlite_version", "?"))
-    module_file = getattr(_sqlite3, "__file__", None) or sys.executable
+    module_file = getattr(_sqlite3, "__file__", None)
+    where = module_file or sys.executable
     # Already global (linked into the interpreter, or preloaded): every module binds to it.
     address = _libversion_address(ctypes.CDLL(None))
-    if address is None and getattr(_sqlite3, "__file__", None):
-        flags = os.RTLD_NOW | os.RTLD_NOLOAD
-        try:
-            address = _libversion_address(ctypes.CDLL(module_file, mode=flags))
-        except OSError:
-            address = None
+    if address is not None:
+        return _Found(address, _file_of(address) or where, version)
+    if module_file is None:
+        return _Found(None, where, version)
+    flags = os.RTLD_NOW | os.RTLD_NOLOAD
+    try:
+        address = _libversion_address(ctypes.CDLL(module_file, mode=flags))
         owner = _file_of(address) if address is not None else None
         if owner is None:
-            address = None
-        else:
-            try:
-                ctypes.CDLL(owner, mode=flags | os.RTLD_GLOBAL)
-            except OSError:
-                address = None
-    if address is None:
-        return _Found(None, module_file, version)
-    return _Found(address, _file_of(address) or module_file, version)
+            return _Found(None, where, version)
+        ctypes.CDLL(owner, mode=flags | os.RTLD_GLOBAL)
+    except OSError:
+        return _Found(None, where, version)
+    return _Found(address, owner, version)
 
 
 def _check(found: _Found, native: ModuleType) -> None:

@@ -7,7 +7,7 @@ mod postgres;
 mod sqlite;
 mod tls;
 
-pub use sqlite::{library as sqlite_library, Library as SqliteLibrary};
+pub use sqlite::library as sqlite_library;
 
 use crate::dbapi;
 use crate::dialect::Dialect;
