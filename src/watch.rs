@@ -3,12 +3,17 @@
 //! A waiter registers the request it waits on and blocks on its own slot (or, from
 //! asyncio, is called back when the slot is filled); the watcher's one thread and one
 //! connection notice changes and fill the slots of the requests that reached a final
-//! state. Changes are noticed by PostgreSQL's LISTEN (the trigger NOTIFYs the id of every
-//! request whose status changes), by SQLite's `PRAGMA data_version`, or, where LISTEN
-//! cannot work (a pooler in transaction mode), by looking at every watched request each
-//! poll. On PostgreSQL every watched request is looked at every second or few anyway (a deleted
-//! row sends no notification), and on either after the connection is replaced. Looking
-//! at every watched request reads only which are still pending; only the others' rows. Deadlines are kept in one ordered
+//! state. Changes are noticed by PostgreSQL's LISTEN (triggers NOTIFY the id of every
+//! request whose status changes or that is deleted), by SQLite's `PRAGMA data_version`
+//! followed by a read of the change log the triggers of revision 004 write (the ids
+//! changed since the last read), or, where LISTEN cannot work (a pooler in transaction
+//! mode), by looking at every watched request each poll. Every watched request is looked
+//! at where nothing names the changes: on SQLite without the change log (a revision before
+//! 004) whenever the counter moves or when the log no longer reaches back far enough; on
+//! PostgreSQL a batch at a time, all of them every second or few (a deletion on a database
+//! without revision 004, a row written with triggers disabled); and on either after the
+//! connection is replaced. Looking at every watched request reads only which are still
+//! pending; only the others' rows. Deadlines are kept in one ordered
 //! set: a request is marked expired when its own deadline passes, without a thread of its
 //! own. With nothing to watch the thread sleeps on a condition variable and, after a
 //! while, closes its connection and ends.
@@ -56,9 +61,9 @@ const WRITE_SETTLES: Duration = Duration::from_secs(1);
 const BUSY_FOR: Duration = Duration::from_secs(2);
 /// How often every watched request is read when LISTEN is not available.
 const POLL: Duration = Duration::from_millis(50);
-/// How often every watched request is looked at anyway on PostgreSQL (a deleted row, a
-/// lost notification): once a second, or 400 µs per watched request when there are more
-/// than 2,500, so the look stays under about 1% of a core (10,000 requests: every 4 s).
+/// How often every watched request is looked at anyway on PostgreSQL (see `Tour`): once a
+/// second, or 400 µs per watched request when there are more than 2,500, so the look stays
+/// under about 1% of a core (10,000 requests: every 4 s, a batch every 200 ms).
 fn reread_every(watched: usize) -> Duration {
     Duration::from_secs(1).max(Duration::from_micros(400) * watched as u32)
 }
@@ -451,6 +456,10 @@ struct Link {
     listening: bool,
     /// SQLite's change counter when last read.
     seen: Option<i64>,
+    /// SQLite: the last sequence number of the change log read, `None` where the database
+    /// has no change log (a revision before 004): then every watched request is looked at
+    /// whenever the change counter moves.
+    logged: Option<i64>,
     /// SQLite: the database file and its WAL, whose size and modification time are
     /// looked at every tick; the change counter is read only when they moved (a commit
     /// writes one of them) or once every `COUNTER_AT_LEAST`. A `stat` costs a fraction of
@@ -549,6 +558,7 @@ impl Link {
         // holds the row.
         conn.set_lock_timeout(LOCK_WAIT)?;
         let seen = conn.data_version()?;
+        let logged = last_logged(&mut conn)?;
         let files: Vec<std::path::PathBuf> = conn
             .database_file()
             .map(|db| {
@@ -561,6 +571,7 @@ impl Link {
             conn,
             listening,
             seen,
+            logged,
             stamp: stamps(&files),
             dir: files
                 .first()
@@ -603,7 +614,7 @@ impl Link {
                         if version != self.seen {
                             self.seen = version;
                             self.changed_at = Instant::now();
-                            return Ok(None);
+                            return self.logged_changes();
                         }
                     }
                     let left = slice.saturating_sub(started.elapsed());
@@ -629,6 +640,112 @@ impl Link {
                 }
             }
         }
+    }
+}
+
+/// SQLite's log of changed and deleted approval requests (revision 004).
+const CHANGE_LOG: &str = "cmbagent_db_approval_changes";
+
+/// Whether a SQLite error says the change log is not there (dropped by a downgrade).
+fn no_change_log(e: &Error) -> bool {
+    e.message.contains("no such table")
+}
+
+/// The newest sequence number of SQLite's change log (0 when empty), or `None` where the
+/// database has none. PostgreSQL: `None` (its trigger names each change).
+fn last_logged(conn: &mut Conn) -> Result<Option<i64>> {
+    if conn.dialect() != Dialect::Sqlite {
+        return Ok(None);
+    }
+    let _in = InLibrary::enter(Dialect::Sqlite);
+    let sql = format!("SELECT coalesce(max(seq), 0) FROM {CHANGE_LOG}");
+    match conn.query(&sql, &[], &[("seq", ColType::BigInt)]) {
+        Ok(rows) => Ok(match rows.first().and_then(|r| r.first()) {
+            Some(Value::Int(n)) => Some(*n),
+            _ => Some(0),
+        }),
+        Err(e) if no_change_log(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+impl Link {
+    /// After SQLite's change counter moved: the requests the change log names since it was
+    /// last read, or `None` (look at every watched request) where there is no log or the
+    /// log no longer reaches back that far (more than its 10,000 entries since).
+    fn logged_changes(&mut self) -> Result<Option<Vec<String>>> {
+        let Some(last) = self.logged else {
+            return Ok(None);
+        };
+        let sql = format!(
+            "SELECT seq, request_id, (SELECT min(seq) FROM {CHANGE_LOG}) \
+             FROM {CHANGE_LOG} WHERE seq > ?1 ORDER BY seq"
+        );
+        let shape = [
+            ("seq", ColType::BigInt),
+            ("request_id", ColType::Str(36)),
+            ("oldest", ColType::BigInt),
+        ];
+        let rows = {
+            let _in = InLibrary::enter(Dialect::Sqlite);
+            self.conn.query(&sql, &[Value::Int(last)], &shape)
+        };
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) if no_change_log(&e) => {
+                self.logged = None;
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(first) = rows.first() else {
+            return Ok(Some(Vec::new()));
+        };
+        let gap = matches!(first[2], Value::Int(oldest) if oldest > last + 1);
+        let mut ids = Vec::with_capacity(rows.len());
+        for row in rows {
+            if let [Value::Int(seq), Value::Text(id), _] = &row[..] {
+                self.logged = Some(*seq);
+                ids.push(id.clone());
+            }
+        }
+        Ok(if gap { None } else { Some(ids) })
+    }
+}
+
+/// The look at every watched request that PostgreSQL's watcher makes anyway (a deletion on
+/// a database without revision 004's trigger, rows changed with triggers disabled): one
+/// batch of `READ_BATCH` per turn, spread over `reread_every`, so no turn holds back the
+/// notifications behind it for longer than one statement.
+#[derive(Default)]
+struct Tour {
+    left: Vec<String>,
+    next_at: Option<Instant>,
+}
+
+impl Tour {
+    /// The next batch of watched requests to look at, if one is due.
+    fn due(&mut self, state: &State) -> Option<Vec<String>> {
+        let now = Instant::now();
+        let watched = state.waits.len();
+        let next_at = *self
+            .next_at
+            .get_or_insert_with(|| now + reread_every(watched));
+        if now < next_at || watched == 0 {
+            return None;
+        }
+        if self.left.is_empty() {
+            self.left = state.waits.keys().cloned().collect();
+        }
+        let turns = watched.div_ceil(READ_BATCH).max(1) as u32;
+        self.next_at = Some(now + reread_every(watched) / turns);
+        let from = self.left.len().saturating_sub(READ_BATCH);
+        let batch: Vec<String> = self
+            .left
+            .drain(from..)
+            .filter(|i| state.waits.contains_key(i))
+            .collect();
+        Some(batch)
     }
 }
 
@@ -663,7 +780,7 @@ impl Watcher {
         // Since when the database has been out of reach.
         let mut lost_since: Option<Instant> = None;
         let mut backoff = Duration::from_millis(100);
-        let mut last_full = Instant::now();
+        let mut tour = Tour::default();
         let mut idle_since: Option<Instant> = None;
         loop {
             // Nothing to watch: sleep until something is, and end after a while.
@@ -722,7 +839,7 @@ impl Watcher {
                     }
                 },
             };
-            if let Err(e) = self.step(l, &mut last_full) {
+            if let Err(e) = self.step(l, &mut tour) {
                 match l.conn.dialect() {
                     // The connection is gone or unusable: a new one, and everything read
                     // again.
@@ -747,7 +864,7 @@ impl Watcher {
 
     /// One round: read what is new, expire what is due, wait for a change, read what
     /// changed.
-    fn step(&self, link: &mut Link, last_full: &mut Instant) -> Result<()> {
+    fn step(&self, link: &mut Link, tour: &mut Tour) -> Result<()> {
         let unread: Vec<String> = lock(&self.state).unread.drain().collect();
         if !unread.is_empty() {
             self.read_and_fill(&mut link.conn, &unread)?;
@@ -768,34 +885,35 @@ impl Watcher {
         let postgres = link.conn.dialect() == Dialect::Postgres;
         let poll = postgres && !link.listening;
         let changed = link.changes(if poll { POLL } else { slice })?;
-        // SQLite's change counter moves for a deletion too; PostgreSQL's trigger sends
-        // nothing for one, so every watched request is looked at now and then.
-        let watched = lock(&self.state).waits.len();
-        let full = changed.is_none() || (postgres && last_full.elapsed() >= reread_every(watched));
-        let ids: Vec<String> = {
+        let (named, looked_at): (Vec<String>, Vec<String>) = {
             let state = lock(&self.state);
             match changed {
-                Some(ids) if !full => ids
-                    .into_iter()
-                    .filter(|i| state.waits.contains_key(i))
-                    .collect(),
-                _ => state.waits.keys().cloned().collect(),
+                Some(ids) => (
+                    ids.into_iter()
+                        .filter(|i| state.waits.contains_key(i))
+                        .collect(),
+                    match postgres {
+                        true => tour.due(&state).unwrap_or_default(),
+                        false => Vec::new(),
+                    },
+                ),
+                None => (Vec::new(), state.waits.keys().cloned().collect()),
             }
         };
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let ids = if full {
-            *last_full = Instant::now();
-            // Every watched request, by id only; the rows of those no longer pending.
+        // The requests looked at by id only: the rows of those no longer pending.
+        let ended: Vec<String> = if looked_at.is_empty() {
+            Vec::new()
+        } else {
             let pending = {
                 let _in = InLibrary::enter(link.conn.dialect());
-                pending_among(&mut link.conn, &ids)?
+                pending_among(&mut link.conn, &looked_at)?
             };
-            ids.into_iter().filter(|i| !pending.contains(i)).collect()
-        } else {
-            ids
+            looked_at
+                .into_iter()
+                .filter(|i| !pending.contains(i) && !named.contains(i))
+                .collect()
         };
+        let ids: Vec<String> = named.into_iter().chain(ended).collect();
         if !ids.is_empty() {
             self.read_and_fill(&mut link.conn, &ids)?;
         }
@@ -983,6 +1101,99 @@ mod tests {
             )
             .unwrap();
         assert_eq!(status[0][0], Value::Text("expired".into()));
+    }
+
+    fn status(c: &mut Conn, id: &str, status: &str) {
+        c.execute(
+            "UPDATE approval_requests SET status = ?1 WHERE id = ?2",
+            &[Value::Text(status.into()), Value::Text(id.into())],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn sqlite_names_the_requests_that_changed_from_its_change_log() {
+        let (_dir, url, mut c) = db();
+        let minutes = chrono::TimeDelta::minutes(5);
+        for id in ["a", "b", "c"] {
+            request(&mut c, id, minutes);
+        }
+        let e = engine::engine(&url).unwrap();
+        let mut link = Link::open(&e).unwrap();
+        assert!(link.logged.is_some());
+        assert_eq!(link.logged_changes().unwrap(), Some(vec![]));
+        // A status written again unchanged is no change; a deletion is, and so is a
+        // request deleted with its run.
+        status(&mut c, "a", "pending");
+        status(&mut c, "b", "cancelled");
+        c.execute("DELETE FROM approval_requests WHERE id = 'c'", &[])
+            .unwrap();
+        assert_eq!(
+            link.logged_changes().unwrap(),
+            Some(vec!["b".to_string(), "c".to_string()])
+        );
+        assert_eq!(link.logged_changes().unwrap(), Some(vec![]));
+        c.execute("DELETE FROM workflow_runs WHERE id = 'r'", &[])
+            .unwrap();
+        assert_eq!(
+            link.logged_changes().unwrap(),
+            Some(vec!["a".to_string(), "b".to_string()])
+        );
+    }
+
+    #[test]
+    fn sqlite_looks_at_everything_when_its_change_log_falls_short() {
+        let (_dir, url, mut c) = db();
+        request(&mut c, "a", chrono::TimeDelta::minutes(5));
+        let e = engine::engine(&url).unwrap();
+        let mut link = Link::open(&e).unwrap();
+        // More changes than the log keeps: the ones between are gone.
+        c.batch("BEGIN").unwrap();
+        for i in 0..10_001 {
+            status(
+                &mut c,
+                "a",
+                if i % 2 == 0 { "cancelled" } else { "pending" },
+            );
+        }
+        c.batch("COMMIT").unwrap();
+        assert_eq!(link.logged_changes().unwrap(), None);
+        // From the newest entry on, the log serves again.
+        status(&mut c, "a", "expired");
+        assert_eq!(link.logged_changes().unwrap(), Some(vec!["a".to_string()]));
+        // A downgrade drops the log under the watcher: it looks at everything from then on.
+        migrate::migrate(&mut c, "003_cmbagent_columns", false).unwrap();
+        assert_eq!(link.logged_changes().unwrap(), None);
+        assert_eq!(link.logged, None);
+        assert_eq!(Link::open(&e).unwrap().logged, None);
+    }
+
+    #[test]
+    fn a_tour_looks_at_every_watched_request_once_a_batch_at_a_time() {
+        let mut state = State::default();
+        for n in 0..1_200 {
+            state.waits.insert(format!("r{n}"), Vec::new());
+        }
+        let mut tour = Tour::default();
+        assert_eq!(tour.due(&state), None, "the first look is a period away");
+        let mut seen = HashSet::new();
+        for expected in [500, 500, 200] {
+            tour.next_at = Some(Instant::now());
+            let batch = tour.due(&state).unwrap();
+            assert_eq!(batch.len(), expected);
+            seen.extend(batch);
+            // The next batch is due within the period spread over three turns.
+            let after = tour.next_at.unwrap() - Instant::now();
+            assert!(after <= reread_every(1_200) / 3, "{after:?}");
+            assert_eq!(tour.due(&state), None);
+        }
+        assert_eq!(seen.len(), 1_200);
+        // A request no longer watched is left out; the next tour starts over.
+        state.waits.remove("r0");
+        tour.next_at = Some(Instant::now());
+        let batch = tour.due(&state).unwrap();
+        assert_eq!(batch.len(), 500);
+        assert!(!batch.contains(&"r0".to_string()));
     }
 
     #[test]

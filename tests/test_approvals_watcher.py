@@ -4,7 +4,8 @@
 - hundreds of ``wait_async`` in one event loop and a hundred ``wait`` threads cost no
   thread and, on PostgreSQL, no server connection per waiter (one for the watcher);
   the one request resolved among them wakes its waiter alone and at once;
-- a deleted request wakes its waiters with ApprovalNotFound;
+- a deleted request wakes its waiters with ApprovalNotFound at once; a database at a
+  revision before 004 (no change log, no deletion trigger) still wakes every waiter;
 - killing the watcher's server connection loses no waiter;
 - a thousand waiters lose none to a PostgreSQL restart, to their LISTEN connection being
   terminated, or to a PgBouncer restart: each wakes within 2 s of its request being resolved
@@ -193,13 +194,53 @@ def test_a_deleted_request_wakes_its_waiter_with_not_found(db, run_id, migrated_
 
     t = threading.Thread(target=wait)
     t.start()
-    time.sleep(0.3)
+    time.sleep(0.2)
     at = time.monotonic()
     sql(migrated_url, "DELETE FROM approval_requests WHERE id = ?", (req.id,))
     t.join(10)
     assert [type(e) for e in errors] == [ApprovalNotFound]
-    # A deletion sends no notification: PostgreSQL's watcher finds it at its next full read.
+    # The deletion is logged (SQLite) or notified (PostgreSQL): the waiter hears of it at
+    # once, not at the watcher's next look at every request (a second after it started).
+    assert time.monotonic() - at < 0.5
+
+
+def test_a_database_before_the_change_log_still_wakes_its_waiters(db_url):
+    """At revision 003 SQLite has no change log and PostgreSQL no deletion trigger: every
+    watched request is looked at (on each commit, or every second) instead."""
+    cmbagent_db.migrate(db_url, "003_cmbagent_columns")
+    url = db_url + ("&" if "?" in db_url else "?") + "auto_migrate=false"
+    session = get_db_session(url)
+    try:
+        s = Session(name="before-the-log")
+        session.add(s)
+        session.commit()
+        r = WorkflowRun(session_id=s.id)
+        session.add(r)
+        session.commit()
+        kept, deleted = (approvals.request(session, r.id, "plan_approval", {}, 120) for _ in "ab")
+    finally:
+        session.close()
+    ends: Dict[str, Any] = {}
+
+    def wait(req_id: str) -> None:
+        try:
+            ends[req_id] = approvals.wait(req_id, 30, url=url).status
+        except BaseException as exc:  # noqa: BLE001
+            ends[req_id] = type(exc)
+
+    threads = [threading.Thread(target=wait, args=(i,)) for i in (kept.id, deleted.id)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    at = time.monotonic()
+    sql(url, "UPDATE approval_requests SET status = 'resolved', resolution = 'approved' "
+             "WHERE id = ?", (kept.id,))
+    sql(url, "DELETE FROM approval_requests WHERE id = ?", (deleted.id,))
+    for t in threads:
+        t.join(10)
+    assert ends == {kept.id: "resolved", deleted.id: ApprovalNotFound}
     assert time.monotonic() - at < 2.5
+    assert cmbagent_db.current(url) == "003_cmbagent_columns"
 
 
 def test_the_watchers_connection_killed_loses_no_waiter(db, run_id, migrated_url, backend):

@@ -19,7 +19,7 @@ import pytest
 
 from helpers import fetch_all, sqlite_path, table_names
 
-REVS = ["000_base", "001_session_states", "002_approvals_connections", "003_cmbagent_columns"]
+REVS = ["000_base", "001_session_states", "002_approvals_connections", "003_cmbagent_columns", "004_approval_changes"]
 HEAD = REVS[-1]
 STAGE2 = REVS[2]
 OUR_TABLES = {"sessions", "workflow_runs", "session_states", "approval_requests",
@@ -82,22 +82,19 @@ def test_upgrade_current_history(sqlite_url):
 
     out = ok(cli("--url", sqlite_url, "upgrade", "head"))
     lines = out.splitlines()
-    assert len(lines) == 4, out
-    assert lines[0].startswith("Running upgrade  -> 000_base"), out
-    assert lines[1].startswith("Running upgrade 000_base -> 001_session_states"), out
-    assert lines[2].startswith(f"Running upgrade 001_session_states -> {STAGE2}"), out
-    assert lines[3].startswith(f"Running upgrade {STAGE2} -> {HEAD}"), out
+    assert len(lines) == len(REVS), out
+    for line, down, rev in zip(lines, [""] + REVS, REVS):
+        assert line.startswith(f"Running upgrade {down} -> {rev}, "), out
     assert our_tables(sqlite_url) == OUR_TABLES
 
     assert current(sqlite_url) == f"{HEAD} (head)"
     assert ok(cli("--url", sqlite_url, "upgrade")) == ""  # already at head
 
     history = ok(cli("history")).splitlines()
-    assert len(history) == 4, history
-    assert history[0].startswith(f"{STAGE2} -> {HEAD} (head), ")
-    assert history[1].startswith(f"001_session_states -> {STAGE2}, ")
-    assert history[2].startswith("000_base -> 001_session_states, ")
-    assert history[3].startswith("<base> -> 000_base, ")
+    assert len(history) == len(REVS), history
+    assert history[0].startswith(f"{REVS[-2]} -> {HEAD} (head), ")
+    for line, (down, rev) in zip(history[1:], list(zip(["<base>"] + REVS, REVS))[-2::-1]):
+        assert line.startswith(f"{down} -> {rev}, "), history
     for line in history:
         assert line.split(", ", 1)[1].strip(), line  # a description
 
@@ -130,7 +127,7 @@ def test_relative_and_prefix_targets(sqlite_url):
     assert current(sqlite_url) == "000_base"
     ok(cli("--url", sqlite_url, "upgrade", "002"))  # unambiguous prefix, as in Alembic
     assert current(sqlite_url) == STAGE2
-    ok(cli("--url", sqlite_url, "upgrade", "+1"))
+    ok(cli("--url", sqlite_url, "upgrade", "+2"))
     assert current(sqlite_url) == f"{HEAD} (head)"
 
     # Directions are checked, like Alembic does.
@@ -159,7 +156,7 @@ def test_downgrade_needs_force_to_drop_rows(sqlite_url):
     assert "active_connections" in our_tables(sqlite_url)
 
     out = ok(cli("--url", sqlite_url, "downgrade", "001_session_states", "--force"))
-    assert out.startswith(f"Running downgrade {HEAD} -> {STAGE2}"), out
+    assert out.startswith(f"Running downgrade {HEAD} -> {REVS[-2]}"), out
     assert current(sqlite_url) == "001_session_states"
     assert our_tables(sqlite_url) == {"sessions", "workflow_runs", "session_states"}
 

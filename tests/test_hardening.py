@@ -68,17 +68,18 @@ from cmbagent_db.models import ActiveConnection, ApprovalRequest, Session, Workf
 from helpers import connected, fetch_all, is_postgresql, is_sqlite, pg_dsn, raw_connect, row_count, sqlite_path
 
 UTC = timezone.utc
-HEAD = "003_cmbagent_columns"
-REVS = ["000_base", "001_session_states", "002_approvals_connections", HEAD]
+HEAD = "004_approval_changes"
+REVS = ["000_base", "001_session_states", "002_approvals_connections", "003_cmbagent_columns", HEAD]
 TABLES_AT = {
     None: set(),
     "000_base": {"sessions", "workflow_runs"},
     "001_session_states": {"sessions", "workflow_runs", "session_states"},
     "002_approvals_connections": {"sessions", "workflow_runs", "session_states", "approval_requests", "active_connections"},
+    "003_cmbagent_columns": {"sessions", "workflow_runs", "session_states", "approval_requests", "active_connections"},
     HEAD: {"sessions", "workflow_runs", "session_states", "approval_requests", "active_connections"},
 }
 ALL_TABLES = sorted(TABLES_AT[HEAD])
-BOOKKEEPING = {"alembic_version", "cmbagent_db_migrations"}
+BOOKKEEPING = {"alembic_version", "cmbagent_db_migrations", "cmbagent_db_approval_changes"}
 PG_PASSWORD = "s3cret-pw"
 TESTS_DIR = str(Path(__file__).resolve().parent)
 

@@ -29,7 +29,7 @@ import helpers
 from helpers import sa_url
 
 UTC = timezone.utc
-HEAD = "003_cmbagent_columns"
+HEAD = "004_approval_changes"
 OUR_TABLES = {
     "sessions",
     "workflow_runs",

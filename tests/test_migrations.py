@@ -37,11 +37,18 @@ from helpers import (
     table_names,
 )
 
-REVS = ["000_base", "001_session_states", "002_approvals_connections", "003_cmbagent_columns"]
+REVS = ["000_base", "001_session_states", "002_approvals_connections", "003_cmbagent_columns", "004_approval_changes"]
 HEAD = REVS[-1]
 STAGE2 = "002_approvals_connections"
 DOWN = {rev: (REVS[i - 1] if i else None) for i, rev in enumerate(REVS)}
-BOOKKEEPING = {"alembic_version", "cmbagent_db_migrations"}
+# SQLite's change log of approval requests (004) is the watcher's, not one of the tables.
+BOOKKEEPING = {"alembic_version", "cmbagent_db_migrations", "cmbagent_db_approval_changes"}
+COLUMNS_ADDED = "003_cmbagent_columns"
+
+
+def has_added_columns(rev: Optional[str]) -> bool:
+    """Whether ``rev`` is at or after the revision adding cmbagent's columns."""
+    return rev is not None and REVS.index(rev) >= REVS.index(COLUMNS_ADDED)
 
 # --------------------------------------------------------------------------------------
 # The expected schema (spec/SCHEMA.md and the seed), revision by revision
@@ -52,6 +59,7 @@ TABLES_AT: Dict[Optional[str], List[str]] = {
     "000_base": ["sessions", "workflow_runs"],
     "001_session_states": ["sessions", "workflow_runs", "session_states"],
     STAGE2: ["sessions", "workflow_runs", "session_states", "approval_requests", "active_connections"],
+    COLUMNS_ADDED: ["sessions", "workflow_runs", "session_states", "approval_requests", "active_connections"],
     HEAD: ["sessions", "workflow_runs", "session_states", "approval_requests", "active_connections"],
 }
 
@@ -142,7 +150,7 @@ ADDED_AT_HEAD: Dict[str, List[Tuple[str, str, Optional[int], bool]]] = {
 
 
 def columns_at(rev: Optional[str], table: str) -> List[Tuple[str, str, Optional[int], bool]]:
-    return COLUMNS[table] + (ADDED_AT_HEAD.get(table, []) if rev == HEAD else [])
+    return COLUMNS[table] + (ADDED_AT_HEAD.get(table, []) if has_added_columns(rev) else [])
 
 
 # (column, referenced table, referenced column, ON DELETE)
@@ -162,7 +170,7 @@ FOREIGN_KEYS: Dict[str, Set[Tuple[str, str, str, str]]] = {
 
 
 def foreign_keys_at(rev: Optional[str], table: str) -> Set[Tuple[str, str, str, str]]:
-    if rev == HEAD and table == "workflow_runs":
+    if has_added_columns(rev) and table == "workflow_runs":
         return FOREIGN_KEYS[table] | {("parent_run_id", "workflow_runs", "id", "SET NULL")}
     return FOREIGN_KEYS[table]
 
@@ -390,7 +398,7 @@ def assert_schema_at(url: str, rev: Optional[str]) -> None:
             got_cols = sorted(
                 (tuple(v["columns"]), v["unique"], v["partial"]) for v in created.values()
             )
-            want = INDEX_COLUMNS[table] + (INDEX_COLUMNS.get(f"{table}@head", []) if rev == HEAD else [])
+            want = INDEX_COLUMNS[table] + (INDEX_COLUMNS.get(f"{table}@head", []) if has_added_columns(rev) else [])
             assert got_cols == sorted(want), table
     if rev is None:
         if _exists(url) and "alembic_version" in table_names(url):
@@ -620,14 +628,14 @@ def test_relative_targets(db_url):
     assert cmbagent_db.current(db_url) is None
     assert cmbagent_db.migrate(db_url, "+1") == "000_base"
     assert cmbagent_db.current(db_url) == "000_base"
-    assert cmbagent_db.migrate(db_url, "+3") == HEAD
+    assert cmbagent_db.migrate(db_url, "+4") == HEAD
     assert_schema_at(db_url, HEAD)
-    assert cmbagent_db.migrate(db_url, "-2") == "001_session_states"
+    assert cmbagent_db.migrate(db_url, "-3") == "001_session_states"
     assert_schema_at(db_url, "001_session_states")
     assert cmbagent_db.migrate(db_url, "-2") is None
     assert_schema_at(db_url, None)
-    assert cmbagent_db.migrate(db_url, "+4") == HEAD
-    assert cmbagent_db.migrate(db_url, "-1") == STAGE2
+    assert cmbagent_db.migrate(db_url, "+5") == HEAD
+    assert cmbagent_db.migrate(db_url, "-2") == STAGE2
     assert_schema_at(db_url, STAGE2)
     assert cmbagent_db.migrate(db_url, "-3") is None
     assert cmbagent_db.migrate(db_url, "+2") == "001_session_states"
@@ -638,7 +646,7 @@ def test_relative_target_out_of_range_is_refused(db_url):
     # Alembic: "Relative revision +2 didn't produce 2 migrations".
     cmbagent_db.migrate(db_url, "001_session_states")
     before = snapshot(db_url)
-    for target in ("+3", "-3"):
+    for target in ("+4", "-3"):
         with pytest.raises(cmbagent_db.MigrationError):
             cmbagent_db.migrate(db_url, target)
         assert snapshot(db_url) == before

@@ -37,8 +37,8 @@ from cmbagent_db.models import ApprovalRequest, Session, WorkflowRun
 
 from helpers import fetch_all, pg_dsn, row_count
 
-HEAD = "003_cmbagent_columns"
-REVS = ["000_base", "001_session_states", "002_approvals_connections", HEAD]
+HEAD = "004_approval_changes"
+REVS = ["000_base", "001_session_states", "002_approvals_connections", "003_cmbagent_columns", HEAD]
 PG_PASSWORD = "s3cret-pw"  # conftest's role password
 TESTS_DIR = str(Path(__file__).resolve().parent)
 

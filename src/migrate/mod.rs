@@ -75,7 +75,7 @@ macro_rules! scripts {
 
 /// Oldest first; each revision's `down_revision` is the one before it, and its position is
 /// the number its id starts with (the `since` of the schema description).
-pub static REVISIONS: [Revision; 4] = [
+pub static REVISIONS: [Revision; 5] = [
     Revision {
         id: "000_base",
         description: "sessions and workflow_runs (adopts existing tables)",
@@ -106,6 +106,15 @@ pub static REVISIONS: [Revision; 4] = [
         description: "the task hierarchy of workflow_runs and the legacy approval columns",
         sqlite: scripts!("sqlite", "003_cmbagent_columns"),
         postgres: scripts!("postgresql", "003_cmbagent_columns"),
+        drops: &[],
+        postgres_also: None,
+    },
+    Revision {
+        id: "004_approval_changes",
+        description: "who hears of a changed or deleted approval request: a change log \
+                      (SQLite), a notification on deletion (PostgreSQL)",
+        sqlite: scripts!("sqlite", "004_approval_changes"),
+        postgres: scripts!("postgresql", "004_approval_changes"),
         drops: &[],
         postgres_also: None,
     },
@@ -994,12 +1003,12 @@ mod tests {
 
     #[test]
     fn targets_resolve() {
-        assert_eq!(resolve("head", 0).unwrap(), 4);
+        assert_eq!(resolve("head", 0).unwrap(), 5);
         assert_eq!(resolve("base", 3).unwrap(), 0);
         assert_eq!(resolve("+2", 1).unwrap(), 3);
         assert_eq!(resolve("-1", 3).unwrap(), 2);
         assert_eq!(resolve("001_session_states", 0).unwrap(), 2);
-        assert!(resolve("+5", 0).is_err());
+        assert!(resolve("+6", 0).is_err());
         assert!(resolve("-1", 0).is_err());
         assert!(resolve("nope", 0).unwrap_err().message.contains("nope"));
     }
@@ -1008,9 +1017,12 @@ mod tests {
     fn up_down_up_keeps_alembic_version_in_step() {
         let mut c = memory();
         let steps = migrate(&mut c, "head", false).unwrap();
-        assert_eq!(steps.len(), 4);
+        assert_eq!(steps.len(), 5);
         assert_eq!(current(&mut c).unwrap(), Some(head()));
         assert!(check(&mut c).unwrap().is_empty());
+        migrate(&mut c, "-1", false).unwrap();
+        assert_eq!(current(&mut c).unwrap(), Some("003_cmbagent_columns"));
+        assert!(!table_exists(&mut c, "cmbagent_db_approval_changes").unwrap());
         migrate(&mut c, "-1", false).unwrap();
         assert_eq!(current(&mut c).unwrap(), Some("002_approvals_connections"));
         let Relation::Table(runs) = inspect(&mut c, "workflow_runs").unwrap() else {
@@ -1026,7 +1038,7 @@ mod tests {
         assert!(table_exists(&mut c, "alembic_version").unwrap());
         assert!(applied(&mut c).unwrap().is_empty());
         migrate(&mut c, "head", false).unwrap();
-        assert_eq!(applied(&mut c).unwrap().len(), 4);
+        assert_eq!(applied(&mut c).unwrap().len(), REVISIONS.len());
     }
 
     /// Every table a fresh migration makes matches the schema description: columns (kind,
@@ -1154,7 +1166,7 @@ mod tests {
     fn a_legacy_database_is_adopted_keeping_every_row_and_foreign_key() {
         let mut c = memory();
         c.batch(LEGACY).unwrap();
-        assert_eq!(migrate(&mut c, "head", false).unwrap().len(), 4);
+        assert_eq!(migrate(&mut c, "head", false).unwrap().len(), 5);
         for (t, table) in TableId::all() {
             let Relation::Table(info) = inspect(&mut c, table.name).unwrap() else {
                 panic!("{}", table.name)
@@ -1269,7 +1281,7 @@ mod tests {
         );
         assert_eq!(recorded(&mut c, OWN_VERSION_TABLE).unwrap(), vec![head()]);
         assert_eq!(foreign_revisions(&mut c).unwrap(), vec!["5f0a1b2c3d4e"]);
-        migrate(&mut c, "-1", true).unwrap();
+        migrate(&mut c, "-2", true).unwrap();
         assert_eq!(current(&mut c).unwrap(), Some("002_approvals_connections"));
         assert_eq!(
             recorded(&mut c, ALEMBIC_VERSION).unwrap(),
@@ -1297,13 +1309,13 @@ mod tests {
         migrate(&mut c, "head", false).unwrap();
         c.batch("INSERT INTO sessions (id, name) VALUES ('s', 'n'); INSERT INTO workflow_runs (id, session_id, stage_name) VALUES ('r', 's', 'idea');")
             .unwrap();
-        let e = migrate(&mut c, "-1", false).unwrap_err();
+        let e = migrate(&mut c, "-2", false).unwrap_err();
         assert!(
             e.message
                 .contains("workflow_runs.stage_name holding 1 value"),
             "{e}"
         );
-        migrate(&mut c, "-1", true).unwrap();
+        migrate(&mut c, "-2", true).unwrap();
         assert_eq!(count_rows(&mut c, "workflow_runs").unwrap(), 1);
         migrate(&mut c, "head", false).unwrap();
     }
