@@ -671,21 +671,20 @@ fn last_logged(conn: &mut Conn) -> Result<Option<i64>> {
 
 impl Link {
     /// After SQLite's change counter moved: the requests the change log names since it was
-    /// last read, or `None` (look at every watched request) where there is no log or the
-    /// log no longer reaches back that far (more than its 10,000 entries since).
+    /// last read, or `None` (look at every watched request) where there is no log, the log
+    /// no longer reaches back that far (more than its 10,000 entries since), or it starts
+    /// below what was read (made anew).
     fn logged_changes(&mut self) -> Result<Option<Vec<String>>> {
         let Some(last) = self.logged else {
             return Ok(None);
         };
+        // The newest entry comes along even when it is not new: it tells whether the log
+        // was made anew below `last`.
         let sql = format!(
-            "SELECT seq, request_id, (SELECT min(seq) FROM {CHANGE_LOG}) \
-             FROM {CHANGE_LOG} WHERE seq > ?1 ORDER BY seq"
+            "SELECT seq, request_id FROM {CHANGE_LOG} \
+             WHERE seq > ?1 OR seq = (SELECT max(seq) FROM {CHANGE_LOG}) ORDER BY seq"
         );
-        let shape = [
-            ("seq", ColType::BigInt),
-            ("request_id", ColType::Str(36)),
-            ("oldest", ColType::BigInt),
-        ];
+        let shape = [("seq", ColType::BigInt), ("request_id", ColType::Str(36))];
         let rows = {
             let _in = InLibrary::enter(Dialect::Sqlite);
             self.conn.query(&sql, &[Value::Int(last)], &shape)
@@ -698,18 +697,25 @@ impl Link {
             }
             Err(e) => return Err(e),
         };
-        let Some(first) = rows.first() else {
-            return Ok(Some(Vec::new()));
-        };
-        let gap = matches!(first[2], Value::Int(oldest) if oldest > last + 1);
+        let mut expected = last + 1;
+        let mut complete = true;
         let mut ids = Vec::with_capacity(rows.len());
         for row in rows {
-            if let [Value::Int(seq), Value::Text(id), _] = &row[..] {
+            if let [Value::Int(seq), Value::Text(id)] = &row[..] {
+                if *seq <= last {
+                    // The newest entry, already read; or, below it, a log made anew.
+                    complete &= *seq == last;
+                    self.logged = Some(*seq);
+                    continue;
+                }
+                // Entries are numbered without gaps: one missing was pruned unread.
+                complete &= *seq == expected;
+                expected = seq + 1;
                 self.logged = Some(*seq);
                 ids.push(id.clone());
             }
         }
-        Ok(if gap { None } else { Some(ids) })
+        Ok(complete.then_some(ids))
     }
 }
 
@@ -1160,6 +1166,13 @@ mod tests {
         assert_eq!(link.logged_changes().unwrap(), None);
         // From the newest entry on, the log serves again.
         status(&mut c, "a", "expired");
+        assert_eq!(link.logged_changes().unwrap(), Some(vec!["a".to_string()]));
+        // A log emptied by hand numbers from 1 again: below what was read, so not trusted.
+        c.execute("DELETE FROM cmbagent_db_approval_changes", &[])
+            .unwrap();
+        status(&mut c, "a", "pending");
+        assert_eq!(link.logged_changes().unwrap(), None);
+        status(&mut c, "a", "cancelled");
         assert_eq!(link.logged_changes().unwrap(), Some(vec!["a".to_string()]));
         // A downgrade drops the log under the watcher: it looks at everything from then on.
         migrate::migrate(&mut c, "003_cmbagent_columns", false).unwrap();

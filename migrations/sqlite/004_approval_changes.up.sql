@@ -2,11 +2,12 @@
 -- that were deleted, by whatever client. A SQLite commit says nothing of what it changed:
 -- a waiting process reads the ids logged since it last looked instead of every request
 -- it watches.
--- AUTOINCREMENT: a sequence number is never used twice, even once the log was emptied.
--- Each insert keeps the newest 10,000 entries: a reader that fell further behind sees the
--- gap and reads every request it watches.
+-- seq is the rowid: one more than the newest entry, so entries are numbered without gaps
+-- in commit order (SQLite has one writer). Each insert keeps the newest 10,000 entries: a
+-- reader that fell further behind sees the gap and reads every request it watches.
+-- (AUTOINCREMENT would add a write of sqlite_sequence to every status change.)
 CREATE TABLE cmbagent_db_approval_changes (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     request_id VARCHAR(36) NOT NULL
 );
 CREATE TRIGGER cmbagent_db_approval_status
