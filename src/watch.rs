@@ -643,8 +643,7 @@ impl Link {
     }
 }
 
-/// SQLite's log of changed and deleted approval requests (revision 004).
-const CHANGE_LOG: &str = "cmbagent_db_approval_changes";
+use crate::migrate::CHANGE_LOG_TABLE as CHANGE_LOG;
 
 /// Whether a SQLite error says the change log is not there (dropped by a downgrade).
 fn no_change_log(e: &Error) -> bool {

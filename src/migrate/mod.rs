@@ -230,6 +230,17 @@ const ALEMBIC_VERSION: &str = "alembic_version";
 /// (cmbagent's own Alembic migrations): same format, its own name.
 pub const OWN_VERSION_TABLE: &str = "cmbagent_db_version";
 
+/// SQLite's log of changed approval requests (revision 004), read by the approval watcher.
+pub const CHANGE_LOG_TABLE: &str = "cmbagent_db_approval_changes";
+
+/// The tables this package keeps beside the five for its own bookkeeping: Alembic's
+/// autogenerate must leave them alone (`cmbagent_db.sqlalchemy.include_name`).
+pub const BOOKKEEPING_TABLES: [&str; 3] = [
+    "cmbagent_db_migrations",
+    OWN_VERSION_TABLE,
+    CHANGE_LOG_TABLE,
+];
+
 fn records_table(d: Dialect) -> String {
     let ts = match d {
         Dialect::Sqlite => "TIMESTAMP",

@@ -246,6 +246,36 @@ pub fn dispose_engines() {
     engine::dispose_all();
 }
 
+/// An index as `schema_indexes` gives it: (table, name, columns, unique, `WHERE` of a
+/// partial index).
+type IndexInfo = (
+    &'static str,
+    &'static str,
+    Vec<&'static str>,
+    bool,
+    Option<&'static str>,
+);
+
+/// The indexes the migrations create on the five tables, as SQLAlchemy `Index` objects are
+/// declared from them.
+#[pyfunction]
+pub fn schema_indexes() -> Vec<IndexInfo> {
+    TableId::all()
+        .flat_map(|(_, t)| {
+            t.indexes
+                .iter()
+                .map(|i| (t.name, i.name, i.columns.to_vec(), i.unique, i.predicate))
+        })
+        .collect()
+}
+
+/// The tables this package keeps for its own bookkeeping beside the five (its revision,
+/// its applied checksums, SQLite's change log of approval requests).
+#[pyfunction]
+pub fn bookkeeping_tables() -> Vec<&'static str> {
+    migrations::BOOKKEEPING_TABLES.to_vec()
+}
+
 /// The five tables as SQLAlchemy `Table` objects are built from them
 /// (`cmbagent_db.sqlalchemy.Base.metadata`): per table its name and, per column, (name,
 /// type, length, nullable, primary key, foreign key). Types: string, text, integer,

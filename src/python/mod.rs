@@ -61,6 +61,8 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(functions::dispose_engines, m)?)?;
     m.add_function(wrap_pyfunction!(functions::object_session, m)?)?;
     m.add_function(wrap_pyfunction!(functions::schema_tables, m)?)?;
+    m.add_function(wrap_pyfunction!(functions::schema_indexes, m)?)?;
+    m.add_function(wrap_pyfunction!(functions::bookkeeping_tables, m)?)?;
     m.add_function(wrap_pyfunction!(services::resolve, m)?)?;
     m.add_function(wrap_pyfunction!(services::cancel, m)?)?;
     m.add_function(wrap_pyfunction!(services::expire_overdue, m)?)?;

@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterable, List, Optional, Union
 
 import sqlalchemy
 from sqlalchemy import (
-    JSON, TIMESTAMP, BigInteger, Boolean, Column, ForeignKey, ForeignKeyConstraint, Integer,
-    MetaData, String, Table, Text,
+    JSON, TIMESTAMP, BigInteger, Boolean, Column, ForeignKey, ForeignKeyConstraint, Index,
+    Integer, MetaData, String, Table, Text, text,
 )
 from sqlalchemy import event
 from sqlalchemy.dialects import registry as _registry
@@ -90,6 +90,17 @@ _TYPES: dict = {
 
 #: The tables this package's migrations own.
 OWN_TABLES = frozenset(name for name, _ in _native.schema_tables())
+
+#: The tables this package keeps for its own bookkeeping beside the five.
+BOOKKEEPING_TABLES = frozenset(_native.bookkeeping_tables())
+
+
+def include_name(name: Optional[str], type_: str, parent_names: Any) -> bool:
+    """Alembic's ``include_name`` hook for ``context.configure`` in ``env.py``: leaves this
+    package's bookkeeping tables (its revision, applied checksums and SQLite's change log
+    of approval requests, none of them in ``Base.metadata``) out of ``alembic revision
+    --autogenerate``, which would otherwise propose to drop them."""
+    return not (type_ == "table" and name in BOOKKEEPING_TABLES)
 
 
 def _migrate(bind: Union[Engine, Connection], target: str, force: bool = False) -> None:
@@ -163,6 +174,12 @@ for _table, _columns in _native.schema_tables():
         if fk and not fk[2]:
             metadata.app_references.setdefault(fk[0], []).append((_t.c[name], fk[1]))
 
+# The indexes the migrations create, so that Alembic's autogenerate finds them declared.
+for _on, _name, _keys, _unique, _where in _native.schema_indexes():
+    _partial: dict[str, Any] = (
+        {"sqlite_where": text(_where), "postgresql_where": text(_where)} if _where else {})
+    Index(_name, *[metadata.tables[_on].c[k] for k in _keys], unique=_unique, **_partial)
+
 Base: Any = declarative_base(metadata=metadata)
 
 
@@ -204,5 +221,5 @@ from cmbagent_db.sqlalchemy.session import Session, get_db_session, sessionmaker
 
 _wiring = Wiring(Base)
 
-__all__ = ["Base", "metadata", "OWN_TABLES", "Session", "sessionmaker", "get_db_session",
-           "create_engine", "engine_url"]
+__all__ = ["Base", "metadata", "OWN_TABLES", "BOOKKEEPING_TABLES", "include_name", "Session",
+           "sessionmaker", "get_db_session", "create_engine", "engine_url"]
