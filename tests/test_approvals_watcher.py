@@ -209,17 +209,10 @@ def test_a_database_before_the_change_log_still_wakes_its_waiters(db_url):
     watched request is looked at (on each commit, or every second) instead."""
     cmbagent_db.migrate(db_url, "003_cmbagent_columns")
     url = db_url + ("&" if "?" in db_url else "?") + "auto_migrate=false"
-    session = get_db_session(url)
-    try:
-        s = Session(name="before-the-log")
-        session.add(s)
-        session.commit()
-        r = WorkflowRun(session_id=s.id)
-        session.add(r)
-        session.commit()
-        kept, deleted = (approvals.request(session, r.id, "plan_approval", {}, 120) for _ in "ab")
-    finally:
-        session.close()
+    run_id = new_run(url, migrate=False)
+    with get_db_session(url) as session:
+        kept, deleted = (approvals.request(session, run_id, "plan_approval", {}, 120)
+                         for _ in "ab")
     ends: Dict[str, Any] = {}
 
     def wait(req_id: str) -> None:
@@ -320,9 +313,11 @@ def test_a_wait_of_no_time_still_reads_the_request_once(db, run_id, migrated_url
 FAULT_WAITERS = 1000
 
 
-def new_run(url: str) -> str:
-    """A migrated database at ``url`` with a committed session and run; the run's id."""
-    cmbagent_db.init_database(url)
+def new_run(url: str, migrate: bool = True) -> str:
+    """A committed session and run in the database at ``url`` (first migrated to head,
+    unless ``migrate`` is false); the run's id."""
+    if migrate:
+        cmbagent_db.init_database(url)
     db = get_db_session(url)
     try:
         s = Session(name="faults")
