@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import Column, ForeignKey, Integer, String, event, text
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import Pool, StaticPool
 
 from cmbagent_db.models import Session, WorkflowRun
 from cmbagent_db.sqlalchemy import Base, create_engine, sessionmaker
@@ -133,6 +133,38 @@ def test_a_lost_shared_connection_fails_clearly_and_the_session_goes_on(pg_url, 
     assert db.execute(text("SELECT count(*) FROM pool_run_stages")).scalar() == 1
     assert db.query(Session).count() == 1
     db.close()
+    engine.dispose()
+
+
+@pytest.mark.parametrize("where", ["engine", "Pool class", "engine after dispose"])
+def test_a_listener_added_later_sends_the_next_sessions_to_sqlalchemys_pool(sqlite_url, where):
+    engine = create_engine(sqlite_url)
+    Base.metadata.create_all(engine)
+    factory = sessionmaker(bind=engine)
+    with factory() as db:
+        db.add(Session(name="before"))
+        db.commit()
+    assert own_pool_url(engine) is not None
+    if where == "engine after dispose":
+        engine.dispose()  # a new pool, with the listeners of the old one
+        assert own_pool_url(engine) is not None
+    seen = []
+
+    def checkout(dbapi_connection, record, proxy):
+        seen.append(dbapi_connection)
+
+    target = Pool if where == "Pool class" else engine
+    event.listen(target, "checkout", checkout)
+    try:
+        assert own_pool_url(engine) is None
+        with factory() as db:
+            db.add(Session(name="after"))
+            db.commit()
+        assert len(seen) == 1
+    finally:
+        event.remove(target, "checkout", checkout)
+    assert own_pool_url(engine) is not None  # only the dialect's listeners again
+    assert sorted(fetch_all(sqlite_url, "SELECT name FROM sessions")) == [("after",), ("before",)]
     engine.dispose()
 
 

@@ -1,5 +1,6 @@
 """Type stubs for the native module (Rust, PyO3). Checked by `python -m mypy.stubtest cmbagent_db`."""
 
+import weakref
 from datetime import datetime
 from typing import Any, Callable, Generic, Iterable, Iterator, Literal, TypeVar, overload
 
@@ -404,6 +405,8 @@ class DbSession:
     """A unit of work over one database (SQLAlchemy's Session semantics: autoflush=False,
     expire_on_commit=False)."""
 
+    #: A weak reference to the cmbagent_db.sqlalchemy session running on this one.
+    _bridge: weakref.ReferenceType[Any] | None
     def add(self, obj: Model) -> None: ...
     def add_all(self, objs: Iterable[Model]) -> None: ...
     def delete(self, obj: Model) -> None: ...

@@ -65,6 +65,10 @@ pub struct PyDbSession {
     /// The DB-API connection this session runs on instead of its engine's pool (a session
     /// of `cmbagent_db.sqlalchemy`, sharing SQLAlchemy's connection and transaction).
     lender: Option<Py<PyDbapiConnection>>,
+    /// A weak reference to the `cmbagent_db.sqlalchemy` session running on this one, set
+    /// by it: the relationship attributes of this session's objects find it here.
+    #[pyo3(get, set, name = "_bridge")]
+    bridge: Option<Py<PyWeakrefReference>>,
     identity: HashMap<Identity, Py<PyAny>>,
     /// Added, not yet inserted, in the order they were added.
     pending: Vec<Py<PyAny>>,
@@ -164,6 +168,7 @@ impl PyDbSession {
             this: None,
             conn: Mutex::new(None),
             lender: None,
+            bridge: None,
             identity: HashMap::new(),
             pending: Vec::new(),
             to_delete: Vec::new(),

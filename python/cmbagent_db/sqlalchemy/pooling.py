@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Collection, Dict, List, NamedTuple, Optional, Tuple
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import NullPool, PoolProxiedConnection, QueuePool
+from sqlalchemy.pool import NullPool, Pool, PoolProxiedConnection, QueuePool
 
 #: create_engine keywords that configure SQLAlchemy's pool or what runs on each new
 #: connection: with any of them the engine keeps its own pool.
@@ -37,22 +37,42 @@ _POOL_SETTINGS = frozenset({
     "isolation_level",
 })
 
-#: Per engine that lets this package pool: the URL of this package's engine and the
-#: pool's listener counts when it was made (the dialect's own).
-_POOLED_HERE: "weakref.WeakKeyDictionary[Engine, Tuple[str, Tuple[int, ...]]]" = (
-    weakref.WeakKeyDictionary())
+#: The pool events whose listeners expect to see every connection of the pool.
+_EVENTS = ("connect", "first_connect", "checkout", "checkin", "reset", "close", "detach",
+           "invalidate", "soft_invalidate", "close_detached")
+
+
+class _Noted(NamedTuple):
+    """An engine that lets this package pool: the URL of this package's engine, and the
+    pool's listeners as they were when the engine was made (the dialect's own)."""
+
+    url: str
+    pool: Pool
+    #: The deques SQLAlchemy keeps the pool's listeners in, instance and class level, for
+    #: every event of ``_EVENTS``: an ``event.listen`` appends to one of them.
+    lists: Tuple[Collection[Any], ...]
+    #: How many listeners they held in all (the dialect's own).
+    total: int
+
+
+#: Per engine that lets this package pool, by ``id()`` (a lookup at every session: a
+#: WeakKeyDictionary would make a weak reference for each); the entry goes with the engine.
+_POOLED_HERE: Dict[int, _Noted] = {}
 #: Per such engine: the pool that wraps lent connections for SQLAlchemy.
 _LENDING: "weakref.WeakKeyDictionary[Engine, NullPool]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
-def _listeners(engine: Engine) -> Tuple[int, ...]:
-    """How many listeners each of the pool's events has (checked at every session: spelt
-    out, as attribute reads are the cheapest)."""
-    d = engine.pool.dispatch
-    return (len(d.connect), len(d.first_connect), len(d.checkout), len(d.checkin),
-            len(d.reset), len(d.close), len(d.detach), len(d.invalidate),
-            len(d.soft_invalidate), len(d.close_detached))
+def _listener_lists(pool: Pool) -> Tuple[Collection[Any], ...]:
+    """The deques holding ``pool``'s listeners of ``_EVENTS``. Each event's collection is
+    made instance-level now (what the first ``event.listen`` on it would do), so that it
+    stays the same object from then on and a session's check is a length per deque."""
+    dispatch = pool.dispatch
+    lists: List[Collection[Any]] = []
+    for name in _EVENTS:
+        collection = getattr(dispatch, name).for_modify(dispatch)
+        lists += (collection.parent_listeners, collection.listeners)
+    return tuple(lists)
 
 
 def note_engine(engine: Engine, kwargs: Dict[str, Any]) -> None:
@@ -64,16 +84,23 @@ def note_engine(engine: Engine, kwargs: Dict[str, Any]) -> None:
     params.pop("check_same_thread", None)
     if params or len(args) != 1:
         return
-    _POOLED_HERE[engine] = (args[0], _listeners(engine))
+    lists = _listener_lists(engine.pool)
+    _POOLED_HERE[id(engine)] = _Noted(args[0], engine.pool, lists, sum(map(len, lists)))
+    weakref.finalize(engine, _POOLED_HERE.pop, id(engine), None)
 
 
 def own_pool_url(engine: Engine) -> Optional[str]:
     """The URL of this package's engine whose pool ``engine``'s sessions use, or None when
-    they use SQLAlchemy's (see the module's text)."""
-    noted = _POOLED_HERE.get(engine)
-    if noted is None or _listeners(engine) != noted[1]:
+    they use SQLAlchemy's (see the module's text): checked at every session, as a listener
+    may be added to the engine at any time."""
+    noted = _POOLED_HERE.get(id(engine))
+    if noted is None:
         return None
-    return noted[0]
+    if engine.pool is not noted.pool:  # engine.dispose() made a new pool, same listeners
+        lists = _listener_lists(engine.pool)
+        noted = noted._replace(pool=engine.pool, lists=lists)
+        _POOLED_HERE[id(engine)] = noted
+    return noted.url if sum(map(len, noted.lists)) == noted.total else None
 
 
 class _Handed(threading.local):

@@ -25,7 +25,6 @@ Relationships of the application's models among themselves are SQLAlchemy's, unt
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 from sqlalchemy import event
@@ -39,17 +38,13 @@ from cmbagent_db import _native, models
 #: Where an object keeps the parent assigned through a relationship attribute:
 #: ``__dict__[_CACHE + key] = (key values, parent)``.
 _CACHE = "_cmbagent_db_parent_"
+#: Links an object not yet in a session keeps until it is added to one (``Session.add``
+#: defers them): ``__dict__[PENDING] = [(child attrs, parent, parent attrs), ...]``.
+PENDING = "_cmbagent_db_links"
 #: The bridge session an ORM session belongs to: ``orm_session.info[BRIDGE]``, a weakref.
 BRIDGE = "cmbagent_db.session"
-#: Bridge sessions by ``id()`` of their package session.
-_BRIDGES: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
-
 _MODELS = (models.Session, models.WorkflowRun, models.SessionState, models.ApprovalRequest,
            models.ActiveConnection)
-
-
-def register_bridge(db: Any, bridge: Any) -> None:
-    _BRIDGES[id(db)] = bridge
 
 
 def bridge_of(obj: Any, side: Optional["_Side"] = None) -> Any:
@@ -57,7 +52,8 @@ def bridge_of(obj: Any, side: Optional["_Side"] = None) -> Any:
     object in a session of this package alone is an error: it has no SQLAlchemy."""
     if isinstance(obj, models.Model):
         db = _native.object_session(obj)
-        bridge = None if db is None else _BRIDGES.get(id(db))
+        ref = None if db is None else db._bridge
+        bridge = None if ref is None else ref()
         if db is not None and bridge is None and side is not None:
             from cmbagent_db.exceptions import InvalidRequestError
 
@@ -114,7 +110,7 @@ class _Side:
         bridge = bridge_of(child) or bridge_of(parent)
         if bridge is None:
             if not keyed:
-                child.__dict__.setdefault(_PENDING, []).append(
+                child.__dict__.setdefault(PENDING, []).append(
                     (child_attrs, parent, parent_attrs))
             return
         if not keyed:
@@ -122,15 +118,6 @@ class _Side:
         for obj in (child, parent):
             if obj not in bridge:
                 bridge.add(obj)
-
-
-#: Links an object not yet in a session keeps until it is added to one.
-_PENDING = "_cmbagent_db_links"
-
-
-def take_links(obj: Any) -> List[Tuple[List[str], Any, List[str]]]:
-    """The links ``obj`` took while in no session (``Session.add`` defers them)."""
-    return obj.__dict__.pop(_PENDING, []) if hasattr(obj, "__dict__") else []
 
 
 class _Parent(_Side):

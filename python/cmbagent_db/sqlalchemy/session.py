@@ -27,7 +27,7 @@ from cmbagent_db._native import DbSession
 from cmbagent_db.sqlalchemy import OWN_TABLES, Base, metadata
 from cmbagent_db.sqlalchemy.pooling import lend_to_sqlalchemy, own_pool_url
 from cmbagent_db.sqlalchemy.relationships import (
-    BRIDGE, bridge_of, copy_key, register_bridge, take_links,
+    BRIDGE, PENDING, bridge_of, copy_key,
 )
 
 _OWN = (models.Model,)
@@ -44,15 +44,28 @@ class Session:
     apply to its models; the five models behave as this package's sessions do
     (``autoflush=False``, ``expire_on_commit=False``)."""
 
+    # Class-level defaults, empty and never changed in place: a session sets these on
+    # itself when it first changes them, so that opening one sets only what every session
+    # needs.
+
+    #: The pool connection SQLAlchemy's Connection runs on. Where this package pools the
+    #: engine's connections (``pooling``), it is found when SQLAlchemy is first needed: the
+    #: five's connection, lent, if they hold a transaction open, else one of SQLAlchemy's
+    #: pool that the five then run on too. Otherwise it is checked out of SQLAlchemy's
+    #: pool when the session opens.
+    _pooled: Optional[PoolProxiedConnection] = None
+    _connection: Optional[Connection] = None
+    #: SQLAlchemy's session, made when first needed: five-model work never pays for it.
+    _orm_session: Optional[orm.Session] = None
+    #: Foreign keys to set once their parent has an id: (child, attrs, parent, attrs).
+    _links: List[Tuple[Any, List[str], Any, List[str]]] = []
+    #: While flushing: the five's runs of tables still to write, by step number, and the
+    #: step of each of SQLAlchemy's tables.
+    _own_steps: List[Tuple[int, List[str]]] = []
+    _step_of: Dict[str, int] = {}
+
     def __init__(self, bind: Engine, **kwargs: Any) -> None:
         self.bind = bind
-        #: The pool connection SQLAlchemy's Connection runs on. Where this package pools
-        #: the engine's connections (``pooling``), it is found when SQLAlchemy is first
-        #: needed: the five's connection, lent, if they hold a transaction open, else one
-        #: of SQLAlchemy's pool that the five then run on too. Otherwise it is checked
-        #: out of SQLAlchemy's pool now.
-        self._pooled: Optional[PoolProxiedConnection] = None
-        self._connection: Optional[Connection] = None
         url = own_pool_url(bind)
         #: Whether the engine lets this package pool its connections.
         self._own_pool = url is not None
@@ -60,17 +73,8 @@ class Session:
             self._db: DbSession = _native._pool_session(url)
         else:
             self._db = self._checkout_from_sqlalchemy().session()
-        kwargs.pop("bind", None)
+        self._db._bridge = weakref.ref(self)
         self._orm_kwargs: Dict[str, Any] = kwargs
-        #: SQLAlchemy's session, made when first needed: five-model work never pays for it.
-        self._orm_session: Optional[orm.Session] = None
-        register_bridge(self._db, self)
-        #: Foreign keys to set once their parent has an id: (child, attrs, parent, attrs).
-        self._links: List[Tuple[Any, List[str], Any, List[str]]] = []
-        #: While flushing: the five's runs of tables still to write, by step number, and
-        #: the step of each of SQLAlchemy's tables.
-        self._own_steps: List[Tuple[int, List[str]]] = []
-        self._step_of: Dict[str, int] = {}
 
     @property
     def _orm(self) -> orm.Session:
@@ -129,11 +133,17 @@ class Session:
         return self._db if isinstance(obj, _OWN) else self._orm
 
     def add(self, obj: Any) -> None:
-        self._for(obj).add(obj)
-        for child_attrs, parent, parent_attrs in take_links(obj):
-            self.defer_link(obj, child_attrs, parent, parent_attrs)
-            if parent not in self:
-                self.add(parent)
+        if isinstance(obj, _OWN):
+            self._db.add(obj)
+        else:
+            self._orm.add(obj)
+        # Links ``obj`` took while in no session (read as an attribute first: an object
+        # that took none keeps no ``__dict__`` entry, nor a ``__dict__`` made for it).
+        if getattr(obj, PENDING, None) is not None:
+            for child_attrs, parent, parent_attrs in obj.__dict__.pop(PENDING):
+                self.defer_link(obj, child_attrs, parent, parent_attrs)
+                if parent not in self:
+                    self.add(parent)
 
     def add_all(self, objs: Iterable[Any]) -> None:
         for obj in objs:
@@ -193,7 +203,7 @@ class Session:
     def defer_link(self, child: Any, child_attrs: List[str], parent: Any,
                    parent_attrs: List[str]) -> None:
         """Sets ``child``'s key to ``parent``'s once the flush has given it one."""
-        self._links.append((child, child_attrs, parent, parent_attrs))
+        self._links = [*self._links, (child, child_attrs, parent, parent_attrs)]
 
     def _resolve_links(self) -> None:
         self._links = [link for link in self._links if not copy_key(*link)]
@@ -267,7 +277,7 @@ class Session:
             self._write_own_before(step)
 
     def commit(self) -> None:
-        if self._links or not self._orm_clean():
+        if self._links or self._orm_session is not None:
             self.flush()
         try:
             # Flushes what is left of the five's and commits the shared connection: both
