@@ -6,7 +6,8 @@ use std::fmt::Write;
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, NaiveTime, Timelike, Utc};
 
 /// One column value. Timestamps are always UTC; JSON is kept as its encoded text. The
-/// five models use no floats or bytes; the DB-API (any table) does.
+/// five models use no floats, bytes or arrays; the DB-API (any table) does. An array is a
+/// PostgreSQL array, nested one level per dimension.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
     Null,
@@ -17,6 +18,7 @@ pub enum Value {
     Text(String),
     Timestamp(DateTime<Utc>),
     Json(String),
+    Array(Vec<Value>),
 }
 
 impl Value {

@@ -98,6 +98,44 @@ def test_parameters_and_rows_keep_their_types(conn, db_url):
     assert cur.fetchone() == (Decimal("3.5"), dt.date(2024, 3, 1))
 
 
+def test_postgresql_arrays_read_as_lists_and_lists_bind_as_arrays(pg_url):
+    """As psycopg2 does: an array column (``int2vector`` and ``oidvector`` too, which
+    SQLAlchemy's reflection reads) is a list, nested for more dimensions, its members
+    converted as a column of their type; a list parameter binds as an array."""
+    conn = dbapi.connect(pg_url)
+    cur = conn.cursor()
+    u = uuid.uuid4()
+    cur.execute(
+        "SELECT ARRAY[1, NULL, 3]::int4[], ARRAY['a', 'b,\"c\\', NULL]::text[], "
+        "ARRAY[[1.5, 2], [3, 4]]::numeric[], ARRAY[$1::uuid], '{}'::int8[], "
+        "'1 3 2'::int2vector, ARRAY[true, false], ARRAY[date '2024-02-29']",
+        (str(u),),
+    )
+    got = cur.fetchone()
+    assert got == ([1, None, 3], ["a", 'b,"c\\', None],
+                   [[Decimal("1.5"), Decimal(2)], [Decimal(3), Decimal(4)]], [u], [],
+                   [1, 3, 2], [True, False], [dt.date(2024, 2, 29)])
+    assert isinstance(got[3][0], uuid.UUID) and isinstance(got[2][0][0], Decimal)
+    # members that need quoting in an array literal survive the trip
+    odd = ['x "y"', "back\\slash", None, "NULL", "", "{a,b}", " pad "]
+    cur.execute("SELECT $1::int4[], $2::text[], $3 = ANY($4::text[]), cardinality($5::int8[])",
+                ([1, None, -3], odd, "b", ["a", "b"], []))
+    assert cur.fetchone() == ([1, None, -3], odd, True, 0)
+    cur.execute("CREATE TEMP TABLE arr (tags text[], grid int4[], at timestamptz[], raw bytea[])")
+    now = dt.datetime.now(UTC)
+    cur.execute("INSERT INTO arr VALUES ($1, $2, $3, $4)",
+                (["p", "q"], [[1, 2], [3, 4]], [now], [b"\x00\\\xff"]))
+    cur.execute("SELECT tags, grid, at, raw FROM arr")
+    assert cur.fetchall() == [(["p", "q"], [[1, 2], [3, 4]], [now], [b"\x00\\\xff"])]
+    # a ragged list is the server's error, and the connection is usable after a rollback
+    with pytest.raises(dbapi.DataError, match="array"):
+        cur.execute("SELECT $1::int4[]", ([[1], [2, 3]],))
+    conn.rollback()
+    cur.execute("SELECT cardinality($1::text[])", (["only"],))
+    assert cur.fetchone() == (1,)
+    conn.close()
+
+
 def test_sqlite_reads_run_outside_a_transaction_writes_begin_one(conn, db_url):
     cur = conn.cursor()
     cur.execute("SELECT 1")
@@ -201,6 +239,8 @@ def test_bad_input_is_a_clear_error_and_loses_nothing(conn, db_url):
     if is_sqlite(db_url):
         with pytest.raises(dbapi.DataError, match="64-bit"):
             cur.execute("SELECT ?", (2**64,))
+        with pytest.raises(dbapi.ProgrammingError, match="type list"):
+            cur.execute("SELECT ?", ([1, 2],))
     else:
         with pytest.raises(dbapi.DataError, match="cast it"):
             cur.execute("SELECT interval '1 day'")

@@ -74,16 +74,22 @@ def test_create_all_makes_the_five_tables_as_the_migrations_do(engine, db_url, n
         assert db.query(WorkflowRun).count() == 0
 
 
-def test_alembic_autogenerate_finds_the_database_as_the_metadata_declares_it(engine, db_url):
+@pytest.mark.parametrize("through", ["its own driver", "this package"])
+def test_alembic_autogenerate_finds_the_database_as_the_metadata_declares_it(engine, db_url,
+                                                                              through):
     """cmbagent's env.py runs autogenerate against ``Base.metadata``, on an engine of its own
-    (``engine_from_config``: pysqlite, psycopg2): a database the migrations made shows no
+    (``engine_from_config``: pysqlite, psycopg2) or on this package's ``create_engine``, whose
+    reflection reads PostgreSQL's catalog arrays: a database the migrations made shows no
     difference, given ``include_name``."""
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
     from cmbagent_db.sqlalchemy import BOOKKEEPING_TABLES, include_name
 
-    alembics = sqlalchemy.create_engine(sa_url(db_url), poolclass=sqlalchemy.pool.NullPool)
+    if through == "this package":
+        alembics = create_engine(db_url, poolclass=sqlalchemy.pool.NullPool)
+    else:
+        alembics = sqlalchemy.create_engine(sa_url(db_url), poolclass=sqlalchemy.pool.NullPool)
 
     def differences(**opts):
         with alembics.connect() as conn:
@@ -110,6 +116,7 @@ def test_alembic_autogenerate_finds_the_database_as_the_metadata_declares_it(eng
     assert removed == set(table_names(db_url)) & BOOKKEEPING_TABLES
     assert "cmbagent_db_migrations" in removed
     assert ("cmbagent_db_approval_changes" in removed) == is_sqlite(db_url)
+    alembics.dispose()
 
 
 def test_drop_all_drops_both_kinds(db_url):

@@ -108,6 +108,44 @@ def test_every_column_type_round_trips(factory):
         assert got.started_at.replace(tzinfo=UTC) == now
 
 
+def test_postgresql_uuid_jsonb_and_array_columns_round_trip(pg_url):
+    """``postgresql.UUID`` and ``JSONB``, as cmbagent's models declare them, and ``ARRAY``:
+    bound, read and compared through SQLAlchemy on this driver."""
+    from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+
+    meta = sqlalchemy.MetaData()
+    tags = sqlalchemy.Table(
+        "pg_tags", meta,
+        Column("id", UUID(as_uuid=True), primary_key=True),
+        Column("labels", ARRAY(String(20))),
+        Column("scores", ARRAY(Numeric(6, 2), dimensions=2)),
+        Column("doc", JSONB),
+    )
+    e = create_engine(pg_url)
+    meta.create_all(e)
+    u, other = uuid.uuid4(), uuid.uuid4()
+    with e.begin() as c:
+        c.execute(tags.insert(), [
+            {"id": u, "labels": ["a", "b c", None], "scores": [[Decimal("1.5"), 2]],
+             "doc": {"k": [1, None]}},
+            {"id": other, "labels": [], "scores": None, "doc": None},
+        ])
+    with e.connect() as c:
+        row = c.execute(select(tags).where(tags.c.id == u)).one()
+        assert row.labels == ["a", "b c", None] and row.doc == {"k": [1, None]}
+        assert row.scores == [[Decimal("1.50"), Decimal("2.00")]]
+        assert isinstance(row.id, uuid.UUID)
+        has_b_c = sqlalchemy.any_(tags.c.labels) == "b c"
+        assert c.execute(select(tags.c.id).where(has_b_c)).scalars().all() == [u]
+        assert c.execute(
+            select(tags.c.id).where(tags.c.labels.contains(["a"]))).scalars().all() == [u]
+        assert c.execute(select(tags.c.id).where(tags.c.doc["k"].isnot(None))).scalar() == u
+        lengths = func.cardinality(tags.c.labels)
+        assert c.execute(select(lengths).order_by(lengths)).scalars().all() == [0, 3]
+    meta.drop_all(e)
+    e.dispose()
+
+
 def test_parent_and_children_in_one_commit_and_relationships(factory):
     with factory() as s:
         job = Job(title="run")

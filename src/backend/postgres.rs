@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
+use fallible_iterator::FallibleIterator;
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 use tokio_postgres::config::{Host, SslMode as PgSslMode};
-use tokio_postgres::types::{to_sql_checked, Format, FromSql, IsNull, ToSql, Type};
+use tokio_postgres::types::{to_sql_checked, Format, FromSql, IsNull, Kind, ToSql, Type};
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -521,16 +522,24 @@ fn described(columns: &[tokio_postgres::Column]) -> Vec<dbapi::Column> {
         .map(|c| dbapi::Column {
             name: c.name().to_string(),
             type_oid: Some(c.type_().oid()),
-            read_as: match *c.type_() {
-                Type::NUMERIC => dbapi::ReadAs::Decimal,
-                Type::DATE => dbapi::ReadAs::Date,
-                Type::TIME => dbapi::ReadAs::Time,
-                Type::UUID => dbapi::ReadAs::Uuid,
-                Type::TIMESTAMP => dbapi::ReadAs::NaiveDatetime,
-                _ => dbapi::ReadAs::Native,
-            },
+            read_as: read_as(c.type_()),
         })
         .collect()
+}
+
+/// The Python type a column's values become; an array's members become its member type's.
+fn read_as(ty: &Type) -> dbapi::ReadAs {
+    if let Kind::Array(member) = ty.kind() {
+        return read_as(member);
+    }
+    match *ty {
+        Type::NUMERIC => dbapi::ReadAs::Decimal,
+        Type::DATE => dbapi::ReadAs::Date,
+        Type::TIME => dbapi::ReadAs::Time,
+        Type::UUID => dbapi::ReadAs::Uuid,
+        Type::TIMESTAMP => dbapi::ReadAs::NaiveDatetime,
+        _ => dbapi::ReadAs::Native,
+    }
 }
 
 /// Rows of any statement, each value decoded by its column's server type.
@@ -558,7 +567,8 @@ fn decoded_rows(rows: &[tokio_postgres::Row], columns: &[dbapi::Column]) -> Resu
 /// `varchar`, `json`, `timestamp` and `timestamptz` alike. Where a value has no binary
 /// encoding for that type (a number for `numeric`, text for `date` or `uuid`, as the DB-API
 /// passes them), it goes in PostgreSQL's text format and the server parses it, as it
-/// would a literal: a value it cannot read is the server's DataError.
+/// would a literal: a value it cannot read is the server's DataError. An array always goes
+/// as its text literal, so one form serves every member type.
 impl ToSql for Value {
     fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> std::result::Result<IsNull, BoxError> {
         if matches!(self.encode_format(ty), Format::Text) {
@@ -593,6 +603,7 @@ impl ToSql for Value {
                 Type::TIMESTAMP => t.naive_utc().to_sql(ty, out),
                 _ => t.to_sql(ty, out),
             },
+            Value::Array(_) => self.to_text(out),
         }
     }
 
@@ -614,6 +625,7 @@ impl ToSql for Value {
                 matches!(*ty, Type::JSON | Type::JSONB) || <&str as ToSql>::accepts(ty)
             }
             Value::Timestamp(_) => matches!(*ty, Type::TIMESTAMP | Type::TIMESTAMPTZ),
+            Value::Array(_) => false,
         };
         if binary {
             Format::Binary
@@ -650,10 +662,45 @@ impl Value {
                 return Ok(IsNull::No);
             }
             Value::Timestamp(t) => t.to_rfc3339(),
+            Value::Array(members) => {
+                array_literal(members, out)?;
+                return Ok(IsNull::No);
+            }
         };
         out.put_slice(text.as_bytes());
         Ok(IsNull::No)
     }
+}
+
+/// PostgreSQL's array literal of these members: `{...}` per dimension, each other member
+/// double-quoted with `"` and `\` escaped (so text such as `NULL`, `a,b` or ` pad ` stays
+/// itself), a null as `NULL`. Sub-lists of unequal length are the server's error.
+fn array_literal(members: &[Value], out: &mut BytesMut) -> std::result::Result<(), BoxError> {
+    out.put_u8(b'{');
+    let mut text = BytesMut::new();
+    for (i, member) in members.iter().enumerate() {
+        if i > 0 {
+            out.put_u8(b',');
+        }
+        match member {
+            Value::Null => out.put_slice(b"NULL"),
+            Value::Array(inner) => array_literal(inner, out)?,
+            _ => {
+                text.clear();
+                member.to_text(&mut text)?;
+                out.put_u8(b'"');
+                for &byte in text.iter() {
+                    if matches!(byte, b'"' | b'\\') {
+                        out.put_u8(b'\\');
+                    }
+                    out.put_u8(byte);
+                }
+                out.put_u8(b'"');
+            }
+        }
+    }
+    out.put_u8(b'}');
+    Ok(())
 }
 
 /// A column value decoded by its actual server type (a database adopted from SQLAlchemy
@@ -698,11 +745,15 @@ impl<'a> FromSql<'a> for Decoded {
 
 /// A value of any column the DB-API reads. Types Python has no plain value for here go as
 /// text the binding converts as the column's `dbapi::ReadAs` says (numeric to `Decimal`,
-/// date, time, uuid); a type outside these is a DataError that says to cast it.
+/// date, time, uuid); an array of any of them (`int2vector` and `oidvector` too) is a
+/// [`Value::Array`]; a type outside these is a DataError that says to cast it.
 struct AnyDecoded(Value);
 
 impl<'a> FromSql<'a> for AnyDecoded {
     fn from_sql(ty: &Type, raw: &'a [u8]) -> std::result::Result<Self, BoxError> {
+        if let Kind::Array(member) = ty.kind() {
+            return array_value(member, raw).map(AnyDecoded);
+        }
         Ok(AnyDecoded(match *ty {
             Type::FLOAT4 => Value::Float(f64::from(f32::from_sql(ty, raw)?)),
             Type::FLOAT8 => Value::Float(f64::from_sql(ty, raw)?),
@@ -730,6 +781,32 @@ impl<'a> FromSql<'a> for AnyDecoded {
     fn accepts(_: &Type) -> bool {
         true
     }
+}
+
+/// A binary array as nested [`Value::Array`]s: the members come in row-major order, so
+/// each dimension after the first groups the level below it into lists of its length.
+fn array_value(member: &Type, raw: &[u8]) -> std::result::Result<Value, BoxError> {
+    let array = postgres_protocol::types::array_from_sql(raw)?;
+    let lengths = array
+        .dimensions()
+        .map(|d| Ok(usize::try_from(d.len)?))
+        .collect::<Vec<usize>>()?;
+    let mut level = array
+        .values()
+        .map(|v| match v {
+            Some(raw) => AnyDecoded::from_sql(member, raw).map(|d| d.0),
+            None => Ok(Value::Null),
+        })
+        .collect::<Vec<Value>>()?;
+    for &len in lengths.iter().skip(1).rev() {
+        let mut members = level.into_iter();
+        level = std::iter::from_fn(|| {
+            let group: Vec<Value> = members.by_ref().take(len).collect();
+            (!group.is_empty()).then_some(Value::Array(group))
+        })
+        .collect();
+    }
+    Ok(Value::Array(level))
 }
 
 /// The decimal text of a binary `numeric`: base-10000 digit groups, a weight (the power of
@@ -847,5 +924,87 @@ mod tests {
             "00010203-0405-0607-0809-0a0b0c0d0e0f"
         );
         assert!(uuid_text(&raw[..3]).is_err());
+    }
+
+    /// A binary int4 array of these dimension lengths and members (None for a null).
+    fn int4_array(lengths: &[i32], members: &[Option<i32>]) -> Vec<u8> {
+        let mut raw = Vec::new();
+        for w in [lengths.len() as i32, 1, Type::INT4.oid() as i32] {
+            raw.extend_from_slice(&w.to_be_bytes());
+        }
+        for len in lengths {
+            raw.extend_from_slice(&len.to_be_bytes());
+            raw.extend_from_slice(&1i32.to_be_bytes());
+        }
+        for m in members {
+            match m {
+                Some(v) => {
+                    raw.extend_from_slice(&4i32.to_be_bytes());
+                    raw.extend_from_slice(&v.to_be_bytes());
+                }
+                None => raw.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        raw
+    }
+
+    #[test]
+    fn binary_arrays_read_as_nested_values_row_major() {
+        let ints = |v: &[Option<i64>]| {
+            Value::Array(
+                v.iter()
+                    .map(|m| m.map_or(Value::Null, Value::Int))
+                    .collect(),
+            )
+        };
+        let raw = int4_array(
+            &[2, 3],
+            &[Some(1), Some(2), None, Some(4), Some(5), Some(6)],
+        );
+        assert_eq!(
+            array_value(&Type::INT4, &raw).unwrap(),
+            Value::Array(vec![
+                ints(&[Some(1), Some(2), None]),
+                ints(&[Some(4), Some(5), Some(6)])
+            ])
+        );
+        assert_eq!(
+            array_value(&Type::INT4, &int4_array(&[3], &[Some(7), None, Some(9)])).unwrap(),
+            ints(&[Some(7), None, Some(9)])
+        );
+        assert_eq!(
+            array_value(&Type::INT4, &int4_array(&[], &[])).unwrap(),
+            ints(&[])
+        );
+        // a cut-off buffer is an error, not a panic
+        assert!(array_value(&Type::INT4, &raw[..raw.len() - 2]).is_err());
+        assert!(array_value(&Type::INT4, &raw[..6]).is_err());
+    }
+
+    #[test]
+    fn arrays_bind_as_quoted_literals() {
+        let literal = |members: Vec<Value>| {
+            let mut out = BytesMut::new();
+            array_literal(&members, &mut out).unwrap();
+            String::from_utf8(out.to_vec()).unwrap()
+        };
+        assert_eq!(
+            literal(vec![
+                Value::Int(-1),
+                Value::Null,
+                Value::Text(r#"a"b\c"#.into()),
+                Value::Text("NULL".into()),
+                Value::Bytes(vec![0, 255]),
+            ]),
+            r#"{"-1",NULL,"a\"b\\c","NULL","\\x00ff"}"#
+        );
+        assert_eq!(
+            literal(vec![
+                Value::Array(vec![Value::Bool(true)]),
+                Value::Array(vec![]),
+            ]),
+            r#"{{"t"},{}}"#
+        );
+        assert_eq!(literal(vec![]), "{}");
     }
 }

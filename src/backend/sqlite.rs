@@ -189,6 +189,11 @@ impl ToSql for Value {
             Value::Timestamp(t) => {
                 ToSqlOutput::Owned(rusqlite::types::Value::Text(format_sqlite_timestamp(t)))
             }
+            Value::Array(_) => {
+                return Err(rusqlite::Error::ToSqlConversionFailure(
+                    "SQLite has no array type; bind each member as its own parameter".into(),
+                ))
+            }
         })
     }
 }

@@ -5,7 +5,7 @@ use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, NaiveTime, TimeDelta,
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{
-    PyBool, PyBytes, PyDateAccess, PyDateTime, PyDelta, PyDeltaAccess, PyInt, PyString,
+    PyBool, PyBytes, PyDateAccess, PyDateTime, PyDelta, PyDeltaAccess, PyInt, PyList, PyString,
     PyTimeAccess, PyTzInfoAccess,
 };
 
@@ -190,7 +190,18 @@ pub fn to_py_from(py: Python<'_>, v: &Value, origin: &dyn Fn() -> String) -> PyR
                 )
             })?
             .unbind(),
+        Value::Array(members) => py_list(py, members, |m| to_py_from(py, m, origin))?,
     })
+}
+
+/// An array's members as a Python list, each converted by `member`.
+pub fn py_list(
+    py: Python<'_>,
+    members: &[Value],
+    member: impl Fn(&Value) -> PyResult<Py<PyAny>>,
+) -> PyResult<Py<PyAny>> {
+    let items = members.iter().map(member).collect::<PyResult<Vec<_>>>()?;
+    Ok(PyList::new(py, items)?.into_any().unbind())
 }
 
 /// Checks a value for `col` and returns what the attribute then holds: timestamps become

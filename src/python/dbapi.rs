@@ -19,7 +19,7 @@ use crate::dialect::Dialect;
 use crate::engine;
 use crate::error::{Error, ErrorKind, Result};
 use crate::pool::Pooled;
-use crate::python::convert::to_py_from;
+use crate::python::convert::{py_list, to_py_from};
 use crate::python::errors::raise;
 use crate::python::session::PyDbSession;
 use crate::url;
@@ -507,9 +507,10 @@ fn type_name(v: &Bound<'_, PyAny>) -> String {
 }
 
 /// One parameter as a [`Value`]: None, bool, int, float, str, bytes-like, datetime, date,
-/// time, Decimal and UUID. An aware datetime is bound as a timestamp; a naive one, a date,
-/// a time, a Decimal and a UUID as their text, which the database reads by the column's
-/// type (on PostgreSQL the server parses it, as psycopg2's literals).
+/// time, Decimal and UUID, and on PostgreSQL a list of them (an array; nested lists for
+/// more dimensions), as psycopg2 adapts a list. An aware datetime is bound as a timestamp;
+/// a naive one, a date, a time, a Decimal and a UUID as their text, which the database
+/// reads by the column's type (on PostgreSQL the server parses it, as psycopg2's literals).
 fn value_of(dialect: Dialect, v: &Bound<'_, PyAny>, position: usize) -> PyResult<Value> {
     if v.is_none() {
         return Ok(Value::Null);
@@ -565,10 +566,22 @@ fn value_of(dialect: Dialect, v: &Bound<'_, PyAny>, position: usize) -> PyResult
     if v.is_instance(decimal_class(py)?.bind(py))? || v.is_instance(uuid_class(py)?.bind(py))? {
         return Ok(Value::Text(v.str()?.to_string()));
     }
+    if let (Ok(list), Dialect::Postgres) = (v.cast::<PyList>(), dialect) {
+        return Ok(Value::Array(
+            list.iter()
+                .map(|m| value_of(dialect, &m, position))
+                .collect::<PyResult<_>>()?,
+        ));
+    }
+    let supported = "None, bool, int, float, str, bytes, datetime, date, time, Decimal, UUID";
+    let lists = match dialect {
+        Dialect::Postgres => " and lists of them are",
+        Dialect::Sqlite => " are; lists bind as arrays on PostgreSQL only",
+    };
     Err(raise(
         ErrorKind::Programming,
         format!(
-            "parameter {position}: type {} is not supported (None, bool, int, float, str, bytes, datetime, date, time, Decimal, UUID are)",
+            "parameter {position}: type {} is not supported ({supported}{lists})",
             type_name(v)
         ),
     ))
@@ -608,6 +621,7 @@ fn row_to_py(py: Python<'_>, row: &Row, columns: &[Column]) -> PyResult<Py<PyAny
 fn cell_to_py(py: Python<'_>, v: &Value, column: &Column) -> PyResult<Py<PyAny>> {
     let origin = || format!("column {}", column.name);
     Ok(match (v, column.read_as) {
+        (Value::Array(members), _) => py_list(py, members, |m| cell_to_py(py, m, column))?,
         (Value::Text(s), ReadAs::Decimal) => decimal_class(py)?.call1(py, (s,))?,
         (Value::Text(s), ReadAs::Uuid) => uuid_class(py)?.call1(py, (s,))?,
         (Value::Text(s), ReadAs::Date) => {

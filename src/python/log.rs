@@ -22,6 +22,7 @@ fn shown(v: &Value) -> String {
         Value::Bytes(b) => format!("<{} bytes>", b.len()),
         Value::Text(s) | Value::Json(s) => format!("{s:?}"),
         Value::Timestamp(t) => t.to_rfc3339(),
+        Value::Array(members) => format!("<array of {}>", members.len()),
     };
     match s.char_indices().nth(SHOWN) {
         Some((i, _)) => format!("{}...", &s[..i]),

@@ -10,9 +10,11 @@ is not available) and transactions begin with ``BEGIN IMMEDIATE`` at the first w
 nothing.
 
 PostgreSQL: the base PostgreSQL dialect with ``$1`` placeholders; parameters go to the
-server as typed values or as text the server parses by the column's type. JSON / JSONB come
-back as text and SQLAlchemy's JSON types decode them (``json_deserializer`` applies).
-ARRAY, range and other composite types cannot be bound or read yet: cast them in SQL.
+server as typed values or as text the server parses by the column's type, strings with a
+``::VARCHAR`` cast. JSON / JSONB come back as text and SQLAlchemy's JSON types decode them
+(``json_deserializer`` applies). Arrays are lists both ways, so SQLAlchemy's reflection
+(``inspect(engine)``, Alembic autogenerate) runs here; interval, range and other composite
+types cannot be bound or read yet: cast them in SQL.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.dialects.sqlite.base import SQLiteDialect
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import URL
+from sqlalchemy.sql import sqltypes
 
 
 def _set_autocommit(dbapi_connection: Any, level: str) -> bool:
@@ -82,8 +85,16 @@ class CmbagentSQLiteDialect(_OnThisDriver, SQLiteDialect_pysqlite):
             SQLiteDialect.set_isolation_level(self, dbapi_connection, level)
 
 
+class _CastString(sqltypes.String):
+    # A string bound where the server cannot infer a parameter's type (an argument of
+    # json_build_object, which SQLAlchemy's reflection queries pass) gets a cast, as on
+    # pg8000, psycopg and asyncpg, the other drivers that bind on the server.
+    render_bind_cast = True
+
+
 class CmbagentPGDialect(_OnThisDriver, PGDialect):
     supports_statement_cache = True  # (in the class itself, as above)
+    colspecs = {**PGDialect.colspecs, sqltypes.String: _CastString}
     default_paramstyle = "numeric_dollar"
     supports_native_decimal = True
     supports_sane_multi_rowcount = True
