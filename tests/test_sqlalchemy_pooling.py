@@ -199,3 +199,34 @@ def test_an_engine_with_pool_settings_keeps_sqlalchemys_pool(sqlite_url, how):
     assert fetch_all(sqlite_url, "SELECT name FROM sessions") == [("chat",)]
     engine.dispose()
 
+
+
+def test_dispose_engines_closes_idle_connections_of_get_db_sessions_engines(pg_url):
+    """``cmbagent_db.dispose_engines()`` also empties SQLAlchemy's pool of the engine that
+    ``cmbagent_db.sqlalchemy.get_db_session`` made for the URL; its sessions go on."""
+    import time
+
+    import cmbagent_db
+    from cmbagent_db.sqlalchemy import get_db_session
+
+    def others_after(seconds: float) -> int:
+        """Other connections to the database, waited for to go down to none (a server
+        process ends a moment after its client closes)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            (n,), = fetch_all(pg_url, "SELECT count(*) FROM pg_stat_activity WHERE datname "
+                                      "= current_database() AND pid <> pg_backend_pid()")
+            if n == 0 or time.monotonic() > deadline:
+                return n
+            time.sleep(0.05)
+
+    with get_db_session(pg_url) as db:
+        assert db.execute(text("SELECT 1")).scalar() == 1  # on a connection of its pool
+    assert others_after(0) >= 1
+    cmbagent_db.dispose_engines()
+    assert others_after(5) == 0
+    with get_db_session(pg_url) as db:
+        db.add(Session(name="after"))
+        db.commit()
+    assert fetch_all(pg_url, "SELECT name FROM sessions") == [("after",)]
+    cmbagent_db.dispose_engines()

@@ -132,6 +132,28 @@ def test_bad_objects_are_refused_and_the_session_goes_on(db_session):
     assert counts(db_session) == (1, 0, 0, 0)
 
 
+def test_the_package_session_refuses_sqlalchemy_models_naming_the_session_that_takes_them(
+        db_engine, db_url):
+    """``cmbagent_db.get_db_session()`` holds the five alone: given one of SQLAlchemy's
+    models it says which session takes both kinds, and goes on."""
+    from cmbagent_db import get_db_session
+
+    where = r"a session of cmbagent_db\.sqlalchemy \(its get_db_session\(\)"
+    with get_db_session(db_url) as db:
+        with pytest.raises(exc.InvalidRequestError, match=where):
+            db.add(RunStage(parent_run_id="r", name="s"))
+        with pytest.raises(TypeError, match=where):
+            db.query(RunStage)
+        with pytest.raises(exc.InvalidRequestError, match=where):
+            db.get(RunStage, 1)
+        with pytest.raises(exc.InvalidRequestError, match="not a mapped object") as plain:
+            db.add(object())
+        assert "cmbagent_db.sqlalchemy" not in str(plain.value)
+        db.add(Session(name="fine"))
+        db.commit()
+        assert db.query(Session).count() == 1
+
+
 def test_a_model_of_an_unrelated_base_fails_its_flush_and_loses_nothing(db_session):
     """A model declared on another declarative base, whose table create_all never made:
     its flush fails with the database's error, the five models' rows of the same

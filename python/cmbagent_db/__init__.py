@@ -7,12 +7,14 @@ statement run by the Rust core (SQLite embedded, PostgreSQL for several server i
     >>> from cmbagent_db.models import ApprovalRequest
 """
 
+import sys
+
 # First: binds the native module to the SQLite library Python's sqlite3 module uses.
 from cmbagent_db._sqlite_library import SQLiteLibraryWarning, load as _load_native
 
 _load_native()
 
-from cmbagent_db import approvals, connections, models
+from cmbagent_db import _native, approvals, connections, models
 from cmbagent_db._native import (
     Aggregate,
     AliasedClass,
@@ -31,7 +33,6 @@ from cmbagent_db._native import (
     check,
     current,
     default_url,
-    dispose_engines,
     foreign_revisions,
     func,
     get_db_session,
@@ -79,6 +80,18 @@ from cmbagent_db.models import (
     SessionState,
     WorkflowRun,
 )
+
+
+def dispose_engines() -> None:
+    """Closes the idle pooled connections of every URL at once (a connection an open
+    session holds is closed when the session gives it back), and, once
+    ``cmbagent_db.sqlalchemy`` is in use, those of the engines its ``get_db_session``
+    made. Sessions used afterwards still work, as after SQLAlchemy's ``engine.dispose()``."""
+    bridge = sys.modules.get("cmbagent_db.sqlalchemy.session")
+    if bridge is not None:
+        bridge.dispose_engines()
+    _native.dispose_engines()
+
 
 __all__ = [
     "__version__",

@@ -509,6 +509,20 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 }
 
 /// The table of a model class given to `query()` / `get()`.
+/// The end of a message refusing `obj` (an object or a class) that is not one of the five:
+/// for a SQLAlchemy model, where it goes instead.
+pub fn sqlalchemy_hint(obj: &Bound<'_, PyAny>) -> &'static str {
+    if obj
+        .hasattr(pyo3::intern!(obj.py(), "__mapper__"))
+        .unwrap_or(false)
+    {
+        "; a SQLAlchemy model goes through a session of cmbagent_db.sqlalchemy (its \
+         get_db_session(), or sessionmaker(bind=create_engine(url))), which takes both kinds"
+    } else {
+        ""
+    }
+}
+
 pub fn table_of_class(cls: &Bound<'_, PyAny>) -> Option<TableId> {
     let py = cls.py();
     // The classes themselves, by identity: nearly every query names one of them.

@@ -10,7 +10,7 @@ use crate::expr::{CmpOp, ColRef, Expr, Source};
 use crate::python::convert::{to_value, Purpose};
 use crate::python::errors::raise;
 use crate::python::expression::{criterion, PyAggregate, PyAliased, PyColumn, PyOrdering};
-use crate::python::model::table_of_class;
+use crate::python::model::{sqlalchemy_hint, table_of_class};
 use crate::python::relationship::{preload, PyLoadOption, PyRelationship};
 use crate::python::session::{column_of, exclusive, shared, PyDbSession};
 use crate::query::{entity_items, Item, Join, Output, Select};
@@ -73,8 +73,9 @@ impl PyQuery {
             } else {
                 return Err(PyTypeError::new_err(format!(
                     "query() takes model classes, aliased(...) models, columns and func \
-                     aggregates, got {}",
-                    e.repr().map(|r| r.to_string()).unwrap_or_default()
+                     aggregates, got {}{}",
+                    e.repr().map(|r| r.to_string()).unwrap_or_default(),
+                    sqlalchemy_hint(&e)
                 )));
             };
             if let Some(c) = item.column() {

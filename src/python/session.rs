@@ -22,7 +22,7 @@ use crate::python::dbapi::PyDbapiConnection;
 use crate::python::errors::raise;
 use crate::python::expression::PyColumn;
 use crate::python::log;
-use crate::python::model::{instantiate, table_of_class, PyModel, Slot};
+use crate::python::model::{instantiate, sqlalchemy_hint, table_of_class, PyModel, Slot};
 use crate::python::query::PyQuery;
 use crate::python::relationship::PyRelationshipList;
 use crate::query::{self, Item, Output, Select};
@@ -87,8 +87,9 @@ fn model<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyModel>> {
         raise(
             ErrorKind::InvalidRequest,
             format!(
-                "{} is not a mapped object (Session, WorkflowRun, SessionState, ApprovalRequest or ActiveConnection)",
-                obj.repr().map(|r| r.to_string()).unwrap_or_default()
+                "{} is not a mapped object (Session, WorkflowRun, SessionState, ApprovalRequest or ActiveConnection){}",
+                obj.repr().map(|r| r.to_string()).unwrap_or_default(),
+                sqlalchemy_hint(obj)
             ),
         )
     })
@@ -1136,8 +1137,9 @@ impl PyDbSession {
             raise(
                 ErrorKind::InvalidRequest,
                 format!(
-                    "{} is not a model class",
-                    model.repr().map(|r| r.to_string()).unwrap_or_default()
+                    "{} is not a model class{}",
+                    model.repr().map(|r| r.to_string()).unwrap_or_default(),
+                    sqlalchemy_hint(model)
                 ),
             )
         })?;

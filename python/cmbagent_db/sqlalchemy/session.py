@@ -370,6 +370,16 @@ def get_db_session(url: Optional[str] = None) -> Session:
     return factory()
 
 
+def dispose_engines() -> None:
+    """Disposes the engines ``get_db_session`` made (``cmbagent_db.dispose_engines()``
+    calls this): their idle connections close at once; the engines stay usable."""
+    with _FACTORIES_LOCK:
+        engines = [factory.bind for factory in _FACTORIES.values()]
+    for engine in engines:
+        if engine is not None:
+            engine.dispose()
+
+
 class sessionmaker:
     """``sqlalchemy.orm.sessionmaker`` for ``Session``: ``sessionmaker(bind=engine,
     autocommit=False, autoflush=False, expire_on_commit=False)()`` opens one."""
