@@ -508,7 +508,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-/// The table of a model class given to `query()` / `get()`.
 /// The end of a message refusing `obj` (an object or a class) that is not one of the five:
 /// for a SQLAlchemy model, where it goes instead.
 pub fn sqlalchemy_hint(obj: &Bound<'_, PyAny>) -> &'static str {
@@ -523,6 +522,7 @@ pub fn sqlalchemy_hint(obj: &Bound<'_, PyAny>) -> &'static str {
     }
 }
 
+/// The table of a model class given to `query()` / `get()`.
 pub fn table_of_class(cls: &Bound<'_, PyAny>) -> Option<TableId> {
     let py = cls.py();
     // The classes themselves, by identity: nearly every query names one of them.
